@@ -1,0 +1,235 @@
+"""The job spec: YAML → one frozen, validated pydantic model.
+
+Unknown keys are rejected with their full key path; names are ``Literal``s; cross-field rules are
+validators. Credentials never belong in a spec: fsspec reads them from the environment or the standard
+config files, so ``storage_options`` refuses credential keys outright.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import GigasegError
+
+#: Keys that carry secrets in fsspec/s3fs/gcsfs/adlfs storage options.
+SECRET_KEYS = frozenset(
+    {
+        "key", "secret", "token", "password", "session_token", "aws_access_key_id",
+        "aws_secret_access_key", "aws_session_token", "account_key", "sas_token", "client_secret",
+        "connection_string", "credentials",
+    }
+)
+
+
+class SpecError(GigasegError, ValueError):
+    """A spec that cannot run; ``problems`` holds one ``"field.path: message"`` line per problem."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_storage_options(value: dict[str, Any]) -> dict[str, Any]:
+    def walk(d: dict[str, Any], path: str) -> None:
+        for k, v in d.items():
+            if k.lower() in SECRET_KEYS:
+                raise ValueError(
+                    f"'{path}{k}' is a credential; credentials must not be written in a spec. Set them in "
+                    "the environment (e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) or the standard "
+                    "config files (~/.aws/credentials), or use an instance role"
+                )
+            if isinstance(v, dict):
+                walk(v, f"{path}{k}.")
+
+    walk(value, "")
+    return value
+
+
+class InputsSpec(_Strict):
+    url: str = Field(description="local path, file://, s3://bucket/prefix or any fsspec URL")
+    patterns: list[str] = Field(default_factory=lambda: ["**/*"], min_length=1)
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    value_range: tuple[float, float] | None = Field(
+        default=None, description="input values mapped linearly to 0..255 (needed for int16/int32 inputs)"
+    )
+
+    _storage = field_validator("storage_options")(_check_storage_options)
+
+    @field_validator("value_range")
+    @classmethod
+    def _range_ordered(cls, v):
+        if v is not None and not v[0] < v[1]:
+            raise ValueError(f"must be [low, high] with low < high, got {list(v)}")
+        return v
+
+
+class ClassSpec(_Strict):
+    name: str = Field(min_length=1)
+    color: tuple[int, int, int] | None = None
+
+    @field_validator("color")
+    @classmethod
+    def _rgb(cls, v):
+        if v is not None and not all(0 <= c <= 255 for c in v):
+            raise ValueError(f"colour components must be in 0..255, got {list(v)}")
+        return v
+
+
+class ModelSpec(_Strict):
+    name: str = Field(default="fpn_resnet18", description="registry name (models.ARCHITECTURES)")
+    checkpoint: str | None = Field(default=None, description="safetensors checkpoint URL")
+    classes: list[ClassSpec] | None = Field(
+        default=None, description="class names/colours; required without a checkpoint, else must match it"
+    )
+    width: int = Field(default=64, ge=4, le=256, description="encoder base width for seeded models")
+    seed: int = Field(default=0, ge=0, description="init seed when no checkpoint is given")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, v):
+        from models import ARCHITECTURES
+
+        if v not in ARCHITECTURES:
+            raise ValueError(f"unknown model {v!r}; valid: {', '.join(sorted(ARCHITECTURES))}")
+        return v
+
+    @model_validator(mode="after")
+    def _classes_given(self):
+        if self.checkpoint is None and not self.classes:
+            raise ValueError("without a checkpoint, 'classes' must list the class names (at least one)")
+        return self
+
+
+class TilingSpec(_Strict):
+    tile: int = Field(default=512, ge=32, le=8192)
+    overlap: int = Field(default=128, ge=0)
+    batch: int = Field(default=8, ge=1, le=1024)
+    blend: Literal["gaussian", "cosine", "constant"] = "gaussian"
+    sigma_scale: float = Field(default=0.125, gt=0, le=10)
+    offset: tuple[int, int] = Field(default=(0, 0), description="grid origin shift (y, x) in pixels")
+    chunk: int = Field(default=1024, ge=64, le=16384, description="chunk size of pyramids and masks")
+
+    @model_validator(mode="after")
+    def _geometry(self):
+        if self.overlap >= self.tile:
+            raise ValueError(f"overlap ({self.overlap}) must be smaller than tile ({self.tile})")
+        step = self.tile - self.overlap
+        for v in self.offset:
+            if not 0 <= v < step:
+                raise ValueError(f"offset values must be in [0, tile - overlap = {step}), got {list(self.offset)}")
+        if self.tile % 32:
+            raise ValueError(f"tile ({self.tile}) must be a multiple of 32, the network's stride")
+        return self
+
+
+Extra = Literal["confidence", "probabilities"]
+
+
+class OutputSpec(_Strict):
+    url: str
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    extras: list[Extra] = Field(default_factory=list)
+    if_exists: Literal["resume", "overwrite"] = "resume"
+    label_name: str = Field(default="segmentation", pattern=r"^[A-Za-z0-9_.-]+$")
+
+    _storage = field_validator("storage_options")(_check_storage_options)
+
+
+class ResourcesSpec(_Strict):
+    workers: int = Field(default=2, ge=1, le=4096)
+    gpus_per_worker: float = Field(default=1.0, ge=0, le=8)
+    cpus_per_worker: float = Field(default=1.0, gt=0, le=256)
+    torch_threads: int = Field(default=1, ge=1, le=256)
+    in_flight_per_worker: int = Field(default=2, ge=1, le=64)
+
+
+class ClusterSpec(_Strict):
+    address: str | None = Field(default=None, description="absent → embedded local Ray")
+    local_gpus: int | None = Field(
+        default=None, ge=0, description="logical GPUs of the embedded cluster (default: workers × gpus)"
+    )
+
+
+class FailureSpec(_Strict):
+    mode: Literal["continue", "fail_fast"] = "continue"
+    tile_retries: int = Field(default=2, ge=0, le=100)
+
+
+class JobSpec(_Strict):
+    inputs: InputsSpec
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    tiling: TilingSpec = Field(default_factory=TilingSpec)
+    output: OutputSpec
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+    failure: FailureSpec = Field(default_factory=FailureSpec)
+
+    def echo(self) -> str:
+        """The spec as YAML, as the run uses it (safe to log: it never holds credentials)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides (value parsed as YAML) to a raw spec mapping."""
+    problems = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            problems.append(f"--set {item!r}: expected key.path=value")
+            continue
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                problems.append(f"--set {item!r}: {p!r} is not a mapping")
+                break
+            node = nxt
+        else:
+            node[parts[-1]] = yaml.safe_load(raw) if raw else None
+    if problems:
+        raise SpecError("--set", problems)
+    return data
+
+
+def _format_errors(err: ValidationError) -> list[str]:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling and place; see README 'Job spec')"
+        lines.append(f"{loc}: {msg}")
+    return lines
+
+
+def parse_spec(data: Any, source: str = "spec") -> JobSpec:
+    if not isinstance(data, dict):
+        raise SpecError(source, [f"(top level): expected a mapping, got {type(data).__name__}"])
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(source, _format_errors(err)) from None
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    """Read, override and validate a YAML spec; every problem becomes one line of ``SpecError``."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(str(path), ["file not found"]) from None
+    except yaml.YAMLError as err:
+        raise SpecError(str(path), [f"not valid YAML: {err}".replace("\n", " ")]) from None
+    data = apply_overrides(data if isinstance(data, dict) else {}, overrides or []) if overrides else data
+    return parse_spec(data, str(path))

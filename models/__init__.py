@@ -1,0 +1,141 @@
+"""Segmentation models in plain torch: registries, the model config and ``build_model``.
+
+This package knows nothing of Ray, Zarr or S3. ``build_model`` is the only place a ``ModelConfig``
+becomes constructor arguments; checkpoints (``models.checkpoint``) store the config next to the
+weights so a checkpoint rebuilds its own model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.fpn import FPNDecoder
+from models.resnet import ResNet18Encoder, ResNet34Encoder, ResNet50Encoder
+from models.segmenter import Segmenter
+
+ENCODERS: dict[str, type[nn.Module]] = {
+    "resnet18": ResNet18Encoder,
+    "resnet34": ResNet34Encoder,
+    "resnet50": ResNet50Encoder,
+}
+
+DECODERS: dict[str, type[nn.Module]] = {
+    "fpn": FPNDecoder,
+}
+
+# Architecture name -> (encoder name, decoder name).
+ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "fpn_resnet18": ("resnet18", "fpn"),
+    "fpn_resnet34": ("resnet34", "fpn"),
+    "fpn_resnet50": ("resnet50", "fpn"),
+}
+
+OUTPUT_STRIDES = (8, 16, 32)
+MIN_WIDTH, MAX_WIDTH = 8, 256
+
+
+def _check_name(name: object, registry: Mapping[str, object], what: str) -> None:
+    if name not in registry:
+        raise ValueError(f"unknown {what} {name!r}; valid names: {', '.join(sorted(registry))}")
+
+
+def _check_int(field: str, value: object, low: int, high: int | None = None) -> None:
+    # bool is an int subclass; a JSON `true` must not pass for 1.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"ModelConfig.{field} must be an int, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"ModelConfig.{field}={value} must be {bound}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a model's architecture (not its weights).
+
+    ``width`` is the encoder's base channel count (64 = the published ResNets); the decoder scales
+    with it (pyramid 2*width, segmentation width channels) so narrow variants are cheap end to end.
+    """
+
+    name: str
+    num_classes: int
+    in_channels: int = 3
+    width: int = 64
+    output_stride: int = 32
+
+    def __post_init__(self) -> None:
+        _check_name(self.name, ARCHITECTURES, "model name")
+        _check_int("num_classes", self.num_classes, 1)
+        _check_int("in_channels", self.in_channels, 1)
+        _check_int("width", self.width, MIN_WIDTH, MAX_WIDTH)
+        if self.width % 8:
+            raise ValueError(f"ModelConfig.width={self.width} must be a multiple of 8")
+        if self.output_stride not in OUTPUT_STRIDES:
+            raise ValueError(
+                f"ModelConfig.output_stride={self.output_stride!r} must be one of {OUTPUT_STRIDES}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
+        """Inverse of ``to_dict``; unknown or missing keys are an error naming them."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise ValueError(
+                f"unknown ModelConfig keys {unknown}; valid keys: {', '.join(fields)}"
+            )
+        required = [
+            n for n, f in fields.items()
+            if f.default is dataclasses.MISSING and n not in data
+        ]
+        if required:
+            raise ValueError(f"ModelConfig is missing required keys {required}")
+        return cls(**data)
+
+
+def build_model(config: ModelConfig, seed: int | None = None) -> Segmenter:
+    """Build the (randomly initialised, train-mode) model ``config`` names.
+
+    With ``seed`` the initialisation is deterministic; the global RNG state of the caller is
+    restored afterwards, so seeding here never changes what the caller draws next.
+    """
+    _check_name(config.name, ARCHITECTURES, "model name")
+    encoder_name, decoder_name = ARCHITECTURES[config.name]
+    _check_name(encoder_name, ENCODERS, "encoder")
+    _check_name(decoder_name, DECODERS, "decoder")
+    if seed is None:
+        return _construct(config, encoder_name, decoder_name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _construct(config, encoder_name, decoder_name)
+
+
+def _construct(config: ModelConfig, encoder_name: str, decoder_name: str) -> Segmenter:
+    encoder = ENCODERS[encoder_name](
+        in_channels=config.in_channels, width=config.width, output_stride=config.output_stride
+    )
+    decoder = DECODERS[decoder_name](
+        encoder_channels=encoder.out_channels,
+        encoder_strides=encoder.strides,
+        pyramid_channels=2 * config.width,
+        segmentation_channels=config.width,
+    )
+    return Segmenter(encoder, decoder, config.num_classes)
+
+
+__all__ = [
+    "ARCHITECTURES",
+    "DECODERS",
+    "ENCODERS",
+    "ModelConfig",
+    "Segmenter",
+    "build_model",
+]

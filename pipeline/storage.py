@@ -1,0 +1,84 @@
+"""fsspec URLs → filesystems and Zarr stores.
+
+Every path in gigaseg is a URL: a local path, ``file://``, ``s3://bucket/prefix`` or any fsspec protocol.
+``storage_options`` are passed to fsspec unchanged (``endpoint_url`` for S3-compatible stores goes under
+``client_kwargs`` or at the top level, as s3fs accepts both). Credentials are never part of them: fsspec
+reads them from the environment or the standard config files.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import fsspec
+import zarr
+from zarr.storage import FsspecStore, LocalStore
+
+_LOCAL_PROTOCOLS = {"file", "local"}
+
+
+def protocol_of(url: str) -> str:
+    """The fsspec protocol of ``url`` (``"file"`` for plain paths)."""
+    if "://" not in url:
+        return "file"
+    return url.split("://", 1)[0]
+
+
+def is_local(url: str) -> bool:
+    return protocol_of(url) in _LOCAL_PROTOCOLS
+
+
+def local_path(url: str) -> str:
+    """Plain filesystem path of a local URL (``file:///a/b`` → ``/a/b``)."""
+    if url.startswith("file://"):
+        return url[len("file://") :]
+    return url
+
+
+def join(url: str, *parts: str) -> str:
+    """Join URL path parts with ``/`` whatever the protocol (never ``os.path.join`` on URLs)."""
+    out = url.rstrip("/")
+    for part in parts:
+        part = part.strip("/")
+        if part:
+            out = f"{out}/{part}"
+    return out
+
+
+def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> fsspec.AbstractFileSystem:
+    """The fsspec filesystem serving ``url``."""
+    protocol = protocol_of(url)
+    if protocol in _LOCAL_PROTOCOLS:
+        return fsspec.filesystem("file")
+    return fsspec.filesystem(protocol, **dict(storage_options or {}))
+
+
+def fs_path(url: str) -> str:
+    """The path form fsspec filesystems expect (protocol stripped)."""
+    if is_local(url):
+        return os.path.abspath(local_path(url))
+    return url.split("://", 1)[1]
+
+
+def zarr_store(url: str, storage_options: Mapping[str, Any] | None = None, *, read_only: bool = False):
+    """A Zarr v3 store for ``url``.
+
+    Local URLs get ``LocalStore`` (writes are temp file + rename, so a killed writer never leaves a torn
+    chunk); everything else gets ``FsspecStore`` over an async fsspec filesystem (object PUTs are atomic).
+    """
+    if is_local(url):
+        path = os.path.abspath(local_path(url))
+        if not read_only:
+            os.makedirs(path, exist_ok=True)
+        return LocalStore(path, read_only=read_only)
+    return FsspecStore.from_url(url, storage_options=dict(storage_options or {}), read_only=read_only)
+
+
+def open_group(url: str, storage_options: Mapping[str, Any] | None = None, *, mode: str = "r") -> zarr.Group:
+    return zarr.open_group(store=zarr_store(url, storage_options, read_only=mode == "r"), mode=mode)
+
+
+def exists(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:
+    return filesystem(url, storage_options).exists(fs_path(url))
