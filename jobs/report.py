@@ -1,0 +1,120 @@
+"""report.json and ``gigaseg status``: what is done, what failed, what is left."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict
+from typing import Any
+
+from pipeline.engine import ImageResult
+from pipeline.output import REPORT_NAME, WORK_DIR, finished_tiles, image_output, read_state
+from pipeline.storage import filesystem, fs_path, is_local, join, local_path
+
+PLAN_NAME = "plan.json"
+
+
+def image_entry(r: ImageResult) -> dict[str, Any]:
+    d = asdict(r)
+    d["shape"] = list(r.shape) if r.shape else None
+    d["seconds"] = round(r.seconds, 3)
+    d["megapixels_per_s"] = round(r.megapixels_per_s, 4)
+    return d
+
+
+def totals(results: list[ImageResult], planned: int) -> dict[str, Any]:
+    count = {s: sum(r.status == s for r in results) for s in ("ok", "failed", "skipped")}
+    run_mp = sum(r.tiles_run for r in results)
+    return {
+        "images": planned,
+        **count,
+        "not_run": planned - len(results),
+        "tiles": sum(r.tiles for r in results),
+        "tiles_run": run_mp,
+        "tiles_retried": sum(r.tiles_retried for r in results),
+        "seconds": round(sum(r.seconds for r in results), 3),
+    }
+
+
+def write_json(url: str, data: dict, storage_options: dict[str, Any]) -> None:
+    """Write JSON so readers never see half a file: temp + rename locally, one PUT on object stores."""
+    blob = json.dumps(data, indent=2).encode()
+    if is_local(url):
+        path = os.path.abspath(local_path(url))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(f"{path}.tmp", "wb") as f:
+            f.write(blob)
+        os.replace(f"{path}.tmp", path)
+        return
+    with filesystem(url, storage_options).open(fs_path(url), "wb") as f:
+        f.write(blob)
+
+
+def read_json(url: str, storage_options: dict[str, Any]) -> dict | None:
+    fs = filesystem(url, storage_options)
+    try:
+        with fs.open(fs_path(url), "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return None
+
+
+class Report:
+    """Keeps report.json current after every image, so a killed driver leaves a truthful report."""
+
+    def __init__(self, output_url: str, storage_options: dict[str, Any], names: list[str], spec_echo: dict):
+        self.url = join(output_url, REPORT_NAME)
+        self.storage_options = storage_options
+        self.names = names
+        self.spec = spec_echo
+        self.results: list[ImageResult] = []
+        self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        write_json(join(output_url, WORK_DIR, PLAN_NAME), {"images": names}, storage_options)
+
+    def add(self, result: ImageResult) -> None:
+        self.results.append(result)
+        self.write()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "images": [image_entry(r) for r in self.results],
+            "totals": totals(self.results, len(self.names)),
+            "started": self.started,
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "host": platform.node(),
+            "spec": self.spec,
+        }
+
+    def write(self) -> None:
+        write_json(self.url, self.as_dict(), self.storage_options)
+
+
+def status(output_url: str, storage_options: dict[str, Any]) -> dict[str, Any]:
+    """Done, failed and left, from the output itself (valid while a job runs or after it was killed)."""
+    plan = read_json(join(output_url, WORK_DIR, PLAN_NAME), storage_options)
+    report = read_json(join(output_url, REPORT_NAME), storage_options) or {"images": []}
+    if plan is None and not report["images"]:
+        raise FileNotFoundError(
+            f"{output_url} holds no gigaseg output (no report.json or {WORK_DIR}/{PLAN_NAME}); "
+            "check the path, or run a job with output.url set to it"
+        )
+    names = plan["images"] if plan else [e["name"] for e in report["images"]]
+    reported = {e["name"]: e for e in report["images"]}
+    rows = []
+    for name in names:
+        out = image_output(output_url, name, storage_options)
+        state = read_state(out) or {}
+        entry = reported.get(name, {})
+        if state.get("complete"):
+            st = "done"
+        elif entry.get("status") == "failed":
+            st = "failed"
+        else:
+            st = "in progress" if state else "left"
+        total = int(state.get("tiles", 0))
+        done = total if st == "done" else len(finished_tiles(join(out.work_url, "stage-0", "tiles"), storage_options))
+        rows.append({"name": name, "status": st, "tiles_done": done, "tiles": total, "error": entry.get("error")})
+    return {"images": rows, "counts": {s: sum(r["status"] == s for r in rows)
+                                       for s in ("done", "failed", "in progress", "left")}}

@@ -1,0 +1,134 @@
+"""From a validated spec to a finished job: resolve the model, start Ray, run, report."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import ray
+
+from jobs.progress import ProgressBar
+from jobs.report import Report
+from jobs.spec import JobSpec, SpecError
+from models.checkpoint import read_info, seeded_checkpoint
+from pipeline.cluster import start_ray
+from pipeline.dispatch import PoolConfig, WorkerPool
+from pipeline.engine import ImageResult, JobConfig, list_images, run_job
+from pipeline.errors import CheckpointError
+from pipeline.output import default_colors, fingerprint
+from pipeline.predictor import PredictorConfig
+from pipeline.storage import filesystem, fs_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    checkpoint: bytes
+    class_names: tuple[str, ...]
+    class_colors: tuple[tuple[int, int, int], ...]
+
+
+def resolve_model(spec: JobSpec) -> ResolvedModel:
+    """Checkpoint bytes and the class table: from ``model.checkpoint``, or a seeded init of ``model.name``.
+
+    Class names and colours given in the spec override the checkpoint's, but their count must match it.
+    """
+    m = spec.model
+    if m.checkpoint:
+        try:
+            with filesystem(m.checkpoint, spec.inputs.storage_options).open(fs_path(m.checkpoint), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise SpecError("model.checkpoint", [f"model.checkpoint: {m.checkpoint} does not exist"]) from None
+        try:
+            info = read_info(data)
+        except CheckpointError as err:
+            raise SpecError("model.checkpoint", [f"model.checkpoint: {m.checkpoint}: {err}"]) from None
+        if info.config.name != m.name:
+            raise SpecError("model", [f"model.name: {m.name!r} but {m.checkpoint} holds a {info.config.name!r}; "
+                                      f"set model.name: {info.config.name}"])
+        names = info.class_names
+        colors = info.class_colors
+        if m.classes:
+            if len(m.classes) != len(names):
+                raise SpecError("model.classes", [
+                    f"model.classes: {len(m.classes)} classes listed but {m.checkpoint} predicts "
+                    f"{len(names)} ({', '.join(names)}); list {len(names)} or omit model.classes"])
+            names = tuple(c.name for c in m.classes)
+            if all(c.color for c in m.classes):
+                colors = tuple(c.color for c in m.classes)
+    else:
+        names = tuple(c.name for c in m.classes)
+        colors = tuple(c.color for c in m.classes) if all(c.color for c in m.classes) else None
+        data = seeded_checkpoint(m.name, len(names), list(names), seed=m.seed, width=m.width)
+    return ResolvedModel(data, tuple(names), tuple(colors or default_colors(len(names))))
+
+
+def job_config(spec: JobSpec, model: ResolvedModel, audit_dir: str | None = None) -> JobConfig:
+    t, r = spec.tiling, spec.resources
+    fp = fingerprint(
+        checkpoint=hashlib.sha256(model.checkpoint).hexdigest(),
+        classes=model.class_names,
+        tiling=t.model_dump(mode="json", exclude={"batch"}),
+        value_range=spec.inputs.value_range,
+        extras=sorted(spec.output.extras),
+        label_name=spec.output.label_name,
+    )
+    return JobConfig(
+        input_url=spec.inputs.url,
+        output_url=spec.output.url,
+        checkpoint=model.checkpoint,
+        class_names=model.class_names,
+        class_colors=model.class_colors,
+        patterns=tuple(spec.inputs.patterns),
+        input_storage_options=dict(spec.inputs.storage_options),
+        output_storage_options=dict(spec.output.storage_options),
+        value_range=spec.inputs.value_range,
+        tile=t.tile,
+        overlap=t.overlap,
+        batch=t.batch,
+        blend_window=t.blend,
+        sigma_scale=t.sigma_scale,
+        offset=t.offset,
+        chunk=t.chunk,
+        extras=tuple(spec.output.extras),
+        if_exists=spec.output.if_exists,
+        label_name=spec.output.label_name,
+        pool=PoolConfig(
+            workers=r.workers,
+            gpus_per_worker=r.gpus_per_worker,
+            cpus_per_worker=r.cpus_per_worker,
+            in_flight_per_worker=r.in_flight_per_worker,
+            predictor=PredictorConfig(precision=spec.model.precision, torch_threads=r.torch_threads),
+            audit_dir=audit_dir,
+        ),
+        fail_fast=spec.failure.mode == "fail_fast",
+        tile_retries=spec.failure.tile_retries,
+        fingerprint=fp,
+    )
+
+
+def run_spec(spec: JobSpec, *, progress: ProgressBar | None = None, audit_dir: str | None = None) -> list[ImageResult]:
+    """Run a job; returns one result per image attempted (report.json is kept current as they finish)."""
+    model = resolve_model(spec)
+    cfg = job_config(spec, model, audit_dir)
+    refs = list_images(cfg)
+    log.info("%d image(s) under %s", len(refs), spec.inputs.url)
+    r = spec.resources
+    gpus = spec.cluster.local_gpus
+    if gpus is None:
+        gpus = r.workers * r.gpus_per_worker
+    started = start_ray(spec.cluster.address, num_cpus=max(2.0, r.workers * r.cpus_per_worker), num_gpus=gpus)
+    report = Report(spec.output.url, dict(spec.output.storage_options), [x.name for x in refs],
+                    spec.model_dump(mode="json"))
+    pool = WorkerPool(cfg.checkpoint, cfg.pool)
+    try:
+        for info in pool.info():
+            log.info("worker %s on %s, GPU ids %s", info["worker"], info["device"], info["gpu_ids"])
+        return run_job(cfg, refs, pool, progress or ProgressBar(), on_image=report.add)
+    finally:
+        pool.shutdown()
+        if started:
+            ray.shutdown()

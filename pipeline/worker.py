@@ -1,0 +1,121 @@
+"""GPU-pinned tile workers.
+
+``TileWorker`` is a plain class (unit-testable without Ray); the dispatcher wraps it with
+``ray.remote(num_gpus=…)`` so each actor holds its share of a GPU — a logical one on machines without
+CUDA, so placement is the same as on a GPU cluster. An actor loads the model once, reads its tile
+windows straight from the Zarr pyramid and writes each tile's probabilities straight to its own chunk
+of the tile store. ``run`` is idempotent: a retried batch rewrites the same chunks with the same values.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zarr
+
+from pipeline.predictor import PredictorConfig, TilePredictor
+from pipeline.reader import read_window
+from pipeline.storage import AuditStore, join, zarr_store
+from pipeline.tiling import TileGrid
+
+
+@dataclass(frozen=True)
+class ArrayRef:
+    """One array a worker reads: ``<group_url>/<path>`` with named axes and its y/x shape."""
+
+    group_url: str
+    path: str
+    axes: str
+    shape_yx: tuple[int, int]
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    value_range: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One stage of one image: the level it reads, its tile grid and the tile store it writes.
+
+    The spine runs a single stage at level 0. MagNet chains stages at coarser-to-finer levels (a stage
+    reads the blended map of the previous one); FCtL adds context reads at coarser levels. Both extend
+    this plan rather than the worker loop.
+    """
+
+    image: ArrayRef
+    grid: TileGrid
+    tiles_url: str
+    num_classes: int
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TileBatch:
+    stage: StagePlan
+    tiles: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    tiles: tuple[tuple[int, int], ...]
+    seconds: float
+    model_seconds: float
+    megapixels: float
+    worker: str
+
+
+class TileWorker:
+    """Loads the model once; ``run(batch)`` reads, predicts and writes the batch's tiles."""
+
+    def __init__(self, checkpoint: bytes, config: PredictorConfig, audit_dir: str | None = None):
+        self.predictor = TilePredictor(checkpoint, config)
+        self.audit_dir = audit_dir
+        self.name = f"worker-{os.getpid()}"
+        self._arrays: dict[tuple[str, str, bool], zarr.Array] = {}
+
+    def info(self) -> dict[str, Any]:
+        import ray
+
+        gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
+        return {"worker": self.name, "device": str(self.predictor.device), "gpu_ids": gpu_ids}
+
+    def _array(self, group_url: str, path: str, storage_options, write: bool) -> zarr.Array:
+        key = (group_url, path, write)
+        if key not in self._arrays:
+            store = zarr_store(group_url, storage_options, read_only=not write)
+            if write and self.audit_dir:
+                store = AuditStore(store, os.path.join(self.audit_dir, f"{self.name}.log"), self.name)
+            self._arrays[key] = zarr.open_array(store=store, path=path, mode="r+" if write else "r")
+        return self._arrays[key]
+
+    def run(self, batch: TileBatch) -> BatchResult:
+        t0 = time.perf_counter()
+        stage = batch.stage
+        ref = stage.image
+        src = self._array(ref.group_url, ref.path, ref.storage_options, write=False)
+        tiles = np.stack(
+            [
+                read_window(src, ref.axes, ref.shape_yx, stage.grid.window(iy, ix), value_range=ref.value_range)
+                for iy, ix in batch.tiles
+            ]
+        )
+        t1 = time.perf_counter()
+        probs = self.predictor(tiles)
+        model_seconds = time.perf_counter() - t1
+        out = self._array(stage.tiles_url, "", stage.storage_options, write=True)
+        for k, (iy, ix) in enumerate(batch.tiles):
+            out[iy, ix] = probs[k]
+        tile = stage.grid.tile
+        return BatchResult(
+            tiles=batch.tiles,
+            seconds=time.perf_counter() - t0,
+            model_seconds=model_seconds,
+            megapixels=len(batch.tiles) * tile * tile / 1e6,
+            worker=self.name,
+        )
+
+
+def tile_store_path(work_url: str, name: str, stage: int = 0) -> str:
+    return join(work_url, name, f"stage-{stage}", "tiles")
