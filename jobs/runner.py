@@ -92,6 +92,7 @@ def job_config(spec: JobSpec, model: ResolvedModel, audit_dir: str | None = None
         blend_window=t.blend,
         sigma_scale=t.sigma_scale,
         offset=t.offset,
+        margin=t.margin,
         chunk=t.chunk,
         extras=tuple(spec.output.extras),
         if_exists=spec.output.if_exists,

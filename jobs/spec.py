@@ -117,6 +117,7 @@ class TilingSpec(_Strict):
     blend: Literal["gaussian", "cosine", "constant"] = "gaussian"
     sigma_scale: float = Field(default=0.125, gt=0, le=10)
     offset: tuple[int, int] = Field(default=(0, 0), description="grid origin shift (y, x) in pixels")
+    margin: int = Field(default=64, ge=0, description="pixels tiles reach past the image edge (≤ overlap)")
     chunk: int = Field(default=1024, ge=64, le=16384, description="chunk size of pyramids and masks")
 
     @model_validator(mode="after")
@@ -127,6 +128,8 @@ class TilingSpec(_Strict):
         for v in self.offset:
             if not 0 <= v < step:
                 raise ValueError(f"offset values must be in [0, tile - overlap = {step}), got {list(self.offset)}")
+        if self.margin > self.overlap:
+            raise ValueError(f"margin ({self.margin}) must not exceed overlap ({self.overlap})")
         if self.tile % 32:
             raise ValueError(f"tile ({self.tile}) must be a multiple of 32, the network's stride")
         return self

@@ -2,7 +2,7 @@
 
 Lateral 1x1 convs bring every encoder map to ``pyramid_channels``; a top-down pass adds each
 coarser level, upsampled, to the next finer one; a 3x3 conv smooths each sum. Each pyramid level is
-then brought to stride 4 by a stack of conv3x3-GroupNorm-ReLU blocks, each followed by a bilinear
+then brought to stride 4 by a stack of conv3x3-BatchNorm-ReLU blocks, each followed by a bilinear
 x2 upsampling while the level is still coarser than stride 4, and the levels are summed.
 """
 
@@ -15,31 +15,28 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _num_groups(channels: int, max_groups: int = 32) -> int:
-    """Largest divisor of ``channels`` that is at most ``max_groups`` (32 as in Panoptic FPN)."""
-    return max(g for g in range(1, max_groups + 1) if channels % g == 0)
-
-
-class _ConvGNReLU(nn.Sequential):
+class _ConvBNReLU(nn.Sequential):
     def __init__(self, in_ch: int, out_ch: int) -> None:
-        # GroupNorm rather than BatchNorm: statistics per sample, so eval matches train and small
-        # per-GPU batches of large tiles do not hurt.
+        # BatchNorm, not Panoptic FPN's GroupNorm: at inference BN is a fixed per-channel affine, so
+        # the network stays local (fully convolutional) and a tile's prediction does not depend on
+        # statistics of the whole tile. GroupNorm would make tiled and whole-image inference differ
+        # everywhere, not only near tile borders, and break seam-free blending and MagNet's patches.
         super().__init__(
             nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False),
-            nn.GroupNorm(_num_groups(out_ch), out_ch),
+            nn.BatchNorm2d(out_ch),
             nn.ReLU(inplace=True),
         )
 
 
 class _SegmentationLevel(nn.Module):
-    """conv-GN-ReLU blocks taking one pyramid level from ``stride`` to stride 4."""
+    """conv-BN-ReLU blocks taking one pyramid level from ``stride`` to stride 4."""
 
     def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
         super().__init__()
         self.n_upsamples = int(math.log2(stride // 4))
         n_blocks = max(1, self.n_upsamples)
         self.blocks = nn.ModuleList(
-            [_ConvGNReLU(in_ch if i == 0 else out_ch, out_ch) for i in range(n_blocks)]
+            [_ConvBNReLU(in_ch if i == 0 else out_ch, out_ch) for i in range(n_blocks)]
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,11 +64,10 @@ class FPNDecoder(nn.Module):
                 f"encoder_channels {encoder_channels} and encoder_strides {encoder_strides} "
                 "must have one entry per feature map"
             )
-        if encoder_strides[0] != 4 or any(
-            s < 4 or s & (s - 1) for s in encoder_strides
-        ):
+        if encoder_strides[0] != 4 or any(s < 4 or s & (s - 1) for s in encoder_strides):
             raise ValueError(
-                f"FPNDecoder needs power-of-two encoder strides starting at 4, got {encoder_strides}"
+                "FPNDecoder needs power-of-two encoder strides starting at 4, "
+                f"got {encoder_strides}"
             )
         self.lateral = nn.ModuleList(
             [nn.Conv2d(c, pyramid_channels, 1) for c in encoder_channels]
@@ -94,7 +90,10 @@ class FPNDecoder(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        """features[i]: (B, encoder_channels[i], H/strides[i], W/strides[i]) -> (B, seg_ch, H/4, W/4)."""
+        """features[i]: (B, encoder_channels[i], H/strides[i], W/strides[i]) -> (B, D, H/4, W/4).
+
+        D = segmentation_channels.
+        """
         laterals = [conv(f) for conv, f in zip(self.lateral, features, strict=True)]
         for i in range(len(laterals) - 1, 0, -1):
             coarse = laterals[i]

@@ -8,16 +8,20 @@ reported and the job goes on, unless ``fail_fast``; what other images wrote is n
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import zarr
 
 from pipeline import blend, output
 from pipeline.dispatch import PoolConfig, WorkerPool, batches
 from pipeline.errors import GigasegError
 from pipeline.pyramid import Pyramid, ingest, pyramid_in_place
 from pipeline.sources import ImageRef, discover, open_source
+from pipeline.storage import AuditStore, zarr_store
 from pipeline.tiling import TileGrid
 from pipeline.worker import ArrayRef, BatchResult, StagePlan
 
@@ -41,6 +45,7 @@ class JobConfig:
     blend_window: blend.BlendWindow = "gaussian"
     sigma_scale: float = 0.125
     offset: tuple[int, int] = (0, 0)
+    margin: int = 64
     chunk: int = 1024
     extras: tuple[str, ...] = ()
     if_exists: str = "resume"
@@ -108,7 +113,7 @@ def run_image(cfg: JobConfig, ref: ImageRef, pool: WorkerPool, progress: Progres
         pyramid = _prepare_pyramid(cfg, ref, out)
         h, w = pyramid.shapes[0]
         result.shape = (h, w)
-        grid = TileGrid(h, w, cfg.tile, cfg.overlap, *cfg.offset)
+        grid = TileGrid(h, w, cfg.tile, cfg.overlap, *cfg.offset, margin=cfg.margin)
         result.tiles = len(grid)
         output.mark(out, fingerprint=cfg.fingerprint, complete=False, shape=[h, w], tiles=len(grid),
                     source=ref.url, in_place=pyramid.in_place)
@@ -151,7 +156,7 @@ def _prepare_pyramid(cfg: JobConfig, ref: ImageRef, out: output.ImageOutput) -> 
     source = open_source(ref, cfg.input_storage_options, cfg.value_range)
     if source.has_pyramid:
         return pyramid_in_place(source)
-    return ingest(source, out.group_url, chunk=cfg.chunk)
+    return ingest(source, out.group_url, chunk=cfg.chunk, storage_options=cfg.output_storage_options)
 
 
 def _stage_plan(cfg: JobConfig, out: output.ImageOutput, pyramid: Pyramid, grid: TileGrid) -> StagePlan:
@@ -188,8 +193,19 @@ def _blend(cfg: JobConfig, out: output.ImageOutput, pyramid: Pyramid, grid: Tile
         grid=grid, tiles_url=stage.tiles_url, num_classes=n, window=cfg.blend_window,
         sigma_scale=cfg.sigma_scale, chunk=cfg.chunk, storage_options=cfg.output_storage_options,
     )
+    if cfg.pool.audit_dir:
+        arrays = {k: _audited(out, v, cfg.pool.audit_dir) for k, v in arrays.items()}
     targets = {"labels": arrays["labels"][0]}
     targets.update({k: arrays[k] for k in ("confidence", "probabilities") if k in arrays})
     blend.store_outputs(plan, targets)
     for level in range(1, len(arrays["labels"])):
         blend.downsample_labels(arrays["labels"][level - 1], arrays["labels"][level], n)
+
+
+def _audited(out: output.ImageOutput, arrays, audit_dir: str):
+    """The same arrays opened through an ``AuditStore`` that logs each chunk key the blend writes."""
+    store = AuditStore(zarr_store(out.group_url, out.storage_options), os.path.join(audit_dir, "blend.log"),
+                       "blend", out.group_url)
+    if isinstance(arrays, list):
+        return [zarr.open_array(store=store, path=a.path, mode="r+") for a in arrays]
+    return zarr.open_array(store=store, path=arrays.path, mode="r+")

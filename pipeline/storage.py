@@ -87,18 +87,20 @@ def exists(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:
 class AuditStore(zarr.storage.WrapperStore):
     """A store that appends ``<writer>\\t<key>`` to a log file for every key it writes.
 
-    Used by tests and ``--audit-writes`` to check on a real run that no two tasks write the same chunk:
+    Keys are logged under ``root`` (the store's URL) so logs from many stores can be compared. Used by
+    tests and ``--audit-writes`` to check on a real run that no two tasks write the same chunk:
     each writer (a worker actor or the blend) logs under its own name, and the check reads all logs.
     """
 
-    def __init__(self, store, log_path: str, writer: str):
+    def __init__(self, store, log_path: str, writer: str, root: str):
         super().__init__(store)
         self._log_path = log_path
         self._writer = writer
+        self._root = root.rstrip("/")
 
     def _record(self, key: str) -> None:
         with open(self._log_path, "a") as f:
-            f.write(f"{self._writer}\t{key}\n")
+            f.write(f"{self._writer}\t{self._root}/{key}\n")
 
     async def set(self, key, value) -> None:
         self._record(key)
@@ -109,4 +111,4 @@ class AuditStore(zarr.storage.WrapperStore):
         await self._store.set_if_not_exists(key, value)
 
     def with_read_only(self, read_only: bool = False):
-        return AuditStore(self._store.with_read_only(read_only), self._log_path, self._writer)
+        return AuditStore(self._store.with_read_only(read_only), self._log_path, self._writer, self._root)

@@ -4,14 +4,17 @@ A stage reads an image (or a map) of size ``H × W`` at one pyramid level and co
 on a regular grid:
 
     step      = tile − overlap
-    origin_i  = i · step − offset_y            for i = 0 … ny − 1
-    ny        = max(1, ⌈(H + offset_y − overlap) / step⌉)
+    origin_i  = i · step − offset_y − margin      for i = 0 … ny − 1
+    ny        = max(1, ⌈(H + offset_y + 2·margin − overlap) / step⌉)
 
-(likewise for x). The last tile may reach past the image edge; reads are padded there and writes are
-cropped to the image, so every tile has the same size and the grid stays on multiples of ``step``. With
-``step`` and ``offset`` multiples of the network's stride, every tile sees the image at the same phase of
-the network's downsampling, which is what makes tiled inference of a fully convolutional network
-shift-consistent (see tests/pipeline/test_seams.py).
+(likewise for x). Tiles reach ``margin`` pixels past the image on every side (more where the grid does
+not end flush); reads mirror the image there and writes are cropped to it. So the image edge never
+falls on a tile edge, where a network sees its own zero padding: every image pixel is predicted with
+image (or mirrored) context, whatever the grid's offset, and grids shifted against each other agree at
+the border too. With ``step``, ``offset`` and ``margin`` multiples of the network's stride, every tile
+sees the image at the same phase of the network's downsampling, which makes tiled inference of a fully
+convolutional network shift-consistent (tests/pipeline/test_seams.py). ``0 ≤ margin ≤ overlap`` keeps
+every tile touching the image.
 
 Each tile is one chunk of the tile store (``(ny, nx, C, tile, tile)``, chunk ``(1, 1, C, tile, tile)``),
 so no two tile tasks ever write the same chunk; the blend owns the output chunks, one task each.
@@ -75,6 +78,7 @@ class TileGrid:
     overlap: int
     offset_y: int = 0
     offset_x: int = 0
+    margin: int = 0
 
     def __post_init__(self) -> None:
         if self.height < 1 or self.width < 1:
@@ -85,6 +89,8 @@ class TileGrid:
             raise ValueError(
                 f"TileGrid: overlap must be in [0, tile), got overlap={self.overlap} with tile={self.tile}"
             )
+        if not 0 <= self.margin <= self.overlap:
+            raise ValueError(f"TileGrid: margin must be in [0, overlap={self.overlap}], got {self.margin}")
         for name, value in (("offset_y", self.offset_y), ("offset_x", self.offset_x)):
             if not 0 <= value < self.step:
                 raise ValueError(f"TileGrid: {name} must be in [0, step={self.step}), got {value}")
@@ -95,32 +101,33 @@ class TileGrid:
 
     @property
     def ny(self) -> int:
-        return _count(self.height, self.step, self.overlap, self.offset_y)
+        return _count(self.height, self.step, self.overlap, self.offset_y + self.margin, self.margin)
 
     @property
     def nx(self) -> int:
-        return _count(self.width, self.step, self.overlap, self.offset_x)
+        return _count(self.width, self.step, self.overlap, self.offset_x + self.margin, self.margin)
 
     def __len__(self) -> int:
         return self.ny * self.nx
 
     def window(self, iy: int, ix: int) -> Window:
-        """Window of tile ``(iy, ix)``: origin ``(iy·step − offset_y, ix·step − offset_x)``."""
-        return Window(iy * self.step - self.offset_y, ix * self.step - self.offset_x, self.tile, self.tile)
+        """Window of tile ``(iy, ix)``: origin ``(iy·step − offset_y − margin, ix·step − offset_x − margin)``."""
+        m = self.margin
+        return Window(iy * self.step - self.offset_y - m, ix * self.step - self.offset_x - m, self.tile, self.tile)
 
     def indices(self) -> list[tuple[int, int]]:
         return [(iy, ix) for iy in range(self.ny) for ix in range(self.nx)]
 
     def tiles_overlapping(self, region: Window) -> list[tuple[int, int]]:
-        """Tiles whose window intersects ``region``: ``iy`` with ``iy·step − offset_y < region.y1`` and
-        ``iy·step − offset_y + tile > region.y0`` (likewise for x)."""
-        ys = _range_overlapping(region.y0, region.y1, self.step, self.tile, self.offset_y, self.ny)
-        xs = _range_overlapping(region.x0, region.x1, self.step, self.tile, self.offset_x, self.nx)
+        """Tiles whose window intersects ``region``: ``iy`` with ``iy·step − o < region.y1`` and
+        ``iy·step − o + tile > region.y0``, ``o = offset_y + margin`` (likewise for x)."""
+        ys = _range_overlapping(region.y0, region.y1, self.step, self.tile, self.offset_y + self.margin, self.ny)
+        xs = _range_overlapping(region.x0, region.x1, self.step, self.tile, self.offset_x + self.margin, self.nx)
         return [(iy, ix) for iy in ys for ix in xs]
 
 
-def _count(size: int, step: int, overlap: int, offset: int) -> int:
-    return max(1, math.ceil((size + offset - overlap) / step))
+def _count(size: int, step: int, overlap: int, start: int, end_margin: int) -> int:
+    return max(1, math.ceil((size + start + end_margin - overlap) / step))
 
 
 def _range_overlapping(lo: int, hi: int, step: int, tile: int, offset: int, n: int) -> range:

@@ -86,7 +86,7 @@ class TileWorker:
         if key not in self._arrays:
             store = zarr_store(group_url, storage_options, read_only=not write)
             if write and self.audit_dir:
-                store = AuditStore(store, os.path.join(self.audit_dir, f"{self.name}.log"), self.name)
+                store = AuditStore(store, os.path.join(self.audit_dir, f"{self.name}.log"), self.name, group_url)
             self._arrays[key] = zarr.open_array(store=store, path=path, mode="r+" if write else "r")
         return self._arrays[key]
 

@@ -1,0 +1,62 @@
+"""Shared fixtures: a real S3-compatible server (moto) on 127.0.0.1 and a real local Ray cluster.
+
+Fake credentials go into the environment before Ray starts, so Ray's worker processes inherit them the
+way cluster workers inherit an instance role; specs never carry them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """URL of a moto S3 server on 127.0.0.1 at a free port, for the whole session."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, request):
+    """A fresh bucket; yields ``(bucket_name, storage_options)``."""
+    import re
+
+    import s3fs
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-b"
+    options = {"endpoint_url": s3_endpoint}
+    fs = s3fs.S3FileSystem(**options)
+    if not fs.exists(name):
+        fs.mkdir(name)
+    fs.invalidate_cache()
+    yield name, options
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster with 2 CPUs and 2 logical GPUs, shared by the integration tests."""
+    import tempfile
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address="local", num_cpus=2, num_gpus=2, include_dashboard=False,
+            object_store_memory=512 * 1024 * 1024, _temp_dir=tempfile.mkdtemp(prefix="gs-ray-"),
+            log_to_driver=False, configure_logging=False,
+        )
+    yield ray
+    ray.shutdown()

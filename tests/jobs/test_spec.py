@@ -1,0 +1,95 @@
+import pytest
+import yaml
+
+from jobs.spec import SpecError, apply_overrides, load_spec, parse_spec
+
+BASE = {
+    "inputs": {"url": "/data/in"},
+    "model": {"classes": [{"name": "a"}, {"name": "b"}]},
+    "output": {"url": "/data/out"},
+}
+
+
+def _with(**patch):
+    import copy
+
+    d = copy.deepcopy(BASE)
+    for path, value in patch.items():
+        node = d
+        keys = path.split("__")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return d
+
+
+def test_minimal_spec_fills_defaults():
+    spec = parse_spec(BASE)
+    assert spec.tiling.tile == 512 and spec.tiling.blend == "gaussian"
+    assert spec.output.if_exists == "resume" and spec.failure.mode == "continue"
+    assert spec.cluster.address is None
+
+
+def test_unknown_key_is_rejected_with_its_full_path():
+    with pytest.raises(SpecError) as e:
+        parse_spec(_with(tiling__overlapp=3))
+    assert e.value.problems == ["tiling.overlapp: unknown key (check its spelling and place; see README 'Job spec')"]
+
+
+@pytest.mark.parametrize(
+    "patch, field",
+    [
+        (dict(tiling__overlap=600), "tiling"),
+        (dict(tiling__tile=500), "tiling"),
+        (dict(tiling__blend="box"), "tiling.blend"),
+        (dict(model__name="unet9000"), "model.name"),
+        (dict(resources__workers=0), "resources.workers"),
+        (dict(output__if_exists="append"), "output.if_exists"),
+        (dict(inputs__value_range=[5, 1]), "inputs.value_range"),
+        (dict(model__classes=None), "model"),
+    ],
+)
+def test_bad_values_name_the_field(patch, field):
+    with pytest.raises(SpecError) as e:
+        parse_spec(_with(**patch))
+    assert any(p.startswith(field) for p in e.value.problems), e.value.problems
+
+
+def test_unknown_model_lists_valid_names():
+    with pytest.raises(SpecError) as e:
+        parse_spec(_with(model__name="unet9000"))
+    assert "fpn_resnet18" in e.value.problems[0]
+
+
+@pytest.mark.parametrize("key", ["key", "secret", "aws_secret_access_key", "token"])
+def test_credentials_in_storage_options_are_refused(key):
+    with pytest.raises(SpecError) as e:
+        parse_spec(_with(inputs__storage_options={"endpoint_url": "http://x", key: "hunter2"}))
+    msg = " ".join(e.value.problems)
+    assert "credential" in msg and "hunter2" not in msg
+
+
+def test_spec_is_frozen():
+    spec = parse_spec(BASE)
+    with pytest.raises(Exception):
+        spec.tiling.tile = 256
+
+
+def test_overrides_and_file_loading(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    spec = load_spec(path, ["resources.workers=4", "tiling.blend=cosine", "output.extras=[confidence]"])
+    assert spec.resources.workers == 4 and spec.tiling.blend == "cosine"
+    assert spec.output.extras == ["confidence"]
+    with pytest.raises(SpecError, match="expected key.path=value"):
+        apply_overrides({}, ["novalue"])
+    with pytest.raises(SpecError, match="file not found"):
+        load_spec(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("inputs: [unclosed")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(tmp_path / "bad.yaml")
+
+
+def test_echo_round_trips():
+    spec = parse_spec(_with(inputs__storage_options={"endpoint_url": "http://127.0.0.1:9"}))
+    assert parse_spec(yaml.safe_load(spec.echo())) == spec
