@@ -1,0 +1,574 @@
+"""Find the images of an archive, describe them from metadata alone, and read them lazily as RGB uint8.
+
+Descriptors (``ImageRef``, ``ImageSource``) are frozen dataclasses holding URLs and ``storage_options`` only,
+never open handles, so they pickle to other processes. ``source_to_dask`` builds a lazy ``(3, H, W)`` uint8
+Dask array read chunk by chunk: memory stays flat however large the image, except for PNG/JPEG, which have
+no random access and are decoded whole, once (limit: ``MAX_DECODE_PIXELS``).
+
+Axes are strings over ``"tczyx"`` in array order. ``t`` and ``z`` must have size 1 and are dropped (index 0);
+images with more than one time point or plane are rejected at open time.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import threading
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import dask
+import dask.array as da
+import numpy as np
+import tifffile
+import zarr
+from PIL import Image
+
+from pipeline import ome
+from pipeline.convert import check_convertible, to_rgb8
+from pipeline.errors import GigasegError, ImageReadError, InputNotFoundError, UnsupportedImageError
+from pipeline.storage import filesystem, fs_path, is_local, join, protocol_of, zarr_store
+
+log = logging.getLogger(__name__)
+
+ImageFormat = Literal["zarr", "ome-zarr", "tiff", "png", "jpeg"]
+_FILE_FORMATS = {".tif": "tiff", ".tiff": "tiff", ".btf": "tiff", ".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
+_ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")
+_STRIP_SUFFIXES = (".ome.zarr", ".ome.tiff", ".ome.tif", ".ome.btf", ".zarr", *_FILE_FORMATS)
+
+MAX_DECODE_PIXELS = 2**30
+"""Largest PNG/JPEG decoded (about 1.07 gigapixels, 32768², 3.2 GB as RGB): larger ones must be converted to
+tiled TIFF or Zarr. PIL's own decompression-bomb limit is raised to this value on import."""
+if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_DECODE_PIXELS:
+    Image.MAX_IMAGE_PIXELS = MAX_DECODE_PIXELS
+
+_READ_BUDGET_BYTES = 64 * 2**20  # largest block read at once when storage chunks are strips
+# PIL mode → (mode converted to on decode or None, channels, dtype). 16-bit RGB PNGs decode as 8-bit in PIL.
+_PIL_MODES: dict[str, tuple[str | None, int, str]] = {
+    "1": ("L", 1, "uint8"), "L": (None, 1, "uint8"), "LA": (None, 2, "uint8"), "La": ("LA", 2, "uint8"),
+    "P": ("RGB", 3, "uint8"), "PA": ("RGBA", 4, "uint8"), "RGB": (None, 3, "uint8"),
+    "RGBA": (None, 4, "uint8"), "RGBa": ("RGBA", 4, "uint8"), "RGBX": ("RGB", 3, "uint8"),
+    "CMYK": ("RGB", 3, "uint8"), "YCbCr": ("RGB", 3, "uint8"), "HSV": ("RGB", 3, "uint8"),
+    "I;16": (None, 1, "uint16"), "I;16L": (None, 1, "uint16"), "I;16B": (None, 1, "uint16"),
+    "I": (None, 1, "int32"), "F": (None, 1, "float32"),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One image of an archive: its URL, a unique file-safe ``name`` and its format."""
+
+    url: str
+    name: str
+    format: ImageFormat
+
+
+@dataclass(frozen=True)
+class ArrayLevel:
+    """One resolution level: ``path`` relative to the source's array root, its (H, W), and its (y, x) scale:
+    the OME ``scale`` transform for OME-Zarr, else the downsampling factor relative to level 0."""
+
+    path: str
+    shape_yx: tuple[int, int]
+    scale: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """What ``open_source`` learnt from an image's metadata; enough to read it anywhere.
+
+    The array of level ``i`` is at ``join(group_url or ref.url, levels[i].path)`` (path ``""`` for a bare
+    Zarr array); for TIFF, ``path`` is the pyramid level index and PNG/JPEG have one level ``"0"``.
+    """
+
+    ref: ImageRef
+    group_url: str | None
+    levels: tuple[ArrayLevel, ...]
+    axes: str
+    channels: int
+    dtype: str
+    has_pyramid: bool
+    storage_options: dict = field(default_factory=dict, hash=False)
+    value_range: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.levels:
+            raise ValueError(f"{self.ref.url}: an ImageSource needs at least one level.")
+        object.__setattr__(self, "storage_options", dict(self.storage_options))
+        if self.value_range is not None:
+            object.__setattr__(self, "value_range", tuple(float(v) for v in self.value_range))
+
+    @property
+    def shape_yx(self) -> tuple[int, int]:
+        return self.levels[0].shape_yx
+
+
+# ---------------------------------------------------------------- discovery
+
+
+def discover(
+    url: str, patterns: Sequence[str] = ("**/*",), storage_options: Mapping[str, Any] | None = None
+) -> list[ImageRef]:
+    """Images under ``url`` (a directory/prefix, a single image file, or a single Zarr), sorted by URL.
+
+    Images are ``.tif/.tiff/.btf/.png/.jpg/.jpeg`` files and Zarr arrays/groups (a directory holding
+    ``zarr.json``, ``.zarray`` or ``.zgroup``; never descended into). A pattern without ``/`` matches the name
+    at any depth (``"*.tif"``); one with ``/`` matches the path relative to ``url``, ``**`` spanning
+    directories (``"tiles/**/*.zarr"``). Patterns are ignored when ``url`` is itself one image. Hidden
+    entries (``.name``) are skipped.
+    """
+    fs = filesystem(url, storage_options)
+    root = fs_path(url).rstrip("/")
+    fs.invalidate_cache(root)
+    try:
+        info = fs.info(root)
+    except (FileNotFoundError, PermissionError) as exc:
+        raise InputNotFoundError(_missing_message(url, fs, root, exc)) from None
+    if info["type"] != "directory":
+        fmt = _file_format(root)
+        if fmt is None:
+            raise UnsupportedImageError(
+                f"{url}: not an image file gigaseg reads (extensions {sorted(_FILE_FORMATS)} or a Zarr); "
+                f"point inputs.url at the image or at a directory holding images."
+            )
+        return [ImageRef(url, _safe_name(root.rsplit("/", 1)[-1]), fmt)]
+
+    matchers = [_compile_pattern(p) for p in patterns]
+    found: list[tuple[str, ImageFormat]] = []
+    skipped: list[str] = []
+    others: list[str] = []
+    for dirpath, dirs, files in fs.walk(root, topdown=True):
+        rel_dir = dirpath[len(root) :].strip("/")
+        zfmt = _zarr_format(fs, dirpath, files) if any(m in files for m in _ZARR_MARKERS) else None
+        if zfmt is not None:
+            dirs.clear()
+            if not rel_dir:
+                return [ImageRef(url, _safe_name(root.rsplit("/", 1)[-1]), zfmt)]
+            (found if _matches(rel_dir, matchers) else skipped).append((rel_dir, zfmt))
+            continue
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(f for f in files if not f.startswith(".")):
+            rel = f"{rel_dir}/{name}" if rel_dir else name
+            fmt = _file_format(name)
+            if fmt is None:
+                others.append(rel)
+            else:
+                (found if _matches(rel, matchers) else skipped).append((rel, fmt))
+    if not found:
+        raise InputNotFoundError(
+            f"{url}: no image matched patterns {list(patterns)}; found {len(skipped)} other image(s) "
+            f"{_sample([r for r, _ in skipped])} and {len(others)} non-image file(s) {_sample(others)}. "
+            f"Fix inputs.patterns (a pattern without '/' matches names at any depth, '**' spans directories)."
+        )
+    refs = sorted((join(url, rel), rel, fmt) for rel, fmt in found)
+    used: set[str] = set()
+    out = []
+    for ref_url, rel, fmt in refs:
+        name = base = _safe_name(rel)
+        k = 2
+        while name in used:
+            name, k = f"{base}-{k}", k + 1
+        used.add(name)
+        out.append(ImageRef(ref_url, name, fmt))
+    return out
+
+
+def _missing_message(url: str, fs: Any, root: str, exc: Exception) -> str:
+    reason = "access denied" if isinstance(exc, PermissionError) else "does not exist"
+    if protocol_of(url) in ("s3", "s3a", "gs", "gcs", "az", "abfs"):
+        bucket, _, prefix = root.partition("/")
+        try:
+            bucket_ok = fs.exists(bucket)
+        except Exception:  # noqa: BLE001 - only refines the message
+            bucket_ok = None
+        if bucket_ok is False:
+            return f"{url}: bucket {bucket!r} {reason} (or is not visible with these credentials/endpoint)."
+        if bucket_ok and prefix:
+            return f"{url}: bucket {bucket!r} exists but prefix {prefix!r} {reason}; check inputs.url."
+    return f"{url}: input {reason}; check inputs.url (and storage_options for remote stores)."
+
+
+def _sample(items: Sequence[str], k: int = 5) -> str:
+    return "(" + ", ".join(items[:k]) + (", ..." if len(items) > k else "") + ")" if items else "()"
+
+
+def _file_format(name: str) -> ImageFormat | None:
+    dot = name.rfind(".")
+    return _FILE_FORMATS.get(name[dot:].lower()) if dot >= 0 else None  # type: ignore[return-value]
+
+
+def _zarr_format(fs: Any, dirpath: str, files: Sequence[str]) -> ImageFormat:
+    """``"ome-zarr"`` when the group's attributes hold OME multiscales, else ``"zarr"``."""
+    try:
+        if "zarr.json" in files:
+            meta = json.loads(fs.cat_file(f"{dirpath}/zarr.json"))
+            attrs = meta.get("attributes", {}) if meta.get("node_type") == "group" else {}
+        elif ".zgroup" in files and ".zattrs" in files:
+            attrs = json.loads(fs.cat_file(f"{dirpath}/.zattrs"))
+        else:
+            attrs = {}
+    except (OSError, ValueError) as exc:
+        log.warning("%s: unreadable Zarr metadata (%s); treated as a plain Zarr", dirpath, exc)
+        return "zarr"
+    return "ome-zarr" if ome.is_multiscales(attrs) else "zarr"
+
+
+def _compile_pattern(pattern: str) -> tuple[bool, re.Pattern[str]]:
+    """Glob → regex: ``**/`` any directories (or none), ``**`` anything, ``*``/``?`` within one component."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[" and (j := pattern.find("]", i + 2)) != -1:
+            body = pattern[i + 1 : j]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body).replace("\\", "\\\\") + "]")
+            i = j + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return "/" in pattern, re.compile("".join(out))
+
+
+def _matches(rel: str, matchers: Sequence[tuple[bool, re.Pattern[str]]]) -> bool:
+    base = rel.rsplit("/", 1)[-1]
+    return any(rx.fullmatch(rel if has_slash else base) for has_slash, rx in matchers)
+
+
+def _safe_name(rel: str) -> str:
+    """Relative path → one file-safe component: extension dropped, ``/`` → ``__``, others → ``_``."""
+    low = rel.lower()
+    for suffix in _STRIP_SUFFIXES:
+        if low.endswith(suffix) and len(rel) > len(suffix):
+            rel = rel[: -len(suffix)]
+            break
+    return re.sub(r"[^A-Za-z0-9._-]", "_", rel.replace("/", "__")) or "image"
+
+
+
+# ---------------------------------------------------------------- metadata
+
+_Meta = tuple["str | None", tuple[ArrayLevel, ...], str, int, str]  # group_url, levels, axes, channels, dtype
+
+
+def open_source(
+    ref: ImageRef, storage_options: Mapping[str, Any] | None = None, value_range: Sequence[float] | None = None
+) -> ImageSource:
+    """Describe ``ref`` from metadata alone (no pixels decoded) and check it converts to RGB uint8.
+
+    Raises ``InputNotFoundError`` (gone), ``UnsupportedImageError`` (layout, channel count or dtype with no
+    conversion, see ``pipeline.convert``) or ``ImageReadError`` (not a readable image).
+    """
+    so = dict(storage_options or {})
+    readers = {"zarr": _zarr_meta, "ome-zarr": _zarr_meta, "tiff": _tiff_meta, "png": _pil_meta, "jpeg": _pil_meta}
+    try:
+        group_url, levels, axes, channels, dtype = readers[ref.format](ref, so)
+    except GigasegError:
+        raise
+    except FileNotFoundError as exc:
+        raise InputNotFoundError(f"{ref.url}: image missing or incomplete ({exc}).") from exc
+    except Exception as exc:  # noqa: BLE001 - any reader failure is reported as one line
+        raise ImageReadError(
+            f"{ref.url}: cannot read {ref.format} metadata ({type(exc).__name__}: {exc}); the file may be "
+            f"corrupt, truncated or not really {ref.format}. Re-export it or exclude it with inputs.patterns."
+        ) from exc
+    check_convertible(dtype, channels, value_range, where=ref.url)
+    has_pyramid = ref.format in ("zarr", "ome-zarr") and group_url is not None and len(levels) >= 2
+    return ImageSource(ref, group_url, levels, axes, channels, dtype, has_pyramid, so, value_range)
+
+
+def _native(dtype: Any) -> str:
+    return np.dtype(dtype).newbyteorder("=").name
+
+
+def _check_axes(axes: str, shape: Sequence[int], where: str) -> int:
+    """Validate ``axes`` against ``shape``; return the channel count."""
+    if len(axes) != len(shape) or len(set(axes)) != len(axes) or not set(axes) <= set("tczyx"):
+        raise UnsupportedImageError(
+            f"{where}: axes {axes!r} do not fit array shape {tuple(shape)}; axes must be distinct letters of "
+            f"'tczyx', one per dimension."
+        )
+    if "y" not in axes or "x" not in axes:
+        raise UnsupportedImageError(f"{where}: axes {axes!r} lack y or x; a 2-D image is required.")
+    for a in "tz":
+        if a in axes and shape[axes.index(a)] != 1:
+            raise UnsupportedImageError(
+                f"{where}: axis {a!r} has size {shape[axes.index(a)]}; only single 2-D images (t = z = 1) are "
+                f"segmented. Export the plane to segment as its own image."
+            )
+    return shape[axes.index("c")] if "c" in axes else 1
+
+
+def _infer_axes(shape: Sequence[int], where: str) -> str:
+    """Plain arrays: ``(y, x)`` → ``"yx"``; ``(y, x, c≤4)`` → ``"yxc"``; ``(c≤4, y, x)`` → ``"cyx"``."""
+    if len(shape) == 2:
+        return "yx"
+    if len(shape) == 3 and shape[-1] <= 4:
+        return "yxc"
+    if len(shape) == 3 and shape[0] <= 4:
+        return "cyx"
+    raise UnsupportedImageError(
+        f"{where}: array of shape {tuple(shape)} has no recognised layout; plain Zarr arrays must be (y, x), "
+        f"(y, x, c) or (c, y, x) with c ≤ 4 channels. Use an OME-Zarr group with axes metadata, or select ≤ 4 "
+        f"channels."
+    )
+
+
+def _yx(shape: Sequence[int], axes: str) -> tuple[int, int]:
+    return int(shape[axes.index("y")]), int(shape[axes.index("x")])
+
+
+def _zarr_meta(ref: ImageRef, so: dict) -> _Meta:
+    node = zarr.open(store=zarr_store(ref.url, so, read_only=True), mode="r")
+    if isinstance(node, zarr.Array):
+        axes = _infer_axes(node.shape, ref.url)
+        level = ArrayLevel("", _yx(node.shape, axes), (1.0, 1.0))
+        return None, (level,), axes, _check_axes(axes, node.shape, ref.url), _native(node.dtype)
+    attrs = node.attrs.asdict()
+    if not ome.is_multiscales(attrs):
+        names = sorted(node.array_keys())
+        if len(names) != 1:
+            raise UnsupportedImageError(
+                f"{ref.url}: Zarr group without OME multiscales holds {len(names)} arrays {_sample(names)}, so "
+                f"the image is ambiguous; point inputs.url/patterns at one array or add OME-NGFF metadata."
+            )
+        arr = node[names[0]]
+        axes = _infer_axes(arr.shape, ref.url)
+        level = ArrayLevel(names[0], _yx(arr.shape, axes), (1.0, 1.0))
+        return ref.url, (level,), axes, _check_axes(axes, arr.shape, ref.url), _native(arr.dtype)
+    entries = ome.read_multiscales(attrs)
+    arrays = [node[path] for path, _ in entries]
+    shape0 = arrays[0].shape
+    axes = ome.read_axes(attrs) or ("tczyx" if len(shape0) == 5 else "?")  # NGFF ≤ 0.3 implies tczyx
+    channels = _check_axes(axes, shape0, ref.url)
+    iy, ix = axes.index("y"), axes.index("x")
+    levels = []
+    for (path, scale), arr in zip(entries, arrays, strict=True):
+        if arr.ndim != len(axes):
+            raise UnsupportedImageError(
+                f"{ref.url}: dataset {path!r} has {arr.ndim} dimensions but axes are {axes!r}; fix the OME "
+                f"multiscales metadata."
+            )
+        shape_yx = _yx(arr.shape, axes)
+        sy, sx = (scale[iy], scale[ix]) if scale else (shape0[iy] / shape_yx[0], shape0[ix] / shape_yx[1])
+        levels.append(ArrayLevel(path, shape_yx, (float(sy), float(sx))))
+    return ref.url, tuple(levels), axes, channels, _native(arrays[0].dtype)
+
+
+def _tiff_axes(tiff_axes: str, shape: Sequence[int], where: str) -> str:
+    """tifffile series axes → ``tczyx`` letters (``S`` samples and ``C`` → ``c``)."""
+    mapping = {"S": "c", "C": "c", "Y": "y", "X": "x", "T": "t", "Z": "z"}
+    for letter, size in zip(tiff_axes, shape, strict=True):
+        if letter not in mapping:
+            raise UnsupportedImageError(
+                f"{where}: TIFF series 0 has axes {tiff_axes!r} with shape {tuple(shape)}; axis {letter!r} "
+                f"(size {size}) is not a channel, y or x axis. Only single 2-D images with ≤ 4 channels are "
+                f"read; split the stack into one file per image."
+            )
+    return "".join(mapping[a] for a in tiff_axes)
+
+
+def _open_tiff_file(url: str, so: Mapping[str, Any]) -> Any:
+    """Binary file handle for tifffile. Remote files get a 64 KiB read-ahead block, not fsspec's 5 MiB
+    default: tile reads jump around the file, and each jump would otherwise fetch a whole block."""
+    fs = filesystem(url, so)
+    if is_local(url):
+        return fs.open(fs_path(url), "rb")
+    return fs.open(fs_path(url), "rb", block_size=2**16, cache_type="readahead")
+
+
+def _tiff_meta(ref: ImageRef, so: dict) -> _Meta:
+    with _open_tiff_file(ref.url, so) as fh, tifffile.TiffFile(fh) as tif:
+        series = tif.series[0]
+        axes = _tiff_axes(series.axes, series.shape, ref.url)
+        channels = _check_axes(axes, series.shape, ref.url)
+        h0, w0 = _yx(series.shape, axes)
+        levels = []
+        for i, lvl in enumerate(series.levels):
+            h, w = _yx(lvl.shape, axes)
+            levels.append(ArrayLevel(str(i), (h, w), (h0 / h, w0 / w)))
+        return None, tuple(levels), axes, channels, _native(series.dtype)
+
+
+def _pil_mode(mode: str, info: Mapping[str, Any], where: str) -> tuple[str | None, int, str]:
+    if mode == "P" and "transparency" in info:
+        return "RGBA", 4, "uint8"
+    if mode not in _PIL_MODES:
+        raise UnsupportedImageError(
+            f"{where}: PIL image mode {mode!r} has no RGB conversion (supported: {sorted(_PIL_MODES)}); "
+            f"re-export the image as RGB or grayscale."
+        )
+    return _PIL_MODES[mode]
+
+
+def _pil_meta(ref: ImageRef, so: dict) -> _Meta:
+    fs = filesystem(ref.url, so)
+    with fs.open(fs_path(ref.url), "rb") as fh, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(fh) as im:  # reads the header only
+                mode, info, (w, h) = im.mode, dict(im.info), im.size
+        except Image.DecompressionBombError:  # over 2 × PIL's limit, i.e. over 2 × MAX_DECODE_PIXELS
+            raise _too_large(ref, f"over {2 * MAX_DECODE_PIXELS:,} px") from None
+    if w * h > MAX_DECODE_PIXELS:
+        raise _too_large(ref, f"{w}×{h} px")
+    _, channels, dtype = _pil_mode(mode, info, ref.url)
+    return None, (ArrayLevel("0", (h, w), (1.0, 1.0)),), "cyx", channels, dtype
+
+
+def _too_large(ref: ImageRef, size: str) -> UnsupportedImageError:
+    return UnsupportedImageError(
+        f"{ref.url}: {ref.format.upper()} of {size} exceeds the {MAX_DECODE_PIXELS:,} px decode limit; PNG/JPEG "
+        f"have no random access and are decoded whole. Convert it to a tiled BigTIFF or Zarr "
+        f"(e.g. `vips tiffsave in.png out.tif --tile --bigtiff --compression zstd`)."
+    )
+
+
+# ---------------------------------------------------------------- lazy pixels
+
+
+class _LazyLevel:
+    """Array-like over one Zarr array or one TIFF pyramid level, opened on first use in each process.
+
+    It holds a URL and ``storage_options`` only, so Dask pickles it as it is; the open handle is per process
+    and shared by the scheduler's threads (zarr 3 arrays are thread-safe, and tifffile's Zarr store locks its
+    file handle around each seek + read).
+    """
+
+    def __init__(self, url: str, storage_options: dict, tiff_level: int | None) -> None:
+        self.url, self.storage_options, self.tiff_level = url, storage_options, tiff_level
+        self._lock = threading.Lock()
+        self._handle: tuple | None = None
+        arr = self.array()
+        self.shape, self.chunks = tuple(arr.shape), tuple(arr.chunks)
+        self.dtype, self.ndim = np.dtype(_native(arr.dtype)), len(arr.shape)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_handle")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock(), _handle=None)
+
+    def __dask_tokenize__(self) -> tuple:
+        return ("gigaseg-level", self.url, self.tiff_level, self.shape, self.dtype.str)
+
+    def array(self) -> Any:
+        with self._lock:
+            if self._handle is None:
+                if self.tiff_level is None:
+                    store = zarr_store(self.url, self.storage_options, read_only=True)
+                    self._handle = (zarr.open_array(store=store, mode="r"),)
+                else:
+                    fh = _open_tiff_file(self.url, self.storage_options)
+                    tif = tifffile.TiffFile(fh)
+                    store = tif.series[0].aszarr(level=self.tiff_level)
+                    self._handle = (fh, tif, zarr.open_array(store=store, mode="r"))
+            return self._handle[-1]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        try:
+            block = self.array()[key]
+        except Exception as exc:  # noqa: BLE001 - reported with the image and window
+            parts = key if isinstance(key, tuple) else (key,)
+            window = ", ".join(f"{k.start}:{k.stop}" if isinstance(k, slice) else str(k) for k in parts)
+            raise ImageReadError(
+                f"{self.url}: reading window [{window}] failed ({type(exc).__name__}: {exc}); the image may be "
+                f"truncated or corrupt, or a codec may be missing (tifffile needs imagecodecs)."
+            ) from exc
+        return np.asarray(block, dtype=self.dtype)
+
+
+def read_chunks_yx(
+    storage_yx: tuple[int, int],
+    shape_yx: tuple[int, int],
+    chunk: int,
+    bytes_per_pixel: int,
+    budget: int = _READ_BUDGET_BYTES,
+) -> tuple[int, int]:
+    """Block (ry, rx) to read so that storage chunks (cy, cx) are decoded once.
+
+    Per axis ``r = min(n, c · max(1, chunk // c))``: a multiple of the storage chunk near ``chunk``, or the
+    storage chunk itself when larger (strips, whole-page TIFFs). If ``ry · rx · bytes_per_pixel > budget``,
+    the axis whose storage chunk is ≤ ``chunk`` is thinned to the largest multiple of it that fits; if still
+    over, both fall back to ``min(r, chunk)`` and an oversized storage chunk is decoded once per block.
+    """
+    r = [min(n, c * max(1, chunk // c)) for c, n in zip(storage_yx, shape_yx, strict=True)]
+    for a, o in ((0, 1), (1, 0)):
+        if r[0] * r[1] * bytes_per_pixel > budget and storage_yx[o] > chunk >= storage_yx[a]:
+            fit = budget // (r[o] * bytes_per_pixel) // storage_yx[a] * storage_yx[a]
+            r[a] = max(min(storage_yx[a], shape_yx[a]), min(r[a], fit))
+    if r[0] * r[1] * bytes_per_pixel > budget:
+        r = [min(x, chunk) for x in r]
+    return r[0], r[1]
+
+
+def _decode_pil(url: str, storage_options: dict) -> np.ndarray:
+    """Whole PNG/JPEG → ``(C, H, W)`` in the dtype ``_pil_meta`` announced (native byte order)."""
+    try:
+        data = filesystem(url, storage_options).cat_file(fs_path(url))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                target, _, dtype = _pil_mode(im.mode, im.info, url)
+                a = np.asarray(im.convert(target) if target else im)
+    except GigasegError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise ImageReadError(f"{url}: decoding failed ({type(exc).__name__}: {exc}); re-export the image.") from exc
+    a = a.astype(dtype, copy=False)
+    return a[None] if a.ndim == 2 else np.moveaxis(a, -1, 0)
+
+
+def source_to_dask(source: ImageSource, chunk: int = 512, *, level: int = 0) -> da.Array:
+    """Lazy ``(3, H, W)`` uint8 of one level of ``source``, chunks ``(3, chunk, chunk)``.
+
+    Zarr/TIFF blocks are read aligned to the storage chunks (``read_chunks_yx``), converted by
+    ``convert.to_rgb8`` block by block and rechunked; nothing is read until computed. PNG/JPEG are one task
+    decoding the whole file (``MAX_DECODE_PIXELS``), then split.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be ≥ 1, got {chunk}.")
+    url, so = source.ref.url, source.storage_options
+    if source.ref.format in ("png", "jpeg"):
+        h, w = source.shape_yx
+        decoded = dask.delayed(_decode_pil, pure=True)(url, so)
+        raw, axes = da.from_delayed(decoded, shape=(source.channels, h, w), dtype=source.dtype), "cyx"
+    else:
+        path = source.levels[level].path
+        if source.ref.format == "tiff":
+            reader = _LazyLevel(url, so, int(path))
+        else:
+            reader = _LazyLevel(join(source.group_url or url, path), so, None)
+        axes = source.axes
+        iy, ix = axes.index("y"), axes.index("x")
+        bpp = reader.dtype.itemsize * source.channels
+        ry, rx = read_chunks_yx((reader.chunks[iy], reader.chunks[ix]), _yx(reader.shape, axes), chunk, bpp)
+        read = tuple({"y": ry, "x": rx, "c": n}.get(a, 1) for a, n in zip(axes, reader.shape, strict=True))
+        meta = np.empty((0,) * reader.ndim, reader.dtype)
+        raw = da.from_array(reader, chunks=read, lock=False, asarray=False, meta=meta)
+    raw = raw[tuple(0 if a in "tz" else slice(None) for a in axes)]
+    kept = [a for a in axes if a not in "tz"]
+    if "c" not in kept:
+        raw, kept = raw[None], ["c", *kept]
+    cyx = raw.transpose([kept.index(a) for a in "cyx"]).rechunk({0: -1})
+    rgb = cyx.map_blocks(
+        to_rgb8,
+        value_range=source.value_range,
+        dtype=np.uint8,
+        chunks=((3,), *cyx.chunks[1:]),
+        meta=np.empty((0, 0, 0), np.uint8),
+    )
+    return rgb.rechunk((3, chunk, chunk))
