@@ -86,6 +86,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
         """Inverse of ``to_dict``; unknown or missing keys are an error naming them."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"ModelConfig needs a mapping, got {type(data).__name__}")
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(fields))
         if unknown:
