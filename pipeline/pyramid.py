@@ -154,7 +154,7 @@ def ingest(
             data = prev.map_blocks(downsample_mean2, chunks=out_chunks, dtype=np.uint8)
         assert data.chunks[1][0] == chunk or len(data.chunks[1]) == 1, data.chunks  # one writer per chunk
         da.store(data, target, lock=False, scheduler=scheduler)
-        log.info("%s: level %d/%d written (%d×%d)", group_url, level + 1, len(arrays), *shapes[level])
+        log.debug("%s: level %d/%d written (%d×%d)", group_url, level + 1, len(arrays), *shapes[level])
     state = {**group.attrs.get(_MARKER, {}), "ingest_complete": True}
     group.attrs.update({"ome": ome.image_multiscales(source.ref.name, len(shapes)), _MARKER: state})
     return Pyramid(group_url, tuple(str(i) for i in range(len(shapes))), tuple(shapes), "cyx", False, dict(so))
