@@ -111,3 +111,34 @@ def test_bad_image_is_isolated_and_writes_are_single_owner(tmp_path, ray_cluster
     assert len({w for k in tile_keys for w in writers[k]}) == 2, "both workers took part"
     label_keys = [k for k in chunk_keys if "/labels/segmentation/0/c/" in k]
     assert len(label_keys) == 3 * 3 + 1 * 2, "scene: 520×610 in 256² chunks; small: 200×260 in 200×256"
+
+
+def test_ome_zarr_pyramid_is_used_in_place(tmp_path, ray_cluster):
+    from jobs.demo import land_cover
+    from pipeline import ome
+
+    src = tmp_path / "in" / "slide.ome.zarr"
+    group = zarr.open_group(str(src), mode="w")
+    rgb = land_cover(0, 0, 400, 300, seed=9).transpose(2, 0, 1).astype(np.uint16) * 257  # uint16 input
+    group.create_array("0", shape=rgb.shape, chunks=(3, 128, 128), dtype="uint16")[:] = rgb
+    group.create_array("1", shape=(3, 200, 150), chunks=(3, 128, 128), dtype="uint16")[:] = rgb[:, ::2, ::2]
+    group.attrs["ome"] = ome.image_multiscales("slide", 2)
+    out = tmp_path / "out"
+    spec = parse_spec(spec_dict(str(tmp_path / "in"), str(out)))
+    [result] = run_spec(spec)
+    assert (result.name, result.status, result.shape) == ("slide", "ok", (400, 300))
+
+    image_group = zarr.open_group(str(out / "slide.zarr"), mode="r")
+    assert "0" not in list(image_group.array_keys()), "the source pyramid is read in place, not copied"
+    assert image_group.attrs["gigaseg"]["in_place"] is True and image_group.attrs["gigaseg"]["source"].endswith("slide.ome.zarr")
+    labels = zarr.open_group(str(out / "slide.zarr" / "labels" / "segmentation"), mode="r")
+    assert [labels[p].shape for p in ("0", "1")] == [(400, 300), (200, 150)]
+
+    # same mask as the same image given as plain RGB uint8 (uint16 → round(v / 257) is exact here)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    zarr.create_array(store=str(plain / "slide.zarr"), shape=(400, 300, 3), chunks=(128, 128, 3), dtype="uint8")[:] = (
+        land_cover(0, 0, 400, 300, seed=9))
+    run_spec(parse_spec(spec_dict(str(plain), str(tmp_path / "out-plain"))))
+    expected = zarr.open_array(str(tmp_path / "out-plain" / "slide.zarr" / "labels" / "segmentation" / "0"), mode="r")
+    assert np.array_equal(labels["0"][:], expected[:])
