@@ -20,7 +20,8 @@ from pipeline import blend, output
 from pipeline.dispatch import PoolConfig, WorkerPool, batches
 from pipeline.errors import GigasegError
 from pipeline.pyramid import Pyramid, ingest, pyramid_in_place
-from pipeline.sources import ImageRef, discover, open_source
+from pipeline.discover import ImageRef, discover
+from pipeline.sources import open_source
 from pipeline.storage import AuditStore, zarr_store
 from pipeline.tiling import TileGrid
 from pipeline.worker import ArrayRef, BatchResult, StagePlan

@@ -9,7 +9,8 @@ import zarr
 from pipeline import sources
 from pipeline.convert import to_rgb8
 from pipeline.errors import ImageReadError, InputNotFoundError, UnsupportedImageError
-from pipeline.sources import ImageRef, discover, open_source, read_chunks_yx, source_to_dask
+from pipeline.discover import ImageRef, discover
+from pipeline.sources import open_source, read_chunks_yx, source_to_dask
 from tests.pipeline.fixtures_images import (
     pixels,
     write_image,
