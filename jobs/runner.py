@@ -16,9 +16,9 @@ from pipeline.cluster import start_ray
 from pipeline.dispatch import PoolConfig, WorkerPool
 from pipeline.engine import ImageResult, JobConfig, list_images, run_job
 from pipeline.errors import CheckpointError
-from pipeline.output import default_colors, fingerprint
+from pipeline.output import WORK_DIR, default_colors, fingerprint
 from pipeline.predictor import PredictorConfig
-from pipeline.storage import filesystem, fs_path
+from pipeline.storage import filesystem, fs_path, join
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,31 @@ def job_config(spec: JobSpec, model: ResolvedModel, audit_dir: str | None = None
     )
 
 
+def stage_checkpoint(cfg: JobConfig) -> str:
+    """Copy the job's checkpoint into the output store (once per content) and return its URL."""
+    digest = hashlib.sha256(cfg.checkpoint).hexdigest()[:16]
+    url = join(cfg.output_url, WORK_DIR, f"model-{digest}.safetensors")
+    fs = filesystem(url, cfg.output_storage_options)
+    if not fs.exists(fs_path(url)):
+        fs.makedirs(fs_path(join(cfg.output_url, WORK_DIR)), exist_ok=True)
+        with fs.open(fs_path(url), "wb") as f:
+            f.write(cfg.checkpoint)
+    return url
+
+
+def check_resources(pool: PoolConfig) -> None:
+    """Refuse a pool the cluster cannot place, instead of waiting forever for its actors."""
+    have = ray.cluster_resources()
+    for name, per_worker, field in (("GPU", pool.gpus_per_worker, "gpus_per_worker"),
+                                    ("CPU", pool.cpus_per_worker, "cpus_per_worker")):
+        need = pool.workers * per_worker
+        if need > have.get(name, 0) + 1e-9:
+            raise SpecError("resources", [
+                f"resources: {pool.workers} workers × {field} {per_worker:g} = {need:g} {name}s but the Ray "
+                f"cluster has {have.get(name, 0):g}; lower resources.workers or resources.{field}, or use a "
+                f"larger cluster"])
+
+
 def run_spec(spec: JobSpec, *, progress: ProgressBar | None = None, audit_dir: str | None = None) -> list[ImageResult]:
     """Run a job; returns one result per image attempted (report.json is kept current as they finish)."""
     model = resolve_model(spec)
@@ -122,14 +147,17 @@ def run_spec(spec: JobSpec, *, progress: ProgressBar | None = None, audit_dir: s
     if gpus is None:
         gpus = r.workers * r.gpus_per_worker
     started = start_ray(spec.cluster.address, num_cpus=max(2.0, r.workers * r.cpus_per_worker), num_gpus=gpus)
-    report = Report(spec.output.url, dict(spec.output.storage_options), [x.name for x in refs],
-                    spec.model_dump(mode="json"))
-    pool = WorkerPool(cfg.checkpoint, cfg.pool)
     try:
-        for info in pool.info():
-            log.info("worker %s on %s, GPU ids %s", info["worker"], info["device"], info["gpu_ids"])
-        return run_job(cfg, refs, pool, progress or ProgressBar(), on_image=report.add)
+        check_resources(cfg.pool)
+        report = Report(spec.output.url, dict(spec.output.storage_options), [x.name for x in refs],
+                        spec.model_dump(mode="json"))
+        pool = WorkerPool(stage_checkpoint(cfg), cfg.output_storage_options, cfg.pool)
+        try:
+            for info in pool.info():
+                log.info("worker %s on %s, GPU ids %s", info["worker"], info["device"], info["gpu_ids"])
+            return run_job(cfg, refs, pool, progress or ProgressBar(), on_image=report.add)
+        finally:
+            pool.shutdown()
     finally:
-        pool.shutdown()
         if started:
             ray.shutdown()

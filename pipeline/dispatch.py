@@ -62,7 +62,7 @@ def error_text(err: BaseException) -> str:
 class WorkerPool:
     """``workers`` actors, each requesting ``gpus_per_worker`` GPUs, each holding the model once."""
 
-    def __init__(self, checkpoint: bytes, config: PoolConfig):
+    def __init__(self, checkpoint_url: str, storage_options: dict, config: PoolConfig):
         self.config = config
         remote = ray.remote(TileWorker).options(
             num_gpus=config.gpus_per_worker,
@@ -70,9 +70,9 @@ class WorkerPool:
             max_restarts=-1,
             max_task_retries=-1,
         )
-        ckpt_ref = ray.put(checkpoint)
         self.actors = [
-            remote.remote(ckpt_ref, config.predictor, config.audit_dir) for _ in range(config.workers)
+            remote.remote(checkpoint_url, storage_options, config.predictor, config.audit_dir)
+            for _ in range(config.workers)
         ]
 
     def info(self) -> list[dict]:

@@ -19,7 +19,7 @@ import zarr
 
 from pipeline.predictor import PredictorConfig, TilePredictor
 from pipeline.reader import read_window
-from pipeline.storage import AuditStore, join, zarr_store
+from pipeline.storage import AuditStore, filesystem, fs_path, join, zarr_store
 from pipeline.tiling import TileGrid
 
 
@@ -66,11 +66,22 @@ class BatchResult:
     worker: str
 
 
-class TileWorker:
-    """Loads the model once; ``run(batch)`` reads, predicts and writes the batch's tiles."""
+def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
+    with filesystem(url, storage_options).open(fs_path(url), "rb") as f:
+        return f.read()
 
-    def __init__(self, checkpoint: bytes, config: PredictorConfig, audit_dir: str | None = None):
-        self.predictor = TilePredictor(checkpoint, config)
+
+class TileWorker:
+    """Loads the model once; ``run(batch)`` reads, predicts and writes the batch's tiles.
+
+    The checkpoint is read from a URL (the job copies it into the output store), not passed through the
+    driver's object store, so an actor restarted on another node after its driver-side references are
+    gone still finds its weights.
+    """
+
+    def __init__(self, checkpoint_url: str, storage_options: dict[str, Any], config: PredictorConfig,
+                 audit_dir: str | None = None):
+        self.predictor = TilePredictor(read_bytes(checkpoint_url, storage_options), config)
         self.audit_dir = audit_dir
         self.name = f"worker-{os.getpid()}"
         self._arrays: dict[tuple[str, str, bool], zarr.Array] = {}

@@ -68,3 +68,12 @@ def test_status_of_a_non_output_exits_2(tmp_path, capsys):
 def test_help(command):
     proc = subprocess.run([sys.executable, "-m", "jobs.cli", *command, "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "usage: gigaseg" in proc.stdout
+
+
+@pytest.mark.integration
+def test_more_gpus_than_the_cluster_has_is_a_spec_error(tmp_path, capsys, ray_cluster):
+    write_archive(tmp_path / "in")
+    spec = _write(tmp_path, spec_dict(str(tmp_path / "in"), str(tmp_path / "out"), resources__workers=3))
+    assert main(["run", spec]) == 2
+    err = capsys.readouterr().err
+    assert "3 workers × gpus_per_worker 1 = 3 GPUs but the Ray cluster has 2" in err
