@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from pipeline.errors import ImageReadError
 from pipeline.predictor import PredictorConfig, TilePredictor
 from pipeline.reader import read_window
 from pipeline.storage import AuditStore, filesystem, fs_path, join, zarr_store
@@ -101,17 +102,22 @@ class TileWorker:
             self._arrays[key] = zarr.open_array(store=store, path=path, mode="r+" if write else "r")
         return self._arrays[key]
 
+    @staticmethod
+    def _read(src: zarr.Array, ref: ArrayRef, window) -> np.ndarray:
+        try:
+            return read_window(src, ref.axes, ref.shape_yx, window, value_range=ref.value_range)
+        except Exception as err:  # name the array and window: the decoder's own message says neither
+            raise ImageReadError(
+                f"{join(ref.group_url, ref.path)}: cannot read window y {window.y0}:{window.y1}, "
+                f"x {window.x0}:{window.x1}: {type(err).__name__}: {err}"
+            ) from err
+
     def run(self, batch: TileBatch) -> BatchResult:
         t0 = time.perf_counter()
         stage = batch.stage
         ref = stage.image
         src = self._array(ref.group_url, ref.path, ref.storage_options, write=False)
-        tiles = np.stack(
-            [
-                read_window(src, ref.axes, ref.shape_yx, stage.grid.window(iy, ix), value_range=ref.value_range)
-                for iy, ix in batch.tiles
-            ]
-        )
+        tiles = np.stack([self._read(src, ref, stage.grid.window(iy, ix)) for iy, ix in batch.tiles])
         t1 = time.perf_counter()
         probs = self.predictor(tiles)
         model_seconds = time.perf_counter() - t1

@@ -142,3 +142,28 @@ def test_ome_zarr_pyramid_is_used_in_place(tmp_path, ray_cluster):
     run_spec(parse_spec(spec_dict(str(plain), str(tmp_path / "out-plain"))))
     expected = zarr.open_array(str(tmp_path / "out-plain" / "slide.zarr" / "labels" / "segmentation" / "0"), mode="r")
     assert np.array_equal(labels["0"][:], expected[:])
+
+
+def test_a_tile_failing_every_retry_fails_its_image_only(tmp_path, ray_cluster):
+    from jobs.demo import land_cover
+    from pipeline import ome
+
+    src = tmp_path / "in" / "damaged.ome.zarr"
+    group = zarr.open_group(str(src), mode="w")
+    rgb = land_cover(0, 0, 256, 256, seed=2).transpose(2, 0, 1)
+    group.create_array("0", shape=rgb.shape, chunks=(3, 128, 128), dtype="uint8")[:] = rgb
+    group.create_array("1", shape=(3, 128, 128), chunks=(3, 128, 128), dtype="uint8")[:] = rgb[:, ::2, ::2]
+    group.attrs["ome"] = ome.image_multiscales("damaged", 2)
+    (src / "0" / "c" / "0" / "1" / "1").write_bytes(b"not a zstd frame")  # one corrupt chunk, read by workers
+    write_archive(tmp_path / "in")
+    out = tmp_path / "out"
+    spec = parse_spec(spec_dict(str(tmp_path / "in"), str(out), inputs__patterns=["*.zarr"]))
+    results = {r.name: r for r in run_spec(spec)}
+    bad = results["damaged"]
+    assert bad.status == "failed" and "tile(s) failed after 2 retries" in bad.error
+    assert "damaged.ome.zarr/0: cannot read window" in bad.error, bad.error
+    assert bad.tiles_retried > 0
+    assert results["scene"].status == "ok"
+    report = json.loads((out / "report.json").read_text())
+    assert report["totals"]["tiles_retried"] == bad.tiles_retried
+    assert zarr.open_group(str(out / "damaged.zarr"), mode="r").attrs["gigaseg"]["complete"] is False
