@@ -13,6 +13,7 @@ import pytest
 import yaml
 import zarr
 
+from jobs.report import status
 from jobs.runner import run_spec
 from jobs.spec import parse_spec
 from pipeline.output import finished_tiles
@@ -81,6 +82,8 @@ def test_killed_driver_resumes_only_unfinished_tiles(tmp_path, ray_cluster):
     assert 20 <= len(done_before) < total
     group = zarr.open_group(str(tmp_path / "out" / "big.zarr"), mode="r")
     assert group.attrs["gigaseg"]["complete"] is False
+    [row] = status(str(tmp_path / "out"), {})["images"]
+    assert (row["status"], row["tiles_done"], row["tiles"]) == ("in progress", len(done_before), total)
 
     resumed = run_spec(parse_spec(_spec(tmp_path / "in", tmp_path / "out")))
     assert [r.status for r in resumed] == ["ok"]
