@@ -42,6 +42,14 @@ def spec_dict(inputs: str, output: str, **overrides) -> dict:
         "output": {"url": output},
         "resources": {"workers": 2, "gpus_per_worker": 1, "cpus_per_worker": 0.5, "torch_threads": 1},
     }
+    return patched(spec, **overrides)
+
+
+def patched(spec: dict, **overrides) -> dict:
+    """A deep copy of ``spec`` with ``section__key=value`` overrides applied."""
+    import copy
+
+    spec = copy.deepcopy(spec)
     for path, value in overrides.items():
         node = spec
         keys = path.split("__")

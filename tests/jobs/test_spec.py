@@ -2,6 +2,7 @@ import pytest
 import yaml
 
 from jobs.spec import SpecError, apply_overrides, load_spec, parse_spec
+from tests.archive import patched
 
 BASE = {
     "inputs": {"url": "/data/in"},
@@ -11,16 +12,7 @@ BASE = {
 
 
 def _with(**patch):
-    import copy
-
-    d = copy.deepcopy(BASE)
-    for path, value in patch.items():
-        node = d
-        keys = path.split("__")
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
-    return d
+    return patched(BASE, **patch)
 
 
 def test_minimal_spec_fills_defaults():
