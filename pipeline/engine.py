@@ -143,9 +143,9 @@ def run_image(cfg: JobConfig, ref: ImageRef, pool: WorkerPool, progress: Progres
         output.mark(out, complete=True)
         output.safe_remove_work(out)
         result.megapixels_per_s = megapixels / run_seconds if megapixels else 0.0
-    except (GigasegError, OSError, ValueError, RuntimeError) as err:
+    except Exception as err:  # one bad image never stops the others; the report says why
         result.status = "failed"
-        result.error = f"{type(err).__name__}: {err}".splitlines()[0] if not isinstance(err, GigasegError) else str(err)
+        result.error = str(err) if isinstance(err, GigasegError) else f"{type(err).__name__}: {err}".splitlines()[0]
         log.error("%s: %s", ref.url, result.error)
         log.debug("traceback for %s", ref.url, exc_info=True)
     finally:
