@@ -94,6 +94,7 @@ def job_config(spec: JobSpec, model: ResolvedModel, audit_dir: str | None = None
         offset=t.offset,
         margin=t.margin,
         chunk=t.chunk,
+        image_chunk=t.image_chunk,
         extras=tuple(spec.output.extras),
         if_exists=spec.output.if_exists,
         label_name=spec.output.label_name,

@@ -118,7 +118,8 @@ class TilingSpec(_Strict):
     sigma_scale: float = Field(default=0.125, gt=0, le=10)
     offset: tuple[int, int] = Field(default=(0, 0), description="grid origin shift (y, x) in pixels")
     margin: int = Field(default=64, ge=0, description="pixels tiles reach past the image edge (≤ overlap)")
-    chunk: int = Field(default=1024, ge=64, le=16384, description="chunk size of pyramids and masks")
+    chunk: int = Field(default=1024, ge=64, le=16384, description="chunk side of the masks")
+    image_chunk: int = Field(default=512, ge=64, le=16384, description="chunk side of ingested image pyramids")
 
     @model_validator(mode="after")
     def _geometry(self):

@@ -71,11 +71,6 @@ def blend_region(plan: BlendPlan, tiles: _TileSource, region: Window) -> np.ndar
         ty, tx = part.y0 - tw.y0, part.x0 - tw.x0
         ry, rx = part.y0 - region.y0, part.x0 - region.x0
         p = np.asarray(tiles.array[iy, ix, :, ty : ty + part.h, tx : tx + part.w], dtype=np.float32)
-        if np.isnan(p).any():
-            raise RuntimeError(
-                f"tile ({iy}, {ix}) of {plan.tiles_url} is missing or incomplete; the blend needs every "
-                "tile: rerun the job to resume the missing tiles"
-            )
         w = w2d[ty : ty + part.h, tx : tx + part.w]
         acc[:, ry : ry + part.h, rx : rx + part.w] += p * w
         wsum[ry : ry + part.h, rx : rx + part.w] += w
@@ -103,12 +98,25 @@ def labels_dtype(num_classes: int) -> np.dtype:
     return np.dtype(np.uint8 if num_classes <= 256 else np.uint16)
 
 
+def check_complete(plan: BlendPlan) -> None:
+    """Refuse to blend a tile store with missing tiles (one listing, not a scan of every tile)."""
+    from pipeline.output import finished_tiles
+
+    missing = set(plan.grid.indices()) - finished_tiles(plan.tiles_url, plan.storage_options or {})
+    if missing:
+        raise RuntimeError(
+            f"{len(missing)} tile(s) of {plan.tiles_url} are missing, e.g. {sorted(missing)[:3]}; the blend "
+            "needs every tile: rerun the job to resume the missing tiles"
+        )
+
+
 def store_outputs(plan: BlendPlan, targets: dict[str, zarr.Array], scheduler: str | None = None) -> None:
-    """Compute the blend once and store the requested outputs.
+    """Check every tile is there, compute the blend once and store the requested outputs.
 
     ``targets`` maps ``"labels"`` (required), ``"confidence"`` and ``"probabilities"`` to pre-created Zarr
     arrays whose chunks equal the blend chunks, so each Dask task owns whole output chunks.
     """
+    check_complete(plan)
     probs = blended_probabilities(plan)
     sources, dests = [probs.argmax(axis=0).astype(labels_dtype(plan.num_classes))], [targets["labels"]]
     if "confidence" in targets:
@@ -121,21 +129,21 @@ def store_outputs(plan: BlendPlan, targets: dict[str, zarr.Array], scheduler: st
         da.store(sources, dests, lock=False, compute=True)
 
 
-def mode_2x2(labels: np.ndarray, num_classes: int) -> np.ndarray:
+def mode_2x2(labels: np.ndarray, num_classes: int | None = None) -> np.ndarray:
     """Downsample ``(h, w)`` labels by 2 with the most frequent class of each 2×2 block.
 
-    Output ``(⌈h/2⌉, ⌈w/2⌉)``; a block cut by an odd edge votes with the pixels it has (padding uses a
-    sentinel no class counts); ties go to the block's top-left pixel when it is among the most frequent,
-    else to the lowest class id, so the result is deterministic.
+    Output ``(⌈h/2⌉, ⌈w/2⌉)``. With the block's pixels ``a b / c d`` (an odd edge repeats its last
+    row/column, so a cut block votes with the pixels it has): ``a`` if it equals any of b, c, d; else
+    ``b`` if it equals c or d; else ``c`` if ``c == d``; else ``a``. That is the exact mode, ties going to
+    the top-left pixel (a 2–2 tie always contains ``a``). Four comparisons per output pixel, whatever
+    the class count (``num_classes`` is accepted for symmetry with other reducers and unused).
     """
     h, w = labels.shape
-    padded = np.pad(labels.astype(np.int32), ((0, h % 2), (0, w % 2)), constant_values=num_classes)
-    h2, w2 = padded.shape[0] // 2, padded.shape[1] // 2
-    blocks = padded.reshape(h2, 2, w2, 2).transpose(0, 2, 1, 3).reshape(h2, w2, 4)
-    counts = np.stack([(blocks == k).sum(-1) for k in range(num_classes)], axis=-1)
-    first = blocks[..., 0]  # always a real pixel
-    first_count = np.take_along_axis(counts, first[..., None], -1)[..., 0]
-    return np.where(first_count == counts.max(-1), first, counts.argmax(-1)).astype(labels.dtype)
+    if h % 2 or w % 2:
+        labels = np.pad(labels, ((0, h % 2), (0, w % 2)), mode="edge")
+    a, b = labels[0::2, 0::2], labels[0::2, 1::2]
+    c, d = labels[1::2, 0::2], labels[1::2, 1::2]
+    return np.where((a == b) | (a == c) | (a == d), a, np.where((b == c) | (b == d), b, np.where(c == d, c, a)))
 
 
 def downsample_labels(src: zarr.Array, dst: zarr.Array, num_classes: int, scheduler: str | None = None) -> None:

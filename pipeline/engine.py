@@ -48,6 +48,7 @@ class JobConfig:
     offset: tuple[int, int] = (0, 0)
     margin: int = 64
     chunk: int = 1024
+    image_chunk: int = 512
     extras: tuple[str, ...] = ()
     if_exists: str = "resume"
     label_name: str = "segmentation"
@@ -157,7 +158,7 @@ def _prepare_pyramid(cfg: JobConfig, ref: ImageRef, out: output.ImageOutput) -> 
     source = open_source(ref, cfg.input_storage_options, cfg.value_range)
     if source.has_pyramid:
         return pyramid_in_place(source)
-    return ingest(source, out.group_url, chunk=cfg.chunk, storage_options=cfg.output_storage_options)
+    return ingest(source, out.group_url, chunk=cfg.image_chunk, storage_options=cfg.output_storage_options)
 
 
 def _stage_plan(cfg: JobConfig, out: output.ImageOutput, pyramid: Pyramid, grid: TileGrid) -> StagePlan:

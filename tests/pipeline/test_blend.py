@@ -64,13 +64,16 @@ def test_store_outputs_argmax_confidence_probabilities(tmp_path):
 def test_missing_tile_is_a_clear_error(tmp_path):
     grid = TileGrid(100, 100, tile=64, overlap=16)
     url = str(tmp_path / "tiles")
-    create_tile_store(url, {}, (grid.ny, grid.nx, 2, 64, 64))
+    store = create_tile_store(url, {}, (grid.ny, grid.nx, 2, 64, 64))
+    store[0, 0] = np.full((2, 64, 64), 0.5, np.float16)
     plan = BlendPlan(grid=grid, tiles_url=url, num_classes=2, chunk=50)
-    with pytest.raises(RuntimeError, match="missing or incomplete.*rerun"):
-        blended_probabilities(plan).compute(scheduler="sync")
+    target = zarr.open_array(str(tmp_path / "labels"), mode="w", shape=(100, 100), chunks=(50, 50), dtype="uint8")
+    with pytest.raises(RuntimeError, match=r"3 tile\(s\) .* missing.*rerun"):
+        store_outputs(plan, {"labels": target})
 
 
 def _mode_reference(labels, n):
+    """Most frequent class of the real pixels of each block; ties to the top-left pixel."""
     h, w = labels.shape
     out = np.zeros(((h + 1) // 2, (w + 1) // 2), labels.dtype)
     for i in range(out.shape[0]):
@@ -78,14 +81,16 @@ def _mode_reference(labels, n):
             block = labels[2 * i : 2 * i + 2, 2 * j : 2 * j + 2].ravel()
             counts = np.bincount(block, minlength=n)
             best = counts.max()
+            assert counts[block[0]] == best or (counts == best).sum() == 1, "a tie without the top-left pixel"
             out[i, j] = block[0] if counts[block[0]] == best else counts.argmax()
     return out
 
 
-@pytest.mark.parametrize("shape", [(8, 8), (7, 9), (1, 5)])
-def test_mode_2x2_matches_reference(shape):
-    labels = np.random.default_rng(1).integers(0, 3, shape).astype(np.uint8)
-    np.testing.assert_array_equal(mode_2x2(labels, 3), _mode_reference(labels, 3))
+@pytest.mark.parametrize("shape", [(8, 8), (7, 9), (1, 5), (33, 2)])
+@pytest.mark.parametrize("n", [2, 3, 7])
+def test_mode_2x2_matches_reference(shape, n):
+    labels = np.random.default_rng(1).integers(0, n, shape).astype(np.uint8)
+    np.testing.assert_array_equal(mode_2x2(labels, n), _mode_reference(labels, n))
 
 
 def test_downsample_labels_chunked_equals_whole(tmp_path):
