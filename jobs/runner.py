@@ -147,18 +147,17 @@ def run_spec(spec: JobSpec, *, progress: ProgressBar | None = None, audit_dir: s
     gpus = spec.cluster.local_gpus
     if gpus is None:
         gpus = r.workers * r.gpus_per_worker
-    started = start_ray(spec.cluster.address, num_cpus=max(2.0, r.workers * r.cpus_per_worker), num_gpus=gpus)
+    session = start_ray(spec.cluster.address, num_cpus=max(2.0, r.workers * r.cpus_per_worker), num_gpus=gpus)
     try:
         check_resources(cfg.pool)
         report = Report(spec.output.url, dict(spec.output.storage_options), [x.name for x in refs],
                         spec.model_dump(mode="json"))
         pool = WorkerPool(stage_checkpoint(cfg), cfg.output_storage_options, cfg.pool)
-        try:
-            for info in pool.info():
-                log.info("worker %s on %s, GPU ids %s", info["worker"], info["device"], info["gpu_ids"])
+        try:  # actors load the model while the first image is prepared: no waiting on them here
             return run_job(cfg, refs, pool, progress or ProgressBar(), on_image=report.add)
         finally:
+            for info in pool.info():
+                log.info("worker %s ran on %s, GPU ids %s", info["worker"], info["device"], info["gpu_ids"])
             pool.shutdown()
     finally:
-        if started:
-            ray.shutdown()
+        session.stop()

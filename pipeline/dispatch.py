@@ -65,6 +65,7 @@ class WorkerPool:
     def __init__(self, checkpoint_url: str, storage_options: dict, config: PoolConfig):
         self.config = config
         remote = ray.remote(TileWorker).options(
+            max_concurrency=2,  # I/O of one batch overlaps the model call of the next (see TileWorker)
             num_gpus=config.gpus_per_worker,
             num_cpus=config.cpus_per_worker,
             max_restarts=-1,
@@ -75,8 +76,13 @@ class WorkerPool:
             for _ in range(config.workers)
         ]
 
-    def info(self) -> list[dict]:
-        return ray.get([a.info.remote() for a in self.actors])
+    def info(self, timeout: float = 30.0) -> list[dict]:
+        """Where each actor runs (device, GPU ids); empty when they do not answer within ``timeout``."""
+        try:
+            return ray.get([a.info.remote() for a in self.actors], timeout=timeout)
+        except Exception as err:  # only informative: never hide the job's own outcome behind it
+            log.warning("could not ask the workers where they ran: %s", error_text(err))
+            return []
 
     def run(
         self,

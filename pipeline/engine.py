@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -89,68 +91,136 @@ def run_job(
     progress: Progress,
     on_image: Callable[[ImageResult], None] = lambda r: None,
 ) -> list[ImageResult]:
-    results = []
-    for ref in refs:
-        result = run_image(cfg, ref, pool, progress)
+    """Run every image through prepare → tiles → finish, overlapping the stages of neighbours.
+
+    While image k's tiles run on the workers, image k+1 is prepared (opened, ingested) and image k−1 is
+    blended, each in one driver thread, so the driver's CPU work hides behind the workers' (on a GPU
+    cluster it would otherwise leave the GPUs idle). Results are reported in input order. With
+    ``fail_fast`` images run one at a time, so nothing starts after the first failure.
+    """
+    results: list[ImageResult] = []
+    stop = False
+
+    def emit(result: ImageResult) -> None:
+        nonlocal stop
         results.append(result)
         progress.end_image(result)
         on_image(result)
         if result.status == "failed" and cfg.fail_fast:
-            log.error("failure.mode=fail_fast: stopping after %s", ref.name)
-            break
+            log.error("failure.mode=fail_fast: stopping after %s", result.name)
+            stop = True
+
+    upcoming = deque(refs)
+    finishing: deque[Future] = deque()
+    with ThreadPoolExecutor(1, thread_name_prefix="gigaseg-prepare") as prep, \
+            ThreadPoolExecutor(1, thread_name_prefix="gigaseg-finish") as fin:
+        next_work = prep.submit(prepare_image, cfg, upcoming.popleft()) if upcoming else None
+        while next_work is not None and not stop:
+            work = next_work.result()
+            overlap = not cfg.fail_fast
+            next_work = prep.submit(prepare_image, cfg, upcoming.popleft()) if upcoming and overlap else None
+            if work.result.status == "ok":
+                run_tiles(cfg, work, pool, progress)
+            finishing.append(fin.submit(finish_image, cfg, work))
+            while finishing and (finishing[0].done() or not overlap):
+                emit(finishing.popleft().result())
+            if next_work is None and upcoming and not stop:
+                next_work = prep.submit(prepare_image, cfg, upcoming.popleft())
+        while finishing:
+            emit(finishing.popleft().result())
+        if next_work is not None:
+            next_work.result()  # prepared but not run: resumable later
     return results
 
 
-def run_image(cfg: JobConfig, ref: ImageRef, pool: WorkerPool, progress: Progress) -> ImageResult:
-    t0 = time.perf_counter()
-    out = output.image_output(cfg.output_url, ref.name, cfg.output_storage_options)
-    result = ImageResult(name=ref.name, url=ref.url, status="ok")
+@dataclass
+class _Work:
+    """One image on its way through the stages; ``result.status`` turns "failed" at the first error."""
+
+    ref: ImageRef
+    result: ImageResult
+    t0: float
+    out: output.ImageOutput | None = None
+    pyramid: Pyramid | None = None
+    grid: TileGrid | None = None
+    stage: StagePlan | None = None
+    todo: list[tuple[int, int]] = field(default_factory=list)
+    megapixels: float = 0.0
+    run_seconds: float = 0.0
+
+    def fail(self, err: Exception) -> None:
+        """One bad image never stops the others; the report says why."""
+        self.result.status = "failed"
+        self.result.error = (
+            str(err) if isinstance(err, GigasegError) else f"{type(err).__name__}: {err}".splitlines()[0]
+        )
+        log.error("%s: %s", self.ref.url, self.result.error)
+        log.debug("traceback for %s", self.ref.url, exc_info=True)
+
+
+def prepare_image(cfg: JobConfig, ref: ImageRef) -> _Work:
+    """Resume check, pyramid (ingest or in place), tile store, and the tiles still to run."""
+    work = _Work(ref, ImageResult(name=ref.name, url=ref.url, status="ok"), time.perf_counter())
+    result = work.result
     try:
+        work.out = out = output.image_output(cfg.output_url, ref.name, cfg.output_storage_options)
         if output.check_resumable(out, cfg.fingerprint, cfg.if_exists) == "complete":
             state = output.read_state(out) or {}
             result.status = "skipped"
             result.shape = tuple(state.get("shape", ())) or None
             result.tiles = int(state.get("tiles", 0))
-            return result
-        pyramid = _prepare_pyramid(cfg, ref, out)
+            return work
+        work.pyramid = pyramid = _prepare_pyramid(cfg, ref, out)
         h, w = pyramid.shapes[0]
         result.shape = (h, w)
-        grid = TileGrid(h, w, cfg.tile, cfg.overlap, *cfg.offset, margin=cfg.margin)
+        work.grid = grid = TileGrid(h, w, cfg.tile, cfg.overlap, *cfg.offset, margin=cfg.margin)
         result.tiles = len(grid)
         output.mark(out, fingerprint=cfg.fingerprint, complete=False, shape=[h, w], tiles=len(grid),
                     source=ref.url, in_place=pyramid.in_place)
-        stage = _stage_plan(cfg, out, pyramid, grid)
+        work.stage = stage = _stage_plan(cfg, out, pyramid, grid)
         output.create_tile_store(stage.tiles_url, cfg.output_storage_options,
                                  (grid.ny, grid.nx, len(cfg.class_names), cfg.tile, cfg.tile))
         done = output.finished_tiles(stage.tiles_url, cfg.output_storage_options)
-        todo = [t for t in grid.indices() if t not in done]
-        progress.start_image(ref.name, len(grid), len(grid) - len(todo))
-        megapixels = 0.0
+        work.todo = [t for t in grid.indices() if t not in done]
+    except Exception as err:
+        work.fail(err)
+    return work
+
+
+def run_tiles(cfg: JobConfig, work: _Work, pool: WorkerPool, progress: Progress) -> None:
+    """Dispatch the image's unfinished tiles to the pool (driver thread: it owns the progress bar)."""
+    result = work.result
+    try:
+        progress.start_image(work.ref.name, len(work.grid), len(work.grid) - len(work.todo))
 
         def on_result(r: BatchResult) -> None:
-            nonlocal megapixels
-            megapixels += r.megapixels
+            work.megapixels += r.megapixels
             progress.advance(len(r.tiles), r.megapixels)
 
-        run_t0 = time.perf_counter()
-        outcome = pool.run(batches(stage, todo, cfg.batch), retries=cfg.tile_retries, on_result=on_result)
-        result.tiles_run = len(todo)
+        t0 = time.perf_counter()
+        outcome = pool.run(batches(work.stage, work.todo, cfg.batch), retries=cfg.tile_retries, on_result=on_result)
+        work.run_seconds = time.perf_counter() - t0
+        result.tiles_run = len(work.todo)
         result.tiles_retried = outcome.retried_tiles
         if outcome.failed:
             n = sum(len(b) for b in outcome.failed)
             raise GigasegError(f"{n} tile(s) failed after {cfg.tile_retries} retries: {outcome.error}")
-        run_seconds = time.perf_counter() - run_t0
-        _blend(cfg, out, pyramid, grid, stage)
-        output.mark(out, complete=True)
-        output.safe_remove_work(out)
-        result.megapixels_per_s = megapixels / run_seconds if megapixels else 0.0
-    except Exception as err:  # one bad image never stops the others; the report says why
-        result.status = "failed"
-        result.error = str(err) if isinstance(err, GigasegError) else f"{type(err).__name__}: {err}".splitlines()[0]
-        log.error("%s: %s", ref.url, result.error)
-        log.debug("traceback for %s", ref.url, exc_info=True)
-    finally:
-        result.seconds = time.perf_counter() - t0
+    except Exception as err:
+        work.fail(err)
+
+
+def finish_image(cfg: JobConfig, work: _Work) -> ImageResult:
+    """Blend, label pyramid, completion mark; the work area goes once the mask is complete."""
+    result = work.result
+    try:
+        if result.status == "ok":
+            _blend(cfg, work.out, work.pyramid, work.grid, work.stage)
+            output.mark(work.out, complete=True)
+            output.safe_remove_work(work.out)
+            result.megapixels_per_s = work.megapixels / work.run_seconds if work.megapixels else 0.0
+    except Exception as err:
+        work.fail(err)
+    result.seconds = time.perf_counter() - work.t0
     return result
 
 

@@ -10,6 +10,7 @@ of the tile store. ``run`` is idempotent: a retried batch rewrites the same chun
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,6 +84,11 @@ class TileWorker:
     def __init__(self, checkpoint_url: str, storage_options: dict[str, Any], config: PredictorConfig,
                  audit_dir: str | None = None):
         self.predictor = TilePredictor(read_bytes(checkpoint_url, storage_options), config)
+        # The actor runs up to two calls at once (max_concurrency=2): one reads or writes Zarr while the
+        # other holds the model. Model calls never overlap, so the device and torch's threads are used by
+        # one batch at a time.
+        self._model_lock = threading.Lock()
+        self._arrays_lock = threading.Lock()
         self.audit_dir = audit_dir
         self.name = f"worker-{os.getpid()}"
         self._arrays: dict[tuple[str, str, bool], zarr.Array] = {}
@@ -95,12 +101,14 @@ class TileWorker:
 
     def _array(self, group_url: str, path: str, storage_options, write: bool) -> zarr.Array:
         key = (group_url, path, write)
-        if key not in self._arrays:
-            store = zarr_store(group_url, storage_options, read_only=not write)
-            if write and self.audit_dir:
-                store = AuditStore(store, os.path.join(self.audit_dir, f"{self.name}.log"), self.name, group_url)
-            self._arrays[key] = zarr.open_array(store=store, path=path, mode="r+" if write else "r")
-        return self._arrays[key]
+        with self._arrays_lock:
+            if key not in self._arrays:
+                store = zarr_store(group_url, storage_options, read_only=not write)
+                if write and self.audit_dir:
+                    log_path = os.path.join(self.audit_dir, f"{self.name}.log")
+                    store = AuditStore(store, log_path, self.name, group_url)
+                self._arrays[key] = zarr.open_array(store=store, path=path, mode="r+" if write else "r")
+            return self._arrays[key]
 
     @staticmethod
     def _read(src: zarr.Array, ref: ArrayRef, window) -> np.ndarray:
@@ -118,9 +126,10 @@ class TileWorker:
         ref = stage.image
         src = self._array(ref.group_url, ref.path, ref.storage_options, write=False)
         tiles = np.stack([self._read(src, ref, stage.grid.window(iy, ix)) for iy, ix in batch.tiles])
-        t1 = time.perf_counter()
-        probs = self.predictor(tiles)
-        model_seconds = time.perf_counter() - t1
+        with self._model_lock:
+            t1 = time.perf_counter()
+            probs = self.predictor(tiles)
+            model_seconds = time.perf_counter() - t1
         out = self._array(stage.tiles_url, "", stage.storage_options, write=True)
         for k, (iy, ix) in enumerate(batch.tiles):
             out[iy, ix] = probs[k]
