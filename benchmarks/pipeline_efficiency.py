@@ -1,0 +1,222 @@
+"""Pipeline efficiency: end-to-end MP/s of tiles ÷ the bare model's MP/s on the same tiles, in one run.
+
+Target (the issue): ≥ 0.9 with the same batch and the same torch threads.
+
+- bare model: ``TilePredictor`` (the job's model, weights and precision) called in a loop on the job's own
+  tiles, read into memory beforehand, batch B, T torch threads, after one warm-up batch. Measured before
+  and after each pipeline run; ratios use the fastest of these runs, the one least disturbed by other
+  processes on a shared machine (each run's "CPU used by others" shows how disturbed it was).
+- pipeline: ``jobs.runner.run_spec`` on a generated Zarr v3 scene (an embedded local Ray cluster started
+  and stopped by the run), for each ``workers × threads`` configuration. End-to-end MP/s = tiles × tile² /
+  wall time of ``run_spec``: model resolution, Ray start-up, actor start and model load, ingest,
+  dispatch, blend, label pyramid and shutdown all count. The tile phase (dispatch start → last tile, from
+  the progress callbacks) and a phase breakdown show where the rest of the time goes.
+
+    python -m benchmarks.pipeline_efficiency [--quick] [--size 4096] [--threads 2] [--batch 8] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import _common as C
+from benchmarks._sampler import TreeSampler
+
+TARGET = 0.9
+PHASES = ["model", "ray start", "actors", "ingest", "tiles", "blend", "label pyramid", "shutdown"]
+
+
+def read_tiles(scene: Path, tiling) -> tuple[np.ndarray, int]:
+    """Every tile of the job's grid, ``(N, 3, tile, tile)`` uint8, read as the workers read them (mirrored
+    past the edges); returns them and N."""
+    import zarr
+
+    from pipeline.reader import read_window
+    from pipeline.tiling import TileGrid
+
+    arr = zarr.open_array(store=str(scene), mode="r")
+    h, w = arr.shape[:2]
+    grid = TileGrid(h, w, tiling.tile, tiling.overlap, *tiling.offset, margin=tiling.margin)
+    return np.stack([read_window(arr, "yxc", (h, w), grid.window(iy, ix)) for iy, ix in grid.indices()]), len(grid)
+
+
+def bare_model(checkpoint: bytes, tiles: np.ndarray, batch: int, threads: int, precision: str) -> dict:
+    """The predictor on every tile in batches of ``batch``, after one warm-up batch: seconds, CPU-seconds and
+    the share of the machine's CPU other processes used meanwhile."""
+    from pipeline.predictor import PredictorConfig, TilePredictor
+
+    predictor = TilePredictor(checkpoint, PredictorConfig(precision=precision, torch_threads=threads))
+    predictor(tiles[:batch])
+    with TreeSampler(interval=0.5) as sampler:
+        t0 = time.perf_counter()
+        for i in range(0, len(tiles), batch):
+            predictor(tiles[i : i + batch])
+        seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "cpu": sampler.own_cpu, "other_load": sampler.other_load}
+
+
+def pipeline_run(args, workers: int, threads: int) -> dict:
+    """One ``run_spec`` of the scene with ``workers × threads``: wall time, CPU, phases and batch results."""
+    from jobs.runner import run_spec
+
+    out = args.workdir / f"out-{workers}x{threads}"
+    spec = C.job_spec(C.scene_path(args.workdir, args.size).parent, out, width=args.width, precision=args.precision,
+                      classes=args.classes, tile=args.tile, overlap=args.overlap, batch=args.batch,
+                      workers=workers, threads=threads)
+    clock, batches = C.TileClock(), []
+    try:
+        with C.ray_temp_dir() as tmp:
+            sampler = TreeSampler(interval=0.5, marker=str(tmp))
+            phases = C.Phases(cpu_clock=sampler.tree_cpu)
+            with sampler, phases.around_run_spec(batches.append):
+                t0 = time.perf_counter()
+                results = run_spec(spec, progress=clock)
+                wall = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    C.check_ok(results)
+    return {"seconds": wall, "cpu": sampler.own_cpu, "other_load": sampler.other_load, "phases": dict(phases.seconds),
+            "phase_cpu": dict(phases.cpu), "clock": clock, "batches": batches, "tiles": results[0].tiles_run,
+            "workers": workers, "threads": threads}
+
+
+def config_name(workers: int, threads: int) -> str:
+    return f"{workers} worker{'s' if workers > 1 else ''} × {threads} thread{'s' if threads > 1 else ''}"
+
+
+def report(args, bare_runs: list[dict], runs: list[dict], n_tiles: int) -> str:
+    """Tables and verdict. Every pipeline run is compared with the fastest bare run."""
+    mp = n_tiles * args.tile**2 / 1e6
+    pct = lambda x: f"{100 * x:.0f} %"  # noqa: E731
+    rows = [[f"bare model, batch {args.batch}, {args.threads} threads (#{i + 1})", n_tiles, f"{mp:.1f}",
+             f"{b['seconds']:.1f}", f"{mp / b['seconds']:.2f}", "", f"{b['cpu'] / mp:.2f}", "", pct(b["other_load"])]
+            for i, b in enumerate(bare_runs)]
+    best = min(bare_runs, key=lambda b: b["seconds"])
+    for r in runs:
+        r["bare"] = best
+        c = r["clock"]
+        tile_s = c.t_last - c.t_start
+        rows.append([f"pipeline {r['name']}, end to end", r["tiles"], f"{mp:.1f}", f"{r['seconds']:.1f}",
+                     f"{mp / r['seconds']:.2f}", f"**{r['bare']['seconds'] / r['seconds']:.3f}**",
+                     f"{r['cpu'] / mp:.2f}", f"{r['bare']['cpu'] / r['cpu']:.3f}", pct(r["other_load"])])
+        rows.append([f"pipeline {r['name']}, tile phase", r["tiles"], f"{mp:.1f}", f"{tile_s:.1f}", f"{mp / tile_s:.2f}",
+                     f"{r['bare']['seconds'] / tile_s:.3f}", f"{r['phase_cpu'].get('tiles', 0) / mp:.2f}",
+                     f"{r['bare']['cpu'] / r['phase_cpu'].get('tiles', 1e-9):.3f}", ""])
+    main = C.markdown_table(["config", "tiles", "tile MP", "seconds", "MP/s", "ratio to bare", "CPU s / MP",
+                             "CPU ratio to bare", "CPU used by others"], rows)
+
+    prow, lines = [], []
+    for r in runs:
+        ph, pc, c = r["phases"], r["phase_cpu"], r["clock"]
+        other = r["seconds"] - sum(ph.get(p, 0.0) for p in PHASES)
+        other_cpu = r["cpu"] - sum(pc.get(p, 0.0) for p in PHASES)
+        steady = (c.tiles - c.first_tiles) * args.tile**2 / 1e6 / (c.t_last - c.t_first) if c.tiles > c.first_tiles else 0
+        busy = sum(b.seconds for b in r["batches"])
+        model = sum(b.model_seconds for b in r["batches"])
+        idle = 1 - busy / (r["workers"] * ph.get("tiles", 1e-9))
+        prow.append([r["name"], *(f"{ph.get(p, 0.0):.1f} ({pc.get(p, 0.0):.1f})" for p in PHASES),
+                     f"{other:.1f} ({other_cpu:.1f})", f"{r['seconds']:.1f} ({r['cpu']:.1f})", f"{steady:.2f}",
+                     pct((busy - model) / busy), pct(idle)])
+        outside = r["seconds"] - ph.get("tiles", 0.0)
+        lines.append(f"- {r['name']}: {r['seconds']:.1f} s against {r['bare']['seconds']:.1f} s bare "
+                     f"(+{r['seconds'] - r['bare']['seconds']:.1f} s): {outside:.1f} s outside the tile phase "
+                     f"({pct(outside / r['seconds'])} of the run), {ph.get('tiles', 0.0) - r['bare']['seconds']:+.1f} s "
+                     f"in the tile phase beyond the bare model.")
+    breakdown = C.markdown_table(
+        ["config", *PHASES, "other", "total", "steady MP/s", "read+write share of batch", "worker idle in tile phase"],
+        prow)
+    verdicts = []
+    for name in dict.fromkeys(r["name"] for r in runs):
+        ratios = [r["bare"]["seconds"] / r["seconds"] for r in runs if r["name"] == name]
+        cpu = [r["bare"]["cpu"] / r["cpu"] for r in runs if r["name"] == name]
+        verdicts.append(f"{name}: {float(np.median(ratios)):.3f} (CPU-time ratio {float(np.median(cpu)):.3f})")
+    first = runs[0]["name"]
+    ratio = float(np.median([r["bare"]["seconds"] / r["seconds"] for r in runs if r["name"] == first]))
+    return (f"Scene {args.size}² RGB uint8 (Zarr v3, 1024² chunks); fpn_resnet18 width {args.width}, precision "
+            f"{args.precision}, {args.classes} classes; tile {args.tile}, overlap {args.overlap}, batch {args.batch}; "
+            f"{n_tiles} tiles. Runs in order: bare #1, pipeline, bare #2, pipeline, …; ratio to bare = seconds of the "
+            f"fastest bare run (#{bare_runs.index(best) + 1}) ÷ seconds. CPU s / MP = CPU-seconds of this "
+            f"benchmark's whole process tree (driver, Ray, workers) per tile MP; CPU ratio = bare ÷ pipeline, less "
+            f"sensitive to a busy machine than wall time. CPU used by others = busy CPU time of processes outside "
+            f"the tree ÷ (wall × cores): the machine is shared, so read each ratio next to it.\n\n{main}\n\n"
+            f"Where the time goes: wall seconds (CPU-seconds of the tree) per phase of `run_spec`; steady = tiles "
+            f"after the first batch ÷ (first → last tile); read+write = worker batch time outside the model call:"
+            f"\n\n{breakdown}\n\n" + "\n".join(lines)
+            + f"\n\nMedian ratios: {'; '.join(verdicts)}.\n\n**Target end-to-end ratio ≥ {TARGET} ({first}, the "
+            f"bare model's threads): {ratio:.3f}, {'met' if ratio >= TARGET else 'NOT met'}.**")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.pipeline_efficiency", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="a 2048² scene (about a minute)")
+    p.add_argument("--size", type=int, default=None, help="scene side in pixels (default 4096; 2048 with --quick)")
+    p.add_argument("--tile", type=int, default=512)
+    p.add_argument("--overlap", type=int, default=128)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2, help="torch threads of the bare model and total per config")
+    p.add_argument("--width", type=int, default=64, help="encoder width of fpn_resnet18 (64 = ResNet-18)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--classes", type=int, default=4)
+    p.add_argument("--configs", default=None,
+                   help="comma-separated WORKERSxTHREADS pipeline configs (default 1xT,Tx1 with T = --threads)")
+    p.add_argument("--repeats", type=int, default=1, help="times each pipeline config runs (ratios: median)")
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/gigaseg-bench"), help="scene cache and outputs")
+    p.add_argument("--clean", action="store_true", help="also remove the generated scene at the end")
+    p.add_argument("--no-results", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    p.add_argument("-v", "--verbose", action="store_true", help="pipeline log lines at INFO")
+    args = p.parse_args(argv)
+    args.size = args.size or (2048 if args.quick else 4096)
+    t = args.threads
+    configs = [tuple(map(int, c.lower().split("x"))) for c in args.configs.split(",")] if args.configs else (
+        [(1, t), (t, 1)] if t > 1 else [(1, 1)])
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    m = C.machine()
+    print(C.machine_line(m))
+
+    scene = C.scene_path(args.workdir, args.size)
+    gen = C.generate_scene(scene, args.size)
+    print(f"scene {scene}: {'generated in %.0f s' % gen if gen else 'cached'}")
+    from jobs.runner import resolve_model
+
+    spec = C.job_spec(scene.parent, args.workdir / "unused", width=args.width, precision=args.precision,
+                      classes=args.classes, tile=args.tile, overlap=args.overlap, batch=args.batch, workers=1, threads=t)
+    checkpoint = resolve_model(spec).checkpoint
+    tiles, n_tiles = read_tiles(scene, spec.tiling)
+    mp = n_tiles * args.tile**2 / 1e6
+    print(f"{n_tiles} tiles of {args.tile}² in memory ({tiles.nbytes / 2**20:.0f} MiB)")
+
+    def bare() -> None:
+        bare_runs.append(bare_model(checkpoint, tiles, args.batch, t, args.precision))
+        b = bare_runs[-1]
+        print(f"bare model: {b['seconds']:.1f} s, {mp / b['seconds']:.2f} MP/s (others used {100 * b['other_load']:.0f} % CPU)")
+
+    bare_runs: list[dict] = []
+    runs: list[dict] = []
+    bare()
+    for _ in range(args.repeats):
+        for workers, threads in configs:
+            run = pipeline_run(args, workers, threads)
+            run["name"] = config_name(workers, threads)
+            print(f"pipeline {run['name']}: {run['seconds']:.1f} s, {mp / run['seconds']:.2f} MP/s end to end "
+                  f"(others used {100 * run['other_load']:.0f} % CPU)")
+            runs.append(run)
+            bare()
+
+    body = report(args, bare_runs, runs, n_tiles)
+    print("\n" + body)
+    if not args.no_results:
+        C.append_results(f"Pipeline efficiency, {args.size}²{' (quick)' if args.quick else ''}", body, m)
+    if args.clean:
+        shutil.rmtree(scene.parent, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
