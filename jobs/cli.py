@@ -1,4 +1,4 @@
-"""``gigaseg`` command line: validate, run, status, demo.
+"""``gigaseg`` command line: validate, run, status, demo, eval.
 
 Exit codes: 0 every image succeeded (or was already done), 1 some image failed, 2 the spec or the
 command line is wrong. Problems print one line each; ``--debug`` adds tracebacks.
@@ -132,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--output", default="demo-output", help="directory for the archive, spec and masks")
     d.add_argument("--large", type=int, default=8192, help="side of the largest demo image (default 8192)")
     d.set_defaults(func=cmd_demo)
+
+    from jobs.evaluate import add_eval_parser
+
+    add_eval_parser(sub)
     return p
 
 
