@@ -3,19 +3,21 @@
 The driver only ever holds batch descriptions (tile indices) and small results; pixels flow from Zarr
 to the actors and back to Zarr. At most ``in_flight_per_worker`` calls are queued per actor (Ray's
 "limit pending tasks" pattern with ``ray.wait``), so memory stays bounded whatever the image count.
-Actors restart on death (``max_restarts=-1``) and Ray resubmits the call they were running
-(``max_task_retries=-1``); an exception raised by a batch is retried ``retries`` times by this loop,
-then its tiles are reported as failed.
+Actors restart on death (``max_restarts=-1``); the calls they lose come back to this loop, which runs
+them on the other actors (see ``WorkerPool.run``). An exception raised by a batch is retried
+``retries`` times, then its tiles are reported as failed.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 import ray
+from ray.exceptions import RayActorError
 
 from pipeline.predictor import PredictorConfig
 from pipeline.worker import BatchResult, StagePlan, TileBatch, TileWorker
@@ -31,6 +33,7 @@ class PoolConfig:
     in_flight_per_worker: int = 2
     predictor: PredictorConfig = PredictorConfig()
     audit_dir: str | None = None
+    unavailable_timeout_s: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,61 @@ def error_text(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}".splitlines()[0]
 
 
+class _Health:
+    """Which actors may get work; a lost actor is probed (``info``) until Ray has restarted it."""
+
+    PROBE_EVERY_S = 1.0
+
+    def __init__(self, actors: list):
+        self.actors = actors
+        self.down: dict[int, float] = {}  # actor index → when it went down
+        self._probes: dict[ray.ObjectRef, int] = {}
+        self._next_probe: dict[int, float] = {}
+
+    def up(self) -> list[int]:
+        return [i for i in range(len(self.actors)) if i not in self.down]
+
+    def waiting(self) -> bool:
+        return bool(self.down)
+
+    def mark_down(self, idx: int) -> None:
+        if idx not in self.down:
+            self.down[idx] = time.monotonic()
+            self._next_probe[idx] = time.monotonic()
+
+    def probes(self) -> list[ray.ObjectRef]:
+        now = time.monotonic()
+        for idx, at in list(self._next_probe.items()):
+            if at <= now:
+                del self._next_probe[idx]
+                self._probes[self.actors[idx].info.remote()] = idx
+        return list(self._probes)
+
+    def is_probe(self, ref) -> bool:
+        return ref in self._probes
+
+    def on_probe(self, ref) -> None:
+        idx = self._probes.pop(ref)
+        try:
+            ray.get(ref)
+        except Exception:  # still restarting: ask again a little later
+            self._next_probe[idx] = time.monotonic() + self.PROBE_EVERY_S
+            return
+        log.info("worker %d is back after %.1f s", idx, time.monotonic() - self.down.pop(idx))
+
+    def wait_timeout(self) -> float | None:
+        return self.PROBE_EVERY_S if self._next_probe else None
+
+    def check_patience(self, timeout_s: float) -> None:
+        if self.down and len(self.down) == len(self.actors):
+            since = min(self.down.values())
+            if time.monotonic() - since > timeout_s:
+                raise RuntimeError(
+                    f"no worker has been available for {timeout_s:.0f} s (all {len(self.actors)} lost); "
+                    "check the cluster's GPUs and nodes, then rerun the job to resume"
+                )
+
+
 class WorkerPool:
     """``workers`` actors, each requesting ``gpus_per_worker`` GPUs, each holding the model once."""
 
@@ -68,8 +126,8 @@ class WorkerPool:
             max_concurrency=2,  # I/O of one batch overlaps the model call of the next (see TileWorker)
             num_gpus=config.gpus_per_worker,
             num_cpus=config.cpus_per_worker,
-            max_restarts=-1,
-            max_task_retries=-1,
+            max_restarts=-1,  # Ray restarts a dead actor (on another node if its node is gone) ...
+            max_task_retries=0,  # ... and run() re-queues its lost calls to the other actors at once
         )
         self.actors = [
             remote.remote(checkpoint_url, storage_options, config.predictor, config.audit_dir)
@@ -91,29 +149,54 @@ class WorkerPool:
         retries: int,
         on_result: Callable[[BatchResult], None],
     ) -> StageOutcome:
-        """Run every batch; stop dispatching after the first batch that fails on all its attempts."""
+        """Run every batch; stop dispatching after the first batch that fails on all its attempts.
+
+        Two kinds of failure are told apart. A batch that raises (bad data, a bug) is retried ``retries``
+        times, then its tiles fail. A batch whose actor died (process killed, node lost) is not the
+        batch's fault: it goes back to the queue for the other actors at once, without using an attempt,
+        and the dead actor gets no work until a probe shows Ray has restarted it. Both count as retried
+        tiles. Writes are idempotent (a tile owns its chunk), so a re-run tile rewrites the same bytes.
+        """
         pending = deque(_Call(b) for b in calls)
         running: dict[ray.ObjectRef, tuple[int, _Call]] = {}
+        health = _Health(self.actors)
         load = [0] * len(self.actors)
         limit = self.config.in_flight_per_worker
         failed: list[tuple[tuple[int, int], ...]] = []
         first_error: str | None = None
         retried = 0
         while pending or running:
-            while pending and not failed and min(load) < limit:
-                idx = load.index(min(load))
+            while pending and not failed:
+                idle = [i for i in health.up() if load[i] < limit]
+                if not idle:
+                    break
+                idx = min(idle, key=load.__getitem__)
                 call = pending.popleft()
                 running[self.actors[idx].run.remote(call.batch)] = (idx, call)
                 load[idx] += 1
-            if not running:
+            if not running and (failed or not health.waiting()):
                 break
-            done, _ = ray.wait(list(running), num_returns=1)
+            health.check_patience(self.config.unavailable_timeout_s)
+            waiting_on = [*running, *health.probes()]
+            if not waiting_on:  # every lost actor is between probes
+                time.sleep(health.PROBE_EVERY_S)
+                continue
+            done, _ = ray.wait(waiting_on, num_returns=1, timeout=health.wait_timeout())
             for ref in done:
+                if health.is_probe(ref):
+                    health.on_probe(ref)
+                    continue
                 idx, call = running.pop(ref)
                 load[idx] -= 1
                 try:
                     result = ray.get(ref)
-                except Exception as err:  # a task error: retry, then report
+                except RayActorError as err:  # the worker died, not the batch: run it elsewhere
+                    log.warning("worker %d lost batch %s (%s); re-queued", idx, call.batch.tiles, error_text(err))
+                    retried += len(call.batch.tiles)
+                    pending.appendleft(call)
+                    health.mark_down(idx)
+                    continue
+                except Exception as err:  # the batch raised: retry, then report
                     text = error_text(err)
                     if call.attempt < retries:
                         log.warning("batch %s failed (%s); retrying", call.batch.tiles, text)
