@@ -1,4 +1,4 @@
-"""``gigaseg`` command line: validate, run, status, demo, eval.
+"""``gigaseg`` command line: validate, run, status, demo, eval, submit, logs, job-status.
 
 Exit codes: 0 every image succeeded (or was already done), 1 some image failed, 2 the spec or the
 command line is wrong. Problems print one line each; ``--debug`` adds tracebacks.
@@ -134,8 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     from jobs.evaluate import add_eval_parser
+    from jobs.submit import add_submit_parsers
 
     add_eval_parser(sub)
+    add_submit_parsers(sub)
     return p
 
 
