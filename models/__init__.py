@@ -15,25 +15,69 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.fpn import FPNDecoder
-from models.resnet import ResNet18Encoder, ResNet34Encoder, ResNet50Encoder
+from models.heads import (
+    DeepLabV3Head,
+    DUpsamplingHead,
+    EncoderSpec,
+    FCNHead,
+    FPNDecoder,
+    Head,
+    OCRHead,
+    SegNetDecoder,
+    UNetDecoder,
+)
+from models.resnet import ResNet10Encoder, ResNet18Encoder, ResNet34Encoder, ResNet50Encoder
 from models.segmenter import Segmenter
 
 ENCODERS: dict[str, type[nn.Module]] = {
+    "resnet10": ResNet10Encoder,
     "resnet18": ResNet18Encoder,
     "resnet34": ResNet34Encoder,
     "resnet50": ResNet50Encoder,
 }
 
-DECODERS: dict[str, type[nn.Module]] = {
+# Head name -> class; every class is built as cls(EncoderSpec, num_classes=..., width=...) and
+# lists the encoder output strides it supports in ``output_strides`` (its default first).
+DECODERS: dict[str, type[Head]] = {
+    "deeplabv3": DeepLabV3Head,
+    "dupsampling": DUpsamplingHead,
+    "fcn": FCNHead,
     "fpn": FPNDecoder,
+    "ocrnet": OCRHead,
+    "segnet": SegNetDecoder,
+    "unet": UNetDecoder,
 }
 
 # Architecture name -> (encoder name, decoder name).
 ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "deeplabv3_resnet10": ("resnet10", "deeplabv3"),
+    "deeplabv3_resnet18": ("resnet18", "deeplabv3"),
+    "deeplabv3_resnet34": ("resnet34", "deeplabv3"),
+    "deeplabv3_resnet50": ("resnet50", "deeplabv3"),
+    "dupsampling_resnet10": ("resnet10", "dupsampling"),
+    "dupsampling_resnet18": ("resnet18", "dupsampling"),
+    "dupsampling_resnet34": ("resnet34", "dupsampling"),
+    "dupsampling_resnet50": ("resnet50", "dupsampling"),
+    "fcn_resnet10": ("resnet10", "fcn"),
+    "fcn_resnet18": ("resnet18", "fcn"),
+    "fcn_resnet34": ("resnet34", "fcn"),
+    "fcn_resnet50": ("resnet50", "fcn"),
+    "fpn_resnet10": ("resnet10", "fpn"),
     "fpn_resnet18": ("resnet18", "fpn"),
     "fpn_resnet34": ("resnet34", "fpn"),
     "fpn_resnet50": ("resnet50", "fpn"),
+    "ocrnet_resnet10": ("resnet10", "ocrnet"),
+    "ocrnet_resnet18": ("resnet18", "ocrnet"),
+    "ocrnet_resnet34": ("resnet34", "ocrnet"),
+    "ocrnet_resnet50": ("resnet50", "ocrnet"),
+    "segnet_resnet10": ("resnet10", "segnet"),
+    "segnet_resnet18": ("resnet18", "segnet"),
+    "segnet_resnet34": ("resnet34", "segnet"),
+    "segnet_resnet50": ("resnet50", "segnet"),
+    "unet_resnet10": ("resnet10", "unet"),
+    "unet_resnet18": ("resnet18", "unet"),
+    "unet_resnet34": ("resnet34", "unet"),
+    "unet_resnet50": ("resnet50", "unet"),
 }
 
 OUTPUT_STRIDES = (8, 16, 32)
@@ -58,15 +102,17 @@ def _check_int(field: str, value: object, low: int, high: int | None = None) -> 
 class ModelConfig:
     """Everything needed to rebuild a model's architecture (not its weights).
 
-    ``width`` is the encoder's base channel count (64 = the published ResNets); the decoder scales
-    with it (pyramid 2*width, segmentation width channels) so narrow variants are cheap end to end.
+    ``width`` is the encoder's base channel count (64 = the published ResNets); the head scales
+    with it (e.g. FPN: pyramid 2*width, segmentation width channels) so narrow variants are cheap
+    end to end. ``output_stride`` None (the default) becomes the head's default: 16 for DeepLab v3
+    (which needs an atrous encoder), 32 for every other head.
     """
 
     name: str
     num_classes: int
     in_channels: int = 3
     width: int = 64
-    output_stride: int = 32
+    output_stride: int | None = None
 
     def __post_init__(self) -> None:
         _check_name(self.name, ARCHITECTURES, "model name")
@@ -75,9 +121,14 @@ class ModelConfig:
         _check_int("width", self.width, MIN_WIDTH, MAX_WIDTH)
         if self.width % 8:
             raise ValueError(f"ModelConfig.width={self.width} must be a multiple of 8")
-        if self.output_stride not in OUTPUT_STRIDES:
+        head = ARCHITECTURES[self.name][1]
+        allowed = DECODERS[head].output_strides
+        if self.output_stride is None:
+            object.__setattr__(self, "output_stride", allowed[0])
+        elif self.output_stride not in OUTPUT_STRIDES or self.output_stride not in allowed:
             raise ValueError(
-                f"ModelConfig.output_stride={self.output_stride!r} must be one of {OUTPUT_STRIDES}"
+                f"ModelConfig.output_stride={self.output_stride!r} is not supported by "
+                f"{self.name!r}; its head {head!r} takes one of {allowed}"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -125,16 +176,14 @@ def _construct(config: ModelConfig, encoder_name: str, decoder_name: str) -> Seg
         in_channels=config.in_channels, width=config.width, output_stride=config.output_stride
     )
     decoder = DECODERS[decoder_name](
-        encoder_channels=encoder.out_channels,
-        encoder_strides=encoder.strides,
-        pyramid_channels=2 * config.width,
-        segmentation_channels=config.width,
+        EncoderSpec.of(encoder), num_classes=config.num_classes, width=config.width
     )
     return Segmenter(encoder, decoder, config.num_classes)
 
 
 __all__ = [
     "ARCHITECTURES",
+    "OUTPUT_STRIDES",
     "DECODERS",
     "ENCODERS",
     "ModelConfig",

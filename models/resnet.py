@@ -5,11 +5,19 @@ The encoder contract every decoder relies on: ``forward(x)`` returns a list of 4
 ``strides`` their downsampling factors. With ``output_stride`` 16 or 8 the last stages trade their
 stride for dilation (DeepLab style), so a decoder must read ``strides`` rather than assume
 4, 8, 16, 32.
+
+Heads that decode to stride 2 (U-Net, SegNet) also read the stem: ``forward_with_stem(x)`` returns
+the same 4 maps plus an ``EncoderStem``, the stride-2 stem output (``stem_channels`` channels, at
+``stem_stride``) and the indices of the stem's max-pool (the one max-pool a ResNet has), which
+SegNet's decoder unpools with. ``forward(x)`` is unchanged and does not compute the indices.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # output_stride -> which of layer2..layer4 replace their stride-2 by dilation.
@@ -18,6 +26,15 @@ _DILATE_STAGES: dict[int, tuple[bool, bool, bool]] = {
     16: (False, False, True),
     8: (False, True, True),
 }
+
+
+class EncoderStem(NamedTuple):
+    """The stem's output and where its max-pool took each value from."""
+
+    features: torch.Tensor  # (B, stem_channels, H/2, W/2), after conv7x7-BN-ReLU, before the pool
+    # (B, stem_channels, H/4, W/4) int64: flat index into the (H/2) x (W/2) plane of ``features``
+    # of each pooled value (F.max_pool2d(..., return_indices=True)); kernel 3, stride 2, padding 1.
+    pool_indices: torch.Tensor
 
 
 def _conv3x3(in_ch: int, out_ch: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -128,6 +145,8 @@ class ResNetEncoder(nn.Module):
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.stem_channels: int = width
+        self.stem_stride: int = 2
 
         dilate = _DILATE_STAGES[output_stride]
         self.layer1 = self._make_stage(block, width, layers[0])
@@ -183,12 +202,33 @@ class ResNetEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """(B, in_channels, H, W) -> 4 maps (B, out_channels[i], H/strides[i], W/strides[i])."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self._stages(self.maxpool(self._stem(x)))
+
+    def forward_with_stem(self, x: torch.Tensor) -> tuple[list[torch.Tensor], EncoderStem]:
+        """(B, in_channels, H, W) -> (the 4 maps of ``forward``, the stem and its pool indices)."""
+        stem = self._stem(x)
+        m = self.maxpool
+        pooled, indices = F.max_pool2d(
+            stem, m.kernel_size, m.stride, m.padding, return_indices=True
+        )
+        return self._stages(pooled), EncoderStem(stem, indices)
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn1(self.conv1(x)))
+
+    def _stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         c2 = self.layer1(x)
         c3 = self.layer2(c2)
         c4 = self.layer3(c3)
         c5 = self.layer4(c4)
         return [c2, c3, c4, c5]
+
+
+class ResNet10Encoder(ResNetEncoder):
+    """One BasicBlock per stage: half of resnet18's depth, for models that train on a CPU."""
+
+    def __init__(self, in_channels: int = 3, width: int = 64, output_stride: int = 32) -> None:
+        super().__init__(BasicBlock, (1, 1, 1, 1), in_channels, width, output_stride)
 
 
 class ResNet18Encoder(ResNetEncoder):

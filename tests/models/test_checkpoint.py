@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from models import ModelConfig, build_model
+from models import DECODERS, ModelConfig, build_model
 from models.checkpoint import (
     IMAGENET_NORMALIZATION,
     Normalization,
@@ -22,6 +22,7 @@ from models.checkpoint import (
     save_checkpoint,
     seeded_checkpoint,
 )
+from models.heads import fit_dupsampling
 from pipeline.errors import CheckpointError
 
 WIDTH = 16
@@ -194,3 +195,86 @@ def test_seeded_checkpoint_is_deterministic() -> None:
         cwd=Path(__file__).resolve().parents[2],
     )
     assert out.stdout.strip() == hashlib.sha256(a).hexdigest()
+
+
+# ---------------------------------------------------------------- every head
+
+HEADS = sorted(DECODERS)
+# Tensors whose shape depends on the class count: what fine-tuning on new classes re-initialises.
+CLASS_TENSORS = {
+    "deeplabv3": {"classifier.weight", "classifier.bias"},
+    "dupsampling": {"decoder.basis", "decoder.mean"},
+    "fcn": {f"decoder.score.{i}.{p}" for i in range(3) for p in ("weight", "bias")}
+    | {"decoder.up.0.weight", "decoder.up.1.weight"},
+    "fpn": {"classifier.weight", "classifier.bias"},
+    "ocrnet": {"classifier.weight", "classifier.bias",
+               "decoder.aux.1.weight", "decoder.aux.1.bias"},
+    "segnet": {"classifier.weight", "classifier.bias"},
+    "unet": {"classifier.weight", "classifier.bias"},
+}
+
+
+def test_class_tensor_table_covers_every_head() -> None:
+    assert set(CLASS_TENSORS) == set(DECODERS)
+
+
+def _trained_like(name: str, num_classes: int = 3, seed: int = 3):
+    """A model whose BN running stats (and DUpsampling basis) differ from their initial values."""
+    config = _config(name, num_classes)
+    model = build_model(config, seed=seed)
+    if name.startswith("dupsampling"):
+        g = torch.Generator().manual_seed(0)
+        fit_dupsampling(model.decoder, torch.randint(0, num_classes, (4, 64, 64), generator=g),
+                        num_classes)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64) * 2 + 1)
+    return config, model.eval()
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_every_head_round_trips_with_identical_outputs(head: str) -> None:
+    config, model = _trained_like(f"{head}_resnet18")
+    loaded, info = load_checkpoint(save_checkpoint(None, model, config, NAMES))
+    assert info.config == config
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    saved, again = model.state_dict(), loaded.state_dict()
+    assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_every_head_refuses_another_class_count_naming_the_tensors(head: str) -> None:
+    model = build_model(_config(f"{head}_resnet18", num_classes=4))
+    with pytest.raises(CheckpointError) as info:
+        load_state_into(model, _checkpoint(f"{head}_resnet18", num_classes=3))
+    msg = str(info.value)
+    assert f"{len(CLASS_TENSORS[head])} shape mismatches" in msg
+    assert sorted(CLASS_TENSORS[head])[0] in msg
+    assert "class count" in msg
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_every_head_refuses_another_architecture_naming_the_tensors(head: str) -> None:
+    other = HEADS[(HEADS.index(head) + 1) % len(HEADS)]
+    model = build_model(_config(f"{other}_resnet18"))
+    with pytest.raises(CheckpointError, match=r"(missing from|unexpected in) checkpoint: decoder"):
+        load_state_into(model, _checkpoint(f"{head}_resnet18"))
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_fine_tuning_on_new_classes_keeps_only_the_class_tensors_fresh(head: str) -> None:
+    name = f"{head}_resnet18"
+    model = build_model(_config(name, num_classes=5), seed=1)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    data = _checkpoint(name, num_classes=3)
+    diff = load_state_into(model, data, strict=False)
+    assert {n for n, _, _ in diff.mismatched} == CLASS_TENSORS[head]
+    assert not diff.missing and not diff.unexpected
+    source = load_checkpoint(data)[0].state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, fresh[k] if k in CLASS_TENSORS[head] else source[k]), k
+    logits = model(torch.randn(2, 3, 64, 64))  # and it trains on the new classes
+    assert logits.shape == (2, 5, 64, 64)
+    torch.nn.functional.cross_entropy(logits, torch.randint(0, 5, (2, 64, 64))).backward()

@@ -39,7 +39,7 @@ def test_forward_backward_every_architecture(name: str) -> None:
     grads = {n: p.grad for n, p in model.named_parameters()}
     assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
     # The zero-initialised residual gammas must still learn.
-    last_bn = "bn3" if name == "fpn_resnet50" else "bn2"
+    last_bn = "bn3" if name.endswith("resnet50") else "bn2"
     assert grads[f"encoder.layer1.0.{last_bn}.weight"].abs().sum() > 0
 
 
@@ -106,6 +106,24 @@ def test_config_rejects_bad_values(kw: dict[str, object]) -> None:
     args = {"name": "fpn_resnet18", "num_classes": 2} | kw
     with pytest.raises(ValueError, match=next(iter(kw))):
         ModelConfig(**args)
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_registry_round_trip_builds_the_same_model(name: str) -> None:
+    config = _config(name)
+    again = ModelConfig.from_dict(config.to_dict())
+    assert again == config and again.to_dict() == config.to_dict()
+    a, b = build_model(config, seed=1).state_dict(), build_model(again, seed=1).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_output_stride_defaults_to_the_heads_and_is_checked() -> None:
+    assert _config("fpn_resnet18").output_stride == 32  # the existing default, unchanged
+    assert _config("fpn_resnet18").to_dict()["output_stride"] == 32
+    assert _config("deeplabv3_resnet18").output_stride == 16  # DeepLab needs an atrous encoder
+    assert _config("deeplabv3_resnet18", output_stride=8).output_stride == 8
+    with pytest.raises(ValueError, match=r"output_stride=32 .*'deeplabv3'.*\(16, 8\)"):
+        _config("deeplabv3_resnet18", output_stride=32)
 
 
 def test_config_dict_round_trip_and_unknown_keys() -> None:

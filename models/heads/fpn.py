@@ -1,9 +1,10 @@
 """Semantic FPN decoder: the semantic branch of Panoptic FPN (Kirillov et al. 2019).
 
-Lateral 1x1 convs bring every encoder map to ``pyramid_channels``; a top-down pass adds each
-coarser level, upsampled, to the next finer one; a 3x3 conv smooths each sum. Each pyramid level is
-then brought to stride 4 by a stack of conv3x3-BatchNorm-ReLU blocks, each followed by a bilinear
-x2 upsampling while the level is still coarser than stride 4, and the levels are summed.
+Lateral 1x1 convs bring every encoder map to ``pyramid_channels`` (2 * width); a top-down pass
+adds each coarser level, upsampled, to the next finer one; a 3x3 conv smooths each sum. Each pyramid
+level is then brought to stride 4 by a stack of conv3x3-BatchNorm-ReLU blocks (``width`` channels),
+each followed by a bilinear x2 upsampling while the level is still coarser than stride 4, and the
+levels are summed.
 """
 
 from __future__ import annotations
@@ -14,18 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-class _ConvBNReLU(nn.Sequential):
-    def __init__(self, in_ch: int, out_ch: int) -> None:
-        # BatchNorm, not Panoptic FPN's GroupNorm: at inference BN is a fixed per-channel affine, so
-        # the network stays local (fully convolutional) and a tile's prediction does not depend on
-        # statistics of the whole tile. GroupNorm would make tiled and whole-image inference differ
-        # everywhere, not only near tile borders, and break seam-free blending and MagNet's patches.
-        super().__init__(
-            nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False),
-            nn.BatchNorm2d(out_ch),
-            nn.ReLU(inplace=True),
-        )
+from models.heads.base import ConvBNReLU, EncoderSpec, Head
 
 
 class _SegmentationLevel(nn.Module):
@@ -36,7 +26,7 @@ class _SegmentationLevel(nn.Module):
         self.n_upsamples = int(math.log2(stride // 4))
         n_blocks = max(1, self.n_upsamples)
         self.blocks = nn.ModuleList(
-            [_ConvBNReLU(in_ch if i == 0 else out_ch, out_ch) for i in range(n_blocks)]
+            [ConvBNReLU(in_ch if i == 0 else out_ch, out_ch) for i in range(n_blocks)]
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -48,22 +38,17 @@ class _SegmentationLevel(nn.Module):
         return x
 
 
-class FPNDecoder(nn.Module):
-    """Encoder feature maps -> one stride-4 map of ``segmentation_channels`` channels."""
+class FPNDecoder(Head):
+    """Encoder feature maps -> one stride-4 map of ``width`` channels (pyramid: 2 * width).
 
-    def __init__(
-        self,
-        encoder_channels: tuple[int, ...],
-        encoder_strides: tuple[int, ...],
-        pyramid_channels: int = 128,
-        segmentation_channels: int = 64,
-    ) -> None:
+    The coarse head PointRend wraps (``Segmenter.forward_coarse``). ``num_classes`` is unused: FPN
+    emits features and the Segmenter's classifier maps them to classes.
+    """
+
+    def __init__(self, encoder: EncoderSpec, num_classes: int, width: int = 64) -> None:
         super().__init__()
-        if len(encoder_channels) != len(encoder_strides):
-            raise ValueError(
-                f"encoder_channels {encoder_channels} and encoder_strides {encoder_strides} "
-                "must have one entry per feature map"
-            )
+        encoder_channels, encoder_strides = encoder.channels, encoder.strides
+        pyramid_channels, segmentation_channels = 2 * width, width
         if encoder_strides[0] != 4 or any(s < 4 or s & (s - 1) for s in encoder_strides):
             raise ValueError(
                 "FPNDecoder needs power-of-two encoder strides starting at 4, "
@@ -89,11 +74,8 @@ class FPNDecoder(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        """features[i]: (B, encoder_channels[i], H/strides[i], W/strides[i]) -> (B, D, H/4, W/4).
-
-        D = segmentation_channels.
-        """
+    def forward(self, features: list[torch.Tensor], stem: object = None) -> torch.Tensor:
+        """features[i]: (B, channels[i], H/strides[i], W/strides[i]) -> (B, width, H/4, W/4)."""
         laterals = [conv(f) for conv, f in zip(self.lateral, features, strict=True)]
         for i in range(len(laterals) - 1, 0, -1):
             coarse = laterals[i]
