@@ -110,15 +110,15 @@ def check_complete(plan: BlendPlan) -> None:
         )
 
 
-def store_outputs(plan: BlendPlan, targets: dict[str, zarr.Array], scheduler: str | None = None) -> None:
-    """Check every tile is there, compute the blend once and store the requested outputs.
+def store_outputs(
+    probs: da.Array, targets: dict[str, zarr.Array], num_classes: int, scheduler: str | None = None
+) -> None:
+    """Store the requested outputs of lazy ``(C, H, W)`` probabilities, computed once for all of them.
 
     ``targets`` maps ``"labels"`` (required), ``"confidence"`` and ``"probabilities"`` to pre-created Zarr
-    arrays whose chunks equal the blend chunks, so each Dask task owns whole output chunks.
+    arrays whose chunks equal the probabilities' chunks, so each Dask task owns whole output chunks.
     """
-    check_complete(plan)
-    probs = blended_probabilities(plan)
-    sources, dests = [probs.argmax(axis=0).astype(labels_dtype(plan.num_classes))], [targets["labels"]]
+    sources, dests = [probs.argmax(axis=0).astype(labels_dtype(num_classes))], [targets["labels"]]
     if "confidence" in targets:
         sources.append(probs.max(axis=0).astype(np.float32))
         dests.append(targets["confidence"])
@@ -127,6 +127,12 @@ def store_outputs(plan: BlendPlan, targets: dict[str, zarr.Array], scheduler: st
         dests.append(targets["probabilities"])
     with dask.config.set(scheduler=scheduler or "threads"):
         da.store(sources, dests, lock=False, compute=True)
+
+
+def store_blend(plan: BlendPlan, targets: dict[str, zarr.Array], scheduler: str | None = None) -> None:
+    """Check every tile is there, then blend and store the outputs (``store_outputs``)."""
+    check_complete(plan)
+    store_outputs(blended_probabilities(plan), targets, plan.num_classes, scheduler)
 
 
 def mode_2x2(labels: np.ndarray, num_classes: int | None = None) -> np.ndarray:

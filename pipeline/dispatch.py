@@ -120,7 +120,7 @@ class _Health:
 class WorkerPool:
     """``workers`` actors, each requesting ``gpus_per_worker`` GPUs, each holding the model once."""
 
-    def __init__(self, checkpoint_url: str, storage_options: dict, config: PoolConfig):
+    def __init__(self, checkpoint_url: str, storage_options: dict, config: PoolConfig, refiner_url: str | None = None):
         self.config = config
         remote = ray.remote(TileWorker).options(
             max_concurrency=2,  # I/O of one batch overlaps the model call of the next (see TileWorker)
@@ -130,7 +130,7 @@ class WorkerPool:
             max_task_retries=0,  # ... and run() re-queues its lost calls to the other actors at once
         )
         self.actors = [
-            remote.remote(checkpoint_url, storage_options, config.predictor, config.audit_dir)
+            remote.remote(checkpoint_url, storage_options, config.predictor, config.audit_dir, refiner_url)
             for _ in range(config.workers)
         ]
 

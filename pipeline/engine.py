@@ -18,15 +18,15 @@ from typing import Any, Protocol
 
 import zarr
 
-from pipeline import blend, output
+from pipeline import blend, output, stages
 from pipeline.dispatch import PoolConfig, WorkerPool, batches
 from pipeline.errors import GigasegError
 from pipeline.pyramid import Pyramid, ingest, pyramid_in_place
 from pipeline.discover import ImageRef, discover
 from pipeline.sources import open_source
 from pipeline.storage import AuditStore, zarr_store
-from pipeline.tiling import TileGrid
-from pipeline.worker import ArrayRef, BatchResult, StagePlan
+from pipeline.magnet import MagnetConfig
+from pipeline.worker import BatchResult, StagePlan
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,8 @@ class JobConfig:
     fail_fast: bool = False
     tile_retries: int = 2
     fingerprint: str = ""
+    magnet: MagnetConfig | None = None
+    refiner: bytes | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -142,9 +144,7 @@ class _Work:
     t0: float
     out: output.ImageOutput | None = None
     pyramid: Pyramid | None = None
-    grid: TileGrid | None = None
-    stage: StagePlan | None = None
-    todo: list[tuple[int, int]] = field(default_factory=list)
+    stages: list[StagePlan] = field(default_factory=list)
     megapixels: float = 0.0
     run_seconds: float = 0.0
 
@@ -173,40 +173,51 @@ def prepare_image(cfg: JobConfig, ref: ImageRef) -> _Work:
         work.pyramid = pyramid = _prepare_pyramid(cfg, ref, out)
         h, w = pyramid.shapes[0]
         result.shape = (h, w)
-        work.grid = grid = TileGrid(h, w, cfg.tile, cfg.overlap, *cfg.offset, margin=cfg.margin)
-        result.tiles = len(grid)
-        output.mark(out, fingerprint=cfg.fingerprint, complete=False, shape=[h, w], tiles=len(grid),
+        work.stages = stages.stage_plans(cfg, out, pyramid)
+        result.tiles = sum(len(st.grid) for st in work.stages)
+        output.mark(out, fingerprint=cfg.fingerprint, complete=False, shape=[h, w], tiles=result.tiles,
                     source=ref.url, in_place=pyramid.in_place)
-        work.stage = stage = _stage_plan(cfg, out, pyramid, grid)
-        output.create_tile_store(stage.tiles_url, cfg.output_storage_options,
-                                 (grid.ny, grid.nx, len(cfg.class_names), cfg.tile, cfg.tile))
-        done = output.finished_tiles(stage.tiles_url, cfg.output_storage_options)
-        work.todo = [t for t in grid.indices() if t not in done]
     except Exception as err:
         work.fail(err)
     return work
 
 
 def run_tiles(cfg: JobConfig, work: _Work, pool: WorkerPool, progress: Progress) -> None:
-    """Dispatch the image's unfinished tiles to the pool (driver thread: it owns the progress bar)."""
-    result = work.result
+    """Run every stage's unfinished tiles on the pool, blending each stage before the next (a barrier:
+    stage s+1 reads the map of stage s). The last stage is blended by ``finish_image``."""
     try:
-        progress.start_image(work.ref.name, len(work.grid), len(work.grid) - len(work.todo))
-
-        def on_result(r: BatchResult) -> None:
-            work.megapixels += r.megapixels
-            progress.advance(len(r.tiles), r.megapixels)
-
-        t0 = time.perf_counter()
-        outcome = pool.run(batches(work.stage, work.todo, cfg.batch), retries=cfg.tile_retries, on_result=on_result)
-        work.run_seconds = time.perf_counter() - t0
-        result.tiles_run = len(work.todo)
-        result.tiles_retried = outcome.retried_tiles
-        if outcome.failed:
-            n = sum(len(b) for b in outcome.failed)
-            raise GigasegError(f"{n} tile(s) failed after {cfg.tile_retries} retries: {outcome.error}")
+        last = len(work.stages) - 1
+        for s, stage in enumerate(work.stages):
+            if s < last and stages.stage_map_complete(work.out, s):
+                continue
+            _run_stage(cfg, work, pool, progress, s, stage)
+            if s < last:
+                stages.store_stage_map(cfg, work.out, work.stages, s)
     except Exception as err:
         work.fail(err)
+
+
+def _run_stage(cfg: JobConfig, work: _Work, pool: WorkerPool, progress: Progress, s: int, stage: StagePlan) -> None:
+    grid = stage.grid
+    output.create_tile_store(stage.tiles_url, cfg.output_storage_options,
+                             (grid.ny, grid.nx, stage.num_classes, grid.tile, grid.tile))
+    done = output.finished_tiles(stage.tiles_url, cfg.output_storage_options)
+    todo = [t for t in grid.indices() if t not in done]
+    label = work.ref.name if len(work.stages) == 1 else f"{work.ref.name} [stage {s + 1}/{len(work.stages)}]"
+    progress.start_image(label, len(grid), len(grid) - len(todo))
+
+    def on_result(r: BatchResult) -> None:
+        work.megapixels += r.megapixels
+        progress.advance(len(r.tiles), r.megapixels)
+
+    t0 = time.perf_counter()
+    outcome = pool.run(batches(stage, todo, cfg.batch), retries=cfg.tile_retries, on_result=on_result)
+    work.run_seconds += time.perf_counter() - t0
+    work.result.tiles_run += len(todo)
+    work.result.tiles_retried += outcome.retried_tiles
+    if outcome.failed:
+        n = sum(len(b) for b in outcome.failed)
+        raise GigasegError(f"{n} tile(s) failed after {cfg.tile_retries} retries: {outcome.error}")
 
 
 def finish_image(cfg: JobConfig, work: _Work) -> ImageResult:
@@ -214,7 +225,7 @@ def finish_image(cfg: JobConfig, work: _Work) -> ImageResult:
     result = work.result
     try:
         if result.status == "ok":
-            _blend(cfg, work.out, work.pyramid, work.grid, work.stage)
+            _blend(cfg, work)
             output.mark(work.out, complete=True)
             output.safe_remove_work(work.out)
             result.megapixels_per_s = work.megapixels / work.run_seconds if work.megapixels else 0.0
@@ -231,25 +242,9 @@ def _prepare_pyramid(cfg: JobConfig, ref: ImageRef, out: output.ImageOutput) -> 
     return ingest(source, out.group_url, chunk=cfg.image_chunk, storage_options=cfg.output_storage_options)
 
 
-def _stage_plan(cfg: JobConfig, out: output.ImageOutput, pyramid: Pyramid, grid: TileGrid) -> StagePlan:
-    image = ArrayRef(
-        group_url=pyramid.url,
-        path=pyramid.paths[0],
-        axes=pyramid.axes,
-        shape_yx=pyramid.shapes[0],
-        storage_options=dict(pyramid.storage_options),
-        value_range=cfg.value_range if pyramid.in_place else None,
-    )
-    return StagePlan(
-        image=image,
-        grid=grid,
-        tiles_url=output.join(out.work_url, "stage-0", "tiles"),
-        num_classes=len(cfg.class_names),
-        storage_options=dict(cfg.output_storage_options),
-    )
-
-
-def _blend(cfg: JobConfig, out: output.ImageOutput, pyramid: Pyramid, grid: TileGrid, stage: StagePlan) -> None:
+def _blend(cfg: JobConfig, work: _Work) -> None:
+    """The last stage's probabilities into the masks, extras and label pyramid."""
+    out, pyramid = work.out, work.pyramid
     n = len(cfg.class_names)
     arrays = output.create_outputs(
         out,
@@ -261,15 +256,12 @@ def _blend(cfg: JobConfig, out: output.ImageOutput, pyramid: Pyramid, grid: Tile
         extras=list(cfg.extras),
         labels_dtype=blend.labels_dtype(n),
     )
-    plan = blend.BlendPlan(
-        grid=grid, tiles_url=stage.tiles_url, num_classes=n, window=cfg.blend_window,
-        sigma_scale=cfg.sigma_scale, chunk=cfg.chunk, storage_options=cfg.output_storage_options,
-    )
     if cfg.pool.audit_dir:
         arrays = {k: _audited(out, v, cfg.pool.audit_dir) for k, v in arrays.items()}
     targets = {"labels": arrays["labels"][0]}
     targets.update({k: arrays[k] for k in ("confidence", "probabilities") if k in arrays})
-    blend.store_outputs(plan, targets)
+    probs = stages.stage_probabilities(cfg, out, work.stages, len(work.stages) - 1)
+    blend.store_outputs(probs, targets, n)
     for level in range(1, len(arrays["labels"])):
         blend.downsample_labels(arrays["labels"][level - 1], arrays["labels"][level], n)
 

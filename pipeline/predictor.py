@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from models.checkpoint import CheckpointInfo, load_checkpoint
+from models.magnet import load_refiner, refine_step
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,9 @@ def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype
 class TilePredictor:
     """``predictor(tiles uint8 (B, 3, T, T)) → probabilities float16 (B, C, T, T)``."""
 
-    def __init__(self, checkpoint: bytes, config: PredictorConfig = PredictorConfig(), device=None):
+    def __init__(
+        self, checkpoint: bytes, config: PredictorConfig = PredictorConfig(), device=None, refiner: bytes | None = None
+    ):
         torch.set_num_threads(config.torch_threads)
         self.device = torch.device(device) if device is not None else resolve_device()
         self.model, self.info = load_checkpoint(checkpoint)
@@ -65,6 +68,9 @@ class TilePredictor:
         norm = self.info.normalization
         self.mean = torch.tensor(norm.mean, device=self.device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(norm.std, device=self.device).view(1, 3, 1, 1) * 255.0
+        self.refiner = None
+        if refiner is not None:
+            self.refiner = load_refiner(refiner, self.num_classes).to(self.device).eval()
         log.info(
             "predictor on %s, autocast %s, %d torch threads",
             self.device, self.autocast_dtype, torch.get_num_threads(),
@@ -83,11 +89,26 @@ class TilePredictor:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
+    def _input(self, tiles: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(tiles)).to(self.device, non_blocking=True)
+        return ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+
     @torch.inference_mode()
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(tiles)).to(self.device, non_blocking=True)
-        x = ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
         with self._autocast():
-            logits = self.model(x)
+            logits = self.model(self._input(tiles))
         probs = torch.softmax(logits.float(), dim=1)
+        return probs.to(torch.float16).cpu().numpy()
+
+    @torch.inference_mode()
+    def refine(self, tiles: np.ndarray, previous_up: np.ndarray) -> np.ndarray:
+        """MagNet's patch step: ``R = softmax(refiner(softmax(segmenter(x)), Y_up))``.
+
+        ``tiles (B, 3, T, T)`` uint8, ``previous_up (B, C, T, T)`` probabilities → ``(B, C, T, T)`` float16.
+        """
+        if self.refiner is None:
+            raise RuntimeError("this predictor was built without a refiner (model.framework is not magnet)")
+        prev = torch.from_numpy(np.ascontiguousarray(previous_up, dtype=np.float32)).to(self.device)
+        with self._autocast():
+            probs = refine_step(self.model, self.refiner, self._input(tiles), prev)
         return probs.to(torch.float16).cpu().numpy()

@@ -65,6 +65,52 @@ def reflect_index(start: int, length: int, size: int) -> np.ndarray:
     return np.where(m < size, m, period - m)
 
 
+def read_mirrored(array, axes: str, shape_yx: tuple[int, int], window: Window) -> np.ndarray:
+    """Raw values ``(C, window.h, window.w)`` of an array, mirrored about the image edges (``reflect_index``)."""
+    inner = window.clip(*shape_yx)
+    if inner == window:
+        return read_region(array, axes, window)
+    iy = reflect_index(window.y0, window.h, shape_yx[0])
+    ix = reflect_index(window.x0, window.w, shape_yx[1])
+    region = Window(int(iy.min()), int(ix.min()), int(iy.max() - iy.min()) + 1, int(ix.max() - ix.min()) + 1)
+    block = read_region(array, axes, region)
+    return block[:, iy - region.y0][:, :, ix - region.x0]
+
+
+def upsample_index(start: int, length: int, src_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source rows and weights of a ×2 bilinear upsampling (``align_corners=False``) of ``src_size`` rows.
+
+    Output row ``i`` samples ``u = max(0, (i + ½)/2 − ½)``: ``i0 = ⌊u⌋``, ``i1 = min(i0 + 1, src_size − 1)``,
+    ``λ = u − i0``; value ``(1 − λ)·src[i0] + λ·src[i1]``. This is ``F.interpolate(scale_factor=2)`` on the
+    whole map, so a window computed alone equals the same window of the whole upsampled map.
+    """
+    i = np.arange(start, start + length, dtype=np.float64)
+    u = np.maximum(0.0, (i + 0.5) / 2.0 - 0.5)
+    i0 = np.minimum(np.floor(u).astype(np.int64), src_size - 1)
+    i1 = np.minimum(i0 + 1, src_size - 1)
+    return i0, i1, (u - i0).astype(np.float32)
+
+
+def upsample2x_window(array, src_shape: tuple[int, int], dst_shape: tuple[int, int], window: Window) -> np.ndarray:
+    """Window of the ×2 bilinear upsampling of a ``(C, H, W)`` map, mirrored past ``dst_shape``: float32.
+
+    Only the source rows and columns under the window are read. Pixels outside the destination image take
+    the upsampled value at their mirror position (``reflect_index``), as tiles see images.
+    """
+    iy = reflect_index(window.y0, window.h, dst_shape[0])
+    ix = reflect_index(window.x0, window.w, dst_shape[1])
+    y0, y1 = int(iy.min()), int(iy.max()) + 1
+    x0, x1 = int(ix.min()), int(ix.max()) + 1
+    ry0, ry1, wy = upsample_index(y0, y1 - y0, src_shape[0])
+    rx0, rx1, wx = upsample_index(x0, x1 - x0, src_shape[1])
+    sy0, sy1 = int(ry0.min()), int(ry1.max()) + 1
+    sx0, sx1 = int(rx0.min()), int(rx1.max()) + 1
+    src = np.asarray(array[:, sy0:sy1, sx0:sx1], dtype=np.float32)
+    rows = src[:, ry0 - sy0] * (1 - wy)[None, :, None] + src[:, ry1 - sy0] * wy[None, :, None]
+    up = rows[:, :, rx0 - sx0] * (1 - wx)[None, None, :] + rows[:, :, rx1 - sx0] * wx[None, None, :]
+    return up[:, iy - y0][:, :, ix - x0]
+
+
 def read_window(
     array,
     axes: str,

@@ -20,7 +20,7 @@ import zarr
 
 from pipeline.errors import ImageReadError
 from pipeline.predictor import PredictorConfig, TilePredictor
-from pipeline.reader import read_window
+from pipeline.reader import read_window, upsample2x_window
 from pipeline.storage import AuditStore, filesystem, fs_path, join, zarr_store
 from pipeline.tiling import TileGrid
 
@@ -51,6 +51,7 @@ class StagePlan:
     tiles_url: str
     num_classes: int
     storage_options: dict[str, Any] = field(default_factory=dict)
+    previous: ArrayRef | None = None  # MagNet: the previous stage's (C, H, W) map, one level coarser
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,9 @@ class TileWorker:
     """
 
     def __init__(self, checkpoint_url: str, storage_options: dict[str, Any], config: PredictorConfig,
-                 audit_dir: str | None = None):
-        self.predictor = TilePredictor(read_bytes(checkpoint_url, storage_options), config)
+                 audit_dir: str | None = None, refiner_url: str | None = None):
+        refiner = read_bytes(refiner_url, storage_options) if refiner_url else None
+        self.predictor = TilePredictor(read_bytes(checkpoint_url, storage_options), config, refiner=refiner)
         # The actor runs up to two calls at once (max_concurrency=2): one reads or writes Zarr while the
         # other holds the model. Model calls never overlap, so the device and torch's threads are used by
         # one batch at a time.
@@ -125,10 +127,16 @@ class TileWorker:
         stage = batch.stage
         ref = stage.image
         src = self._array(ref.group_url, ref.path, ref.storage_options, write=False)
-        tiles = np.stack([self._read(src, ref, stage.grid.window(iy, ix)) for iy, ix in batch.tiles])
+        windows = [stage.grid.window(iy, ix) for iy, ix in batch.tiles]
+        tiles = np.stack([self._read(src, ref, w) for w in windows])
+        previous_up = None
+        if stage.previous is not None:
+            prev = stage.previous
+            prev_array = self._array(prev.group_url, prev.path, prev.storage_options, write=False)
+            previous_up = np.stack([upsample2x_window(prev_array, prev.shape_yx, ref.shape_yx, w) for w in windows])
         with self._model_lock:
             t1 = time.perf_counter()
-            probs = self.predictor(tiles)
+            probs = self.predictor(tiles) if previous_up is None else self.predictor.refine(tiles, previous_up)
             model_seconds = time.perf_counter() - t1
         out = self._array(stage.tiles_url, "", stage.storage_options, write=True)
         for k, (iy, ix) in enumerate(batch.tiles):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.blend import BlendPlan, blended_probabilities, downsample_labels, mode_2x2, store_outputs
+from pipeline.blend import BlendPlan, blended_probabilities, downsample_labels, mode_2x2, store_blend
 from pipeline.output import create_tile_store
 from pipeline.tiling import TileGrid, window_2d
 
@@ -53,7 +53,7 @@ def test_store_outputs_argmax_confidence_probabilities(tmp_path):
         "confidence": root.create_array("conf", shape=(130, 97), chunks=(40, 40), dtype="float32"),
         "probabilities": root.create_array("probs", shape=(4, 130, 97), chunks=(4, 40, 40), dtype="float16"),
     }
-    store_outputs(BlendPlan(grid=grid, tiles_url=url, num_classes=4, chunk=40), targets)
+    store_blend(BlendPlan(grid=grid, tiles_url=url, num_classes=4, chunk=40), targets)
     labels = targets["labels"][:]
     agree = (labels == expected.argmax(0)).mean()
     assert agree > 0.999  # float32 vs float64 sums may flip exact ties only
@@ -69,7 +69,7 @@ def test_missing_tile_is_a_clear_error(tmp_path):
     plan = BlendPlan(grid=grid, tiles_url=url, num_classes=2, chunk=50)
     target = zarr.open_array(str(tmp_path / "labels"), mode="w", shape=(100, 100), chunks=(50, 50), dtype="uint8")
     with pytest.raises(RuntimeError, match=r"3 tile\(s\) .* missing.*rerun"):
-        store_outputs(plan, {"labels": target})
+        store_blend(plan, {"labels": target})
 
 
 def _mode_reference(labels, n):

@@ -1,0 +1,110 @@
+"""The stages of one image: plain segmentation is one stage at level 0; MagNet is one per scale.
+
+Each stage has its tile grid over its pyramid level and its own tile store; a stage after the first
+reads the map its predecessor left in ``_work/<name>/stage-<s>/maps/map`` ((C, H, W) float16, chunked like
+the masks). ``stage_probabilities`` is the lazy (C, H, W) result of a stage once its tiles are done.
+"""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import zarr
+
+from pipeline import blend, magnet
+from pipeline.errors import UnsupportedImageError
+from pipeline.output import ImageOutput
+from pipeline.pyramid import Pyramid
+from pipeline.storage import join, zarr_store
+from pipeline.tiling import TileGrid
+from pipeline.worker import ArrayRef, StagePlan
+
+
+def maps_url(out: ImageOutput, stage: int) -> str:
+    return join(out.work_url, f"stage-{stage}", "maps")
+
+
+def stage_plans(cfg, out: ImageOutput, pyramid: Pyramid) -> list[StagePlan]:
+    """One ``StagePlan`` per stage, coarse to fine (``cfg`` is a ``pipeline.engine.JobConfig``)."""
+    levels = cfg.magnet.levels() if cfg.magnet else (0,)
+    if max(levels) >= pyramid.n_levels:
+        raise UnsupportedImageError(
+            f"{pyramid.url}: MagNet with {len(levels)} scales needs {len(levels)} pyramid levels but the image "
+            f"({pyramid.shapes[0][0]}×{pyramid.shapes[0][1]}) has {pyramid.n_levels}; lower model.magnet.scales"
+        )
+    plans = []
+    for s, level in enumerate(levels):
+        h, w = pyramid.shapes[level]
+        previous = None
+        if s:
+            previous = ArrayRef(maps_url(out, s - 1), "map", "cyx", pyramid.shapes[levels[s - 1]],
+                                dict(cfg.output_storage_options))
+        plans.append(StagePlan(
+            image=ArrayRef(pyramid.url, pyramid.paths[level], pyramid.axes, (h, w), dict(pyramid.storage_options),
+                           cfg.value_range if pyramid.in_place else None),
+            grid=TileGrid(h, w, cfg.tile, cfg.overlap, *cfg.offset, margin=cfg.margin),
+            tiles_url=join(out.work_url, f"stage-{s}", "tiles"),
+            num_classes=len(cfg.class_names),
+            storage_options=dict(cfg.output_storage_options),
+            previous=previous,
+        ))
+    return plans
+
+
+def blend_plan(cfg, stage: StagePlan) -> blend.BlendPlan:
+    return blend.BlendPlan(
+        grid=stage.grid, tiles_url=stage.tiles_url, num_classes=stage.num_classes, window=cfg.blend_window,
+        sigma_scale=cfg.sigma_scale, chunk=cfg.chunk, storage_options=cfg.output_storage_options,
+    )
+
+
+def _maps_group(out: ImageOutput, stage: int) -> zarr.Group:
+    return zarr.open_group(store=zarr_store(maps_url(out, stage), out.storage_options), mode="a")
+
+
+def _array(group: zarr.Group, name: str, shape, chunk: int, dtype: str) -> zarr.Array:
+    chunks = (*shape[:-2], min(chunk, shape[-2]), min(chunk, shape[-1]))
+    return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0, overwrite=True,
+                              compressors=zarr.codecs.BloscCodec(cname="lz4", clevel=3, shuffle="shuffle"))
+
+
+def stage_probabilities(cfg, out: ImageOutput, stages: list[StagePlan], s: int) -> da.Array:
+    """Lazy ``(C, H, W)`` float32 result of stage ``s``: the blend, or MagNet's merge for ``s ≥ 1``.
+
+    For MagNet this runs the refinement pass and the threshold reduction (``pipeline.magnet``) first.
+    """
+    stage = stages[s]
+    plan = blend_plan(cfg, stage)
+    blend.check_complete(plan)
+    if stage.previous is None:
+        return blend.blended_probabilities(plan)
+    h, w = stage.grid.height, stage.grid.width
+    group = _maps_group(out, s)
+    maps = magnet.StageMaps(
+        refined=_array(group, "refined", (stage.num_classes, h, w), cfg.chunk, "float16"),
+        error=_array(group, "error", (h, w), cfg.chunk, "float16"),
+        error_median=_array(group, "error_median", (h, w), cfg.chunk, "float16"),
+    )
+    prev = stage.previous
+    previous = zarr.open_array(store=zarr_store(prev.group_url, prev.storage_options, read_only=True),
+                               path=prev.path, mode="r")
+    magnet.refine_pass(plan, previous, maps, cfg.magnet.median)
+    t = magnet.stage_threshold(maps, cfg.magnet.count(h, w))
+    return magnet.merged(maps, previous, t)
+
+
+def store_stage_map(cfg, out: ImageOutput, stages: list[StagePlan], s: int) -> None:
+    """Blend stage ``s`` (not the last) into the map the next stage reads; marked complete last."""
+    stage = stages[s]
+    probs = stage_probabilities(cfg, out, stages, s)
+    group = _maps_group(out, s)
+    target = _array(group, "map", (stage.num_classes, stage.grid.height, stage.grid.width), cfg.chunk, "float16")
+    da.store(probs.astype(np.float16), target, lock=False)
+    target.attrs["complete"] = True
+
+
+def stage_map_complete(out: ImageOutput, s: int) -> bool:
+    try:
+        return bool(_maps_group(out, s)["map"].attrs.get("complete"))
+    except KeyError:
+        return False
