@@ -1,4 +1,4 @@
-"""``gigaseg`` command line: validate, run, status, demo, eval, submit, logs, job-status.
+"""``gigaseg`` command line: validate, run, status, demo, train, import-pairs, eval, submit, logs, job-status.
 
 Exit codes: 0 every image succeeded (or was already done), 1 some image failed, 2 the spec or the
 command line is wrong. Problems print one line each; ``--debug`` adds tracebacks.
@@ -135,7 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from jobs.evaluate import add_eval_parser
     from jobs.submit import add_submit_parsers
+    from jobs.train import add_import_parser, add_train_parser
 
+    add_train_parser(sub)
+    add_import_parser(sub)
     add_eval_parser(sub)
     add_submit_parsers(sub)
     return p

@@ -12,9 +12,11 @@ from jobs.progress import ProgressBar
 from jobs.report import Report
 from jobs.spec import JobSpec, SpecError
 from models.checkpoint import read_info, seeded_checkpoint
+from models.magnet import load_refiner, seeded_refiner
 from pipeline.cluster import start_ray
 from pipeline.dispatch import PoolConfig, WorkerPool
 from pipeline.engine import ImageResult, JobConfig, list_images, run_job
+from pipeline.magnet import MagnetConfig
 from pipeline.errors import CheckpointError
 from pipeline.output import WORK_DIR, default_colors, fingerprint
 from pipeline.predictor import PredictorConfig
@@ -28,6 +30,7 @@ class ResolvedModel:
     checkpoint: bytes
     class_names: tuple[str, ...]
     class_colors: tuple[tuple[int, int, int], ...]
+    refiner: bytes | None = None
 
 
 def resolve_model(spec: JobSpec) -> ResolvedModel:
@@ -63,7 +66,23 @@ def resolve_model(spec: JobSpec) -> ResolvedModel:
         names = tuple(c.name for c in m.classes)
         colors = tuple(c.color for c in m.classes) if all(c.color for c in m.classes) else None
         data = seeded_checkpoint(m.name, len(names), list(names), seed=m.seed, width=m.width)
-    return ResolvedModel(data, tuple(names), tuple(colors or default_colors(len(names))))
+    refiner = _resolve_refiner(spec, len(names)) if m.framework == "magnet" else None
+    return ResolvedModel(data, tuple(names), tuple(colors or default_colors(len(names))), refiner)
+
+
+def _resolve_refiner(spec: JobSpec, num_classes: int) -> bytes:
+    mg = spec.model.magnet
+    if mg.refiner is None:
+        return seeded_refiner(num_classes, seed=mg.refiner_seed)
+    try:
+        with filesystem(mg.refiner, spec.inputs.storage_options).open(fs_path(mg.refiner), "rb") as f:
+            data = f.read()
+        load_refiner(data, num_classes)  # fail now, naming the field, not in every worker
+    except FileNotFoundError:
+        raise SpecError("model.magnet.refiner", [f"model.magnet.refiner: {mg.refiner} does not exist"]) from None
+    except CheckpointError as err:
+        raise SpecError("model.magnet.refiner", [f"model.magnet.refiner: {mg.refiner}: {err}"]) from None
+    return data
 
 
 def job_config(spec: JobSpec, model: ResolvedModel, audit_dir: str | None = None) -> JobConfig:
@@ -75,6 +94,9 @@ def job_config(spec: JobSpec, model: ResolvedModel, audit_dir: str | None = None
         value_range=spec.inputs.value_range,
         extras=sorted(spec.output.extras),
         label_name=spec.output.label_name,
+        framework=spec.model.framework,
+        magnet=spec.model.magnet.model_dump(mode="json", exclude={"refiner"}) if spec.model.framework == "magnet" else None,
+        refiner=hashlib.sha256(model.refiner).hexdigest() if model.refiner else None,
     )
     return JobConfig(
         input_url=spec.inputs.url,
@@ -109,18 +131,27 @@ def job_config(spec: JobSpec, model: ResolvedModel, audit_dir: str | None = None
         fail_fast=spec.failure.mode == "fail_fast",
         tile_retries=spec.failure.tile_retries,
         fingerprint=fp,
+        magnet=_magnet_config(spec),
+        refiner=model.refiner,
     )
 
 
-def stage_checkpoint(cfg: JobConfig) -> str:
-    """Copy the job's checkpoint into the output store (once per content) and return its URL."""
-    digest = hashlib.sha256(cfg.checkpoint).hexdigest()[:16]
-    url = join(cfg.output_url, WORK_DIR, f"model-{digest}.safetensors")
+def _magnet_config(spec: JobSpec) -> MagnetConfig | None:
+    if spec.model.framework != "magnet":
+        return None
+    mg = spec.model.magnet
+    return MagnetConfig(scales=mg.scales, replace=mg.replace, median=mg.median)
+
+
+def stage_checkpoint(cfg: JobConfig, data: bytes, kind: str = "model") -> str:
+    """Copy checkpoint bytes into the output store (once per content) and return their URL."""
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    url = join(cfg.output_url, WORK_DIR, f"{kind}-{digest}.safetensors")
     fs = filesystem(url, cfg.output_storage_options)
     if not fs.exists(fs_path(url)):
         fs.makedirs(fs_path(join(cfg.output_url, WORK_DIR)), exist_ok=True)
         with fs.open(fs_path(url), "wb") as f:
-            f.write(cfg.checkpoint)
+            f.write(data)
     return url
 
 
@@ -152,7 +183,8 @@ def run_spec(spec: JobSpec, *, progress: ProgressBar | None = None, audit_dir: s
         check_resources(cfg.pool)
         report = Report(spec.output.url, dict(spec.output.storage_options), [x.name for x in refs],
                         spec.model_dump(mode="json"))
-        pool = WorkerPool(stage_checkpoint(cfg), cfg.output_storage_options, cfg.pool)
+        refiner_url = stage_checkpoint(cfg, cfg.refiner, "refiner") if cfg.refiner else None
+        pool = WorkerPool(stage_checkpoint(cfg, cfg.checkpoint), cfg.output_storage_options, cfg.pool, refiner_url)
         try:  # actors load the model while the first image is prepared: no waiting on them here
             return run_job(cfg, refs, pool, progress or ProgressBar(), on_image=report.add)
         finally:

@@ -84,6 +84,21 @@ class ClassSpec(_Strict):
         return v
 
 
+class MagnetSpec(_Strict):
+    scales: int = Field(default=3, ge=2, le=12, description="stages; stage s runs at pyramid level scales-1-s")
+    replace: float = Field(default=0.75, gt=0, description="≤ 1: fraction of pixels replaced per stage; > 1: a count")
+    median: int = Field(default=5, ge=1, le=63, description="median filter side of the error score (odd)")
+    refiner: str | None = Field(default=None, description="refiner checkpoint URL; absent → seeded weights")
+    refiner_seed: int = Field(default=0, ge=0)
+
+    @field_validator("median")
+    @classmethod
+    def _odd(cls, v):
+        if v % 2 == 0:
+            raise ValueError(f"must be odd, got {v}")
+        return v
+
+
 class ModelSpec(_Strict):
     name: str = Field(default="fpn_resnet18", description="registry name (models.ARCHITECTURES)")
     checkpoint: str | None = Field(default=None, description="safetensors checkpoint URL")
@@ -93,6 +108,10 @@ class ModelSpec(_Strict):
     width: int = Field(default=64, ge=4, le=256, description="encoder base width for seeded models")
     seed: int = Field(default=0, ge=0, description="init seed when no checkpoint is given")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    framework: Literal["segment", "magnet"] = Field(
+        default="segment", description="segment: one pass at full resolution; magnet: coarse-to-fine refinement"
+    )
+    magnet: MagnetSpec = Field(default_factory=MagnetSpec)
 
     @field_validator("name")
     @classmethod

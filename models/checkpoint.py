@@ -66,7 +66,7 @@ def save_checkpoint(
         "class_colors": json.dumps(None if colors is None else [list(c) for c in colors]),
         "normalization": json.dumps(normalization.to_dict()),
     }
-    data = _canonical(st_save(state, metadata=metadata))
+    data = canonical_bytes(st_save(state, metadata=metadata))
     if path is not None:
         _atomic_write(Path(path), data)
     return data
@@ -190,7 +190,7 @@ def _load_tensors(data: bytes | bytearray | memoryview) -> dict[str, torch.Tenso
         raise CheckpointError(f"not a valid safetensors file: {e}") from e
 
 
-def _canonical(data: bytes) -> bytes:
+def canonical_bytes(data: bytes) -> bytes:
     """Re-emit the header with sorted keys: safetensors writes metadata in hash-map order, which
     varies between processes, and a seeded checkpoint must be byte-identical everywhere."""
     n = int.from_bytes(data[:8], "little")

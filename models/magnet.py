@@ -134,9 +134,11 @@ def save_refiner(refiner: Refiner, width: int = 64) -> bytes:
     """A refiner as safetensors bytes, its class count and width in the metadata."""
     from safetensors.torch import save
 
+    from models.checkpoint import canonical_bytes
+
     state = {k: v.detach().cpu().contiguous() for k, v in refiner.state_dict().items()}
     meta = {"format": REFINER_FORMAT, "num_classes": str(refiner.num_classes), "width": str(width)}
-    return save(state, metadata=meta)
+    return canonical_bytes(save(state, metadata=meta))
 
 
 def load_refiner(data: bytes, num_classes: int) -> Refiner:

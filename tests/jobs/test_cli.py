@@ -64,7 +64,7 @@ def test_status_of_a_non_output_exits_2(tmp_path, capsys):
     assert "no gigaseg output" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", [[], ["validate"], ["run"], ["status"], ["demo"], ["eval"]])
+@pytest.mark.parametrize("command", [[], ["validate"], ["run"], ["status"], ["demo"], ["eval"], ["train"], ["import-pairs"]])
 def test_help(command):
     proc = subprocess.run([sys.executable, "-m", "jobs.cli", *command, "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "usage: gigaseg" in proc.stdout

@@ -1,0 +1,171 @@
+"""The training spec (``gigaseg train SPEC``): YAML → one frozen, validated pydantic model.
+
+Same conventions as the job spec (``jobs.spec``): unknown keys rejected with their full key path, names
+are ``Literal``s, cross-field rules are validators, credentials never in ``storage_options``.
+
+Steps: each epoch is ``crops.batches_per_epoch`` optimiser steps; at each step every one of the
+``workers.num_workers`` data-parallel workers trains on its own batch of ``crops.batch_size`` crops, so
+the global batch is ``batch_size × num_workers``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from jobs.spec import SpecError, _check_storage_options, _format_errors, _Strict, apply_overrides
+
+
+class ValidationSpec(_Strict):
+    names: list[str] | None = Field(default=None, description="images held out for validation")
+    fraction: float = Field(default=0.0, ge=0, lt=1, description="else this share of the images, by seed")
+    scale: float = Field(default=1.0, gt=0, description="scale the held-out images are scored at")
+    exclude_classes: list[str] = Field(default_factory=list, description="classes left out of the mIoU")
+
+    @model_validator(mode="after")
+    def _one_rule(self):
+        if self.names and self.fraction:
+            raise ValueError("give either 'names' or 'fraction', not both")
+        return self
+
+
+class DatasetSpec(_Strict):
+    url: str = Field(description="a dataset built by `gigaseg import-pairs` (holds dataset.json)")
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    validation: ValidationSpec = Field(default_factory=ValidationSpec)
+
+    _storage = field_validator("storage_options")(_check_storage_options)
+
+
+class TrainModelSpec(_Strict):
+    name: str = Field(default="fpn_resnet18", description="registry name (models.ARCHITECTURES)")
+    width: int = Field(default=64, ge=8, le=256, multiple_of=8)
+    output_stride: Literal[8, 16, 32] | None = Field(default=None, description="default: the head's own")
+    init: str | None = Field(
+        default=None, description="checkpoint URL to fine-tune from; its head is re-initialised when its classes differ"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, v):
+        from models import ARCHITECTURES
+
+        if v not in ARCHITECTURES:
+            raise ValueError(f"unknown model {v!r}; valid: {', '.join(sorted(ARCHITECTURES))}")
+        return v
+
+
+class CropsSpec(_Strict):
+    size: int = Field(default=512, ge=32, le=4096, description="crop side fed to the network")
+    scales: list[float] = Field(default_factory=lambda: [1.0], min_length=1, description="crop covers size·scale px")
+    batches_per_epoch: int = Field(default=100, ge=1)
+    batch_size: int = Field(default=8, ge=1, le=1024, description="crops per worker per step")
+
+    @field_validator("size")
+    @classmethod
+    def _stride(cls, v):
+        if v % 32:
+            raise ValueError(f"must be a multiple of 32 (the network's coarsest stride), got {v}")
+        return v
+
+    @field_validator("scales")
+    @classmethod
+    def _positive(cls, v):
+        if any(s <= 0 for s in v):
+            raise ValueError(f"scales must be > 0, got {v}")
+        return v
+
+
+class AugmentSpec(_Strict):
+    flips: bool = True
+    rot90: bool = True
+
+
+class LossSpec(_Strict):
+    name: Literal["ce", "ohem", "focal"] = "ce"
+    threshold: float = Field(default=0.7, gt=0, le=1, description="ohem: pixels with p_true below this count")
+    min_kept: int = Field(default=100_000, ge=1, description="ohem: at least this many pixels per batch")
+    gamma: float = Field(default=3.0, ge=0, description="focal: (1 − p)^γ")
+    ignore_index: int | None = Field(default=None, ge=0, description="default: the dataset's")
+
+
+class OptimizerSpec(_Strict):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(default=0.01, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="sgd momentum")
+    weight_decay: float = Field(default=1e-4, ge=0)
+
+
+class ScheduleSpec(_Strict):
+    name: Literal["poly", "cosine", "constant"] = "poly"
+    power: float = Field(default=0.9, gt=0, description="poly: lr · (1 − t/T)^power")
+    warmup_steps: int = Field(default=0, ge=0, description="linear warm-up from 0")
+
+
+class WorkersSpec(_Strict):
+    num_workers: int = Field(default=1, ge=1, le=4096, description="Ray Train data-parallel workers")
+    use_gpu: bool | Literal["auto"] = Field(default="auto", description="auto: when the cluster has a GPU per worker")
+    cpus_per_worker: float = Field(default=1.0, gt=0, le=256)
+    torch_threads: int = Field(default=1, ge=1, le=256)
+    max_failures: int = Field(default=0, ge=-1, description="worker-group restarts (each resumes from latest.json)")
+
+
+class ClusterSpec(_Strict):
+    address: str | None = Field(default=None, description="absent → embedded local Ray")
+
+
+class TrainOutputSpec(_Strict):
+    url: str = Field(description="checkpoints (epoch-NNN/, latest.json), curves.png, model.safetensors")
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    if_exists: Literal["resume", "overwrite"] = "resume"
+    keep_last: int = Field(default=3, ge=0, description="epoch checkpoints kept (0: all)")
+
+    _storage = field_validator("storage_options")(_check_storage_options)
+
+
+class TrainSpec(_Strict):
+    dataset: DatasetSpec
+    model: TrainModelSpec = Field(default_factory=TrainModelSpec)
+    crops: CropsSpec = Field(default_factory=CropsSpec)
+    augment: AugmentSpec = Field(default_factory=AugmentSpec)
+    loss: LossSpec = Field(default_factory=LossSpec)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    epochs: int = Field(default=10, ge=1, le=100_000)
+    workers: WorkersSpec = Field(default_factory=WorkersSpec)
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+    output: TrainOutputSpec
+    seed: int = Field(default=0, ge=0)
+
+    def echo(self) -> str:
+        """The spec as YAML, defaults filled in (safe to log: it never holds credentials)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def parse_train_spec(data: Any, source: str = "spec") -> TrainSpec:
+    if not isinstance(data, dict):
+        raise SpecError(source, [f"(top level): expected a mapping, got {type(data).__name__}"])
+    try:
+        return TrainSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(source, _format_errors(err)) from None
+
+
+def load_train_spec(path: str | Path, overrides: list[str] | None = None) -> TrainSpec:
+    """Read, override (``--set key.path=value``) and validate a YAML training spec."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(str(path), ["file not found"]) from None
+    except yaml.YAMLError as err:
+        raise SpecError(str(path), [f"not valid YAML: {err}".replace("\n", " ")]) from None
+    if overrides:
+        data = apply_overrides(data if isinstance(data, dict) else {}, overrides)
+    return parse_train_spec(data, str(path))
+
+
+__all__ = ["TrainSpec", "load_train_spec", "parse_train_spec"]
