@@ -35,17 +35,29 @@ def _hash_noise(yy: np.ndarray, xx: np.ndarray, seed: int) -> np.ndarray:
     return (h & np.uint64(0xFFFF)).astype(np.float32) / 65536.0
 
 
-def land_cover(y0: int, x0: int, h: int, w: int, seed: int = 0) -> np.ndarray:
-    """RGB uint8 ``(h, w, 3)`` of the window at ``(y0, x0)`` of an endless synthetic scene."""
-    yy, xx = np.meshgrid(np.arange(y0, y0 + h), np.arange(x0, x0 + w), indexing="ij")
+def _regions(yy: np.ndarray, xx: np.ndarray, seed: int) -> np.ndarray:
+    """Region class 0–3 of each pixel: thresholds of a sum of four seeded plane waves."""
     fy, fx = yy.astype(np.float32), xx.astype(np.float32)
     rng = np.random.default_rng(seed)
-    field = np.zeros((h, w), np.float32)
+    field = np.zeros(yy.shape, np.float32)
     for _ in range(4):
         ky, kx = rng.uniform(0.0008, 0.006, 2)
         ph = rng.uniform(0, 2 * np.pi)
         field += np.sin(ky * fy + kx * fx + ph)
-    cls = np.digitize(field, [-1.2, 0.0, 1.3])  # 4 regions
+    return np.digitize(field, [-1.2, 0.0, 1.3])
+
+
+def land_cover_labels(y0: int, x0: int, h: int, w: int, seed: int = 0) -> np.ndarray:
+    """The region classes (0–3, as ``DEMO_CLASSES``) under ``land_cover``'s pixels: ``(h, w)`` uint8."""
+    yy, xx = np.meshgrid(np.arange(y0, y0 + h), np.arange(x0, x0 + w), indexing="ij")
+    return _regions(yy, xx, seed).astype(np.uint8)
+
+
+def land_cover(y0: int, x0: int, h: int, w: int, seed: int = 0) -> np.ndarray:
+    """RGB uint8 ``(h, w, 3)`` of the window at ``(y0, x0)`` of an endless synthetic scene."""
+    yy, xx = np.meshgrid(np.arange(y0, y0 + h), np.arange(x0, x0 + w), indexing="ij")
+    fy, fx = yy.astype(np.float32), xx.astype(np.float32)
+    cls = _regions(yy, xx, seed)
     palette = np.array([[120, 110, 90], [200, 190, 80], [40, 110, 40], [30, 60, 140]], np.float32)
     rgb = palette[cls]
     road = (np.abs(((fx + 0.3 * fy) % 1500) - 750) < 3) | (np.abs((fy % 2100) - 1000) < 2)

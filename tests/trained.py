@@ -1,0 +1,75 @@
+"""A tiny segmenter and MagNet refiner trained in seconds on the demo scene, for tests whose argmax must
+be decisive (untrained networks give near-uniform probabilities, whose argmax flips under any noise).
+
+Plain torch, seeded, no Ray: the training pipeline has its own tests.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from jobs.demo import DEMO_CLASSES, land_cover, land_cover_labels
+from models import ModelConfig, build_model
+from models.checkpoint import IMAGENET_NORMALIZATION, save_checkpoint
+from models.magnet import Refiner, save_refiner
+
+SIZE = 1024
+
+
+def _batch(image, labels, rng, n, crop, scale):
+    """n random crops of ``crop`` px at ``scale`` (image mean-pooled, labels nearest)."""
+    x = torch.from_numpy(image).permute(2, 0, 1).float()[None]
+    y = torch.from_numpy(labels.astype(np.int64))[None, None].float()
+    if scale > 1:
+        x = F.avg_pool2d(x, scale)
+        y = y[:, :, ::scale, ::scale]
+    h = x.shape[-1]
+    xs, ys = [], []
+    for _ in range(n):
+        i, j = rng.integers(0, h - crop + 1, 2)
+        xs.append(x[0, :, i : i + crop, j : j + crop])
+        ys.append(y[0, 0, i : i + crop, j : j + crop])
+    return torch.stack(xs), torch.stack(ys).long()
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_magnet(steps: int = 60) -> tuple[bytes, bytes]:
+    """``(segmenter checkpoint, refiner)`` bytes: fpn_resnet10 width 8 and a width-16 refiner."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    image = land_cover(0, 0, SIZE, SIZE, seed=31)
+    labels = land_cover_labels(0, 0, SIZE, SIZE, seed=31)
+    mean = torch.tensor(IMAGENET_NORMALIZATION.mean).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_NORMALIZATION.std).view(1, 3, 1, 1) * 255
+    config = ModelConfig(name="fpn_resnet10", num_classes=len(DEMO_CLASSES), width=8)
+    seg = build_model(config, seed=0).train()
+    opt = torch.optim.Adam(seg.parameters(), lr=5e-3)
+    for step in range(steps):
+        x, y = _batch(image, labels, rng, 8, 128, [1, 2, 4][step % 3])
+        loss = F.cross_entropy(seg((x - mean) / std), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    seg.eval()
+    refiner = Refiner(len(DEMO_CLASSES), width=16).train()
+    opt = torch.optim.Adam(refiner.parameters(), lr=5e-3)
+    for step in range(steps):
+        scale = [1, 2][step % 2]
+        x, y = _batch(image, labels, rng, 8, 128, scale)
+        with torch.no_grad():
+            fine = torch.softmax(seg((x - mean) / std), 1)
+            coarse_in = F.avg_pool2d(x, 2)
+            coarse = F.interpolate(torch.softmax(seg((coarse_in - mean) / std), 1), scale_factor=2,
+                                   mode="bilinear", align_corners=False)
+        loss = F.cross_entropy(refiner(fine, coarse), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    names = [c["name"] for c in DEMO_CLASSES]
+    colors = [tuple(c["color"]) for c in DEMO_CLASSES]
+    ckpt = save_checkpoint(None, seg, config, names, colors)
+    return ckpt, save_refiner(refiner.eval(), width=16)
