@@ -55,3 +55,20 @@ def test_missing_bucket_is_a_clear_error(s3_endpoint, tmp_path):
                                 inputs__storage_options={"endpoint_url": s3_endpoint}))
     with pytest.raises(InputNotFoundError, match="no-such-bucket-xyz"):
         run_spec(spec)
+
+
+def test_s3_magnet_job(tmp_path, s3_bucket, ray_cluster):
+    bucket, options = s3_bucket
+    write_archive(tmp_path / "in")
+    fs = s3fs.S3FileSystem(**options)
+    fs.put(str(tmp_path / "in" / "scene.zarr") + "/", f"{bucket}/archive/scene.zarr/", recursive=True)
+    spec = parse_spec(spec_dict(
+        f"s3://{bucket}/archive", f"s3://{bucket}/masks", inputs__storage_options=options,
+        output__storage_options=options, model__framework="magnet", model__magnet={"scales": 2, "median": 3},
+    ))
+    [result] = run_spec(spec)
+    assert result.status == "ok", result.error
+    assert result.tiles == 3 * 3 + 6 * 7  # level 1 (260×305) and level 0 (520×610): ⌈(n − 32)/96⌉ per axis
+    store = FsspecStore.from_url(f"s3://{bucket}/masks/scene.zarr/labels/segmentation/0",
+                                 storage_options=options, read_only=True)
+    assert zarr.open_array(store=store, mode="r").shape == (520, 610)
