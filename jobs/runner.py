@@ -73,7 +73,7 @@ def resolve_model(spec: JobSpec) -> ResolvedModel:
 def _resolve_refiner(spec: JobSpec, num_classes: int) -> bytes:
     mg = spec.model.magnet
     if mg.refiner is None:
-        return seeded_refiner(num_classes, seed=mg.refiner_seed)
+        return seeded_refiner(num_classes, seed=mg.refiner_seed, width=mg.refiner_width)
     try:
         with filesystem(mg.refiner, spec.inputs.storage_options).open(fs_path(mg.refiner), "rb") as f:
             data = f.read()

@@ -90,6 +90,7 @@ class MagnetSpec(_Strict):
     median: int = Field(default=5, ge=1, le=63, description="median filter side of the error score (odd)")
     refiner: str | None = Field(default=None, description="refiner checkpoint URL; absent → seeded weights")
     refiner_seed: int = Field(default=0, ge=0)
+    refiner_width: int = Field(default=64, ge=4, le=256, description="width of a seeded refiner (no checkpoint)")
 
     @field_validator("median")
     @classmethod
