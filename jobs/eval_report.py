@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.storage import filesystem, fs_path, is_local, join, local_path
+from pipeline.storage import join, write_bytes
 
 
 def write_outputs(result: dict[str, Any], out: str, so: Mapping[str, Any]) -> dict[str, str | None]:
@@ -24,20 +23,6 @@ def write_outputs(result: dict[str, Any], out: str, so: Mapping[str, Any]) -> di
                                                           title), so)
     write_bytes(paths["json"], json.dumps({**result, "outputs": paths}, indent=2).encode(), so)
     return paths
-
-
-def write_bytes(url: str, data: bytes, so: Mapping[str, Any]) -> None:
-    """Whole-file write: temp + rename locally, one PUT on object stores (as ``jobs.report.write_json``, which
-    is not imported here because ``jobs.report`` loads the engine, torch and Ray)."""
-    if is_local(url):
-        path = os.path.abspath(local_path(url))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(f"{path}.tmp", "wb") as f:
-            f.write(data)
-        os.replace(f"{path}.tmp", path)
-        return
-    with filesystem(url, so).open(fs_path(url), "wb") as f:
-        f.write(data)
 
 
 def confusion_png(cm: Sequence[Sequence[int]], names: Sequence[str], title: str = "") -> bytes:

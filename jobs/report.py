@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import time
 from dataclasses import asdict
@@ -11,7 +10,7 @@ from typing import Any
 
 from pipeline.engine import ImageResult
 from pipeline.output import REPORT_NAME, WORK_DIR, finished_tiles, image_output, read_state
-from pipeline.storage import filesystem, fs_path, is_local, join, local_path
+from pipeline.storage import filesystem, fs_path, join, write_json
 
 PLAN_NAME = "plan.json"
 
@@ -36,20 +35,6 @@ def totals(results: list[ImageResult], planned: int) -> dict[str, Any]:
         "tiles_retried": sum(r.tiles_retried for r in results),
         "seconds": round(sum(r.seconds for r in results), 3),
     }
-
-
-def write_json(url: str, data: dict, storage_options: dict[str, Any]) -> None:
-    """Write JSON so readers never see half a file: temp + rename locally, one PUT on object stores."""
-    blob = json.dumps(data, indent=2).encode()
-    if is_local(url):
-        path = os.path.abspath(local_path(url))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(f"{path}.tmp", "wb") as f:
-            f.write(blob)
-        os.replace(f"{path}.tmp", path)
-        return
-    with filesystem(url, storage_options).open(fs_path(url), "wb") as f:
-        f.write(blob)
 
 
 def read_json(url: str, storage_options: dict[str, Any]) -> dict | None:

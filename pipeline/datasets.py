@@ -21,7 +21,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from pipeline.output import default_colors, remove
 from pipeline.palette import DEEPGLOBE_CLASSES, decode_palette
 from pipeline.pyramid import Pyramid, ingest, open_pyramid
 from pipeline.sources import ImageSource, _LazyLevel, open_source, source_to_dask
-from pipeline.storage import filesystem, fs_path, is_local, join, local_path, zarr_store
+from pipeline.storage import filesystem, fs_path, join, write_json, zarr_store
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +280,7 @@ def import_samples(
                        threshold, chunk, min_size, so, out_so, overwrite)
     images = sorted(set(existing.images if existing else ()) | {p.name for p in pairs})
     info = _summarise(out_url, out_so, images, names, colors, ignore_index)
-    _write_json(join(out_url, DATASET_FILE), info.to_json(), out_so)
+    write_json(join(out_url, DATASET_FILE), info.to_json(), out_so)
     return info
 
 
@@ -458,20 +457,6 @@ def _summarise(out_url, so, images, names, colors, ignore_index) -> DatasetInfo:
     std = np.maximum(std, 1.0 / 255)  # a flat channel: avoid dividing by 0 at train time
     return DatasetInfo(out_url, names, colors, ignore_index, tuple(images), tuple(round(float(v), 6) for v in mean),
                        tuple(round(float(v), 6) for v in std), tuple(int(v) for v in class_pixels), so)
-
-
-def _write_json(url: str, data: dict, so: dict) -> None:
-    """Readers never see half a file: temp + rename locally, one PUT on object stores."""
-    blob = json.dumps(data, indent=2).encode()
-    if is_local(url):
-        path = os.path.abspath(local_path(url))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(f"{path}.tmp", "wb") as f:
-            f.write(blob)
-        os.replace(f"{path}.tmp", path)
-        return
-    with filesystem(url, so).open(fs_path(url), "wb") as f:
-        f.write(blob)
 
 
 __all__ = ["DATASET_FILE", "DatasetInfo", "Pair", "TrainingDataset", "import_pairs", "import_samples",

@@ -8,6 +8,7 @@ reads them from the environment or the standard config files.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -112,3 +113,20 @@ class AuditStore(zarr.storage.WrapperStore):
 
     def with_read_only(self, read_only: bool = False):
         return AuditStore(self._store.with_read_only(read_only), self._log_path, self._writer, self._root)
+
+
+def write_bytes(url: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Whole-file write that readers never see half done: temp + rename locally, one PUT on object stores."""
+    if is_local(url):
+        path = os.path.abspath(local_path(url))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(f"{path}.tmp", "wb") as f:
+            f.write(data)
+        os.replace(f"{path}.tmp", path)
+        return
+    with filesystem(url, storage_options).open(fs_path(url), "wb") as f:
+        f.write(data)
+
+
+def write_json(url: str, data: Any, storage_options: Mapping[str, Any] | None = None) -> None:
+    write_bytes(url, json.dumps(data, indent=2).encode(), storage_options)
