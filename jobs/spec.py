@@ -237,17 +237,18 @@ def _format_errors(err: ValidationError) -> list[str]:
     return lines
 
 
-def parse_spec(data: Any, source: str = "spec") -> JobSpec:
+def validate(model: type[BaseModel], data: Any, source: str = "spec"):
+    """Validate a raw mapping as ``model``; every problem becomes one ``field.path: message`` line."""
     if not isinstance(data, dict):
         raise SpecError(source, [f"(top level): expected a mapping, got {type(data).__name__}"])
     try:
-        return JobSpec.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as err:
         raise SpecError(source, _format_errors(err)) from None
 
 
-def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
-    """Read, override and validate a YAML spec; every problem becomes one line of ``SpecError``."""
+def read_yaml(path: str | Path, overrides: list[str] | None = None) -> Any:
+    """A YAML file with ``--set key.path=value`` overrides applied; unreadable files become ``SpecError``."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -255,5 +256,13 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
         raise SpecError(str(path), ["file not found"]) from None
     except yaml.YAMLError as err:
         raise SpecError(str(path), [f"not valid YAML: {err}".replace("\n", " ")]) from None
-    data = apply_overrides(data if isinstance(data, dict) else {}, overrides or []) if overrides else data
-    return parse_spec(data, str(path))
+    return apply_overrides(data if isinstance(data, dict) else {}, overrides) if overrides else data
+
+
+def parse_spec(data: Any, source: str = "spec") -> JobSpec:
+    return validate(JobSpec, data, source)
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    """Read, override and validate a YAML job spec."""
+    return parse_spec(read_yaml(path, overrides), str(path))
