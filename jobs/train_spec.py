@@ -6,6 +6,11 @@ are ``Literal``s, cross-field rules are validators, credentials never in ``stora
 Steps: each epoch is ``crops.batches_per_epoch`` optimiser steps; at each step every one of the
 ``workers.num_workers`` data-parallel workers trains on its own batch of ``crops.batch_size`` crops, so
 the global batch is ``batch_size × num_workers``.
+
+Tasks: ``segmenter`` (the default) trains ``model.*`` on random crops at ``crops.scales``;
+``magnet_refiner`` trains MagNet's refiner for the trained segmenter of ``refiner.segmenter`` (frozen) on
+pairs (a ``crops.size`` crop at a fine level L, a coarse view at L+1), with OHEM cross entropy unless
+``loss.name`` says otherwise; its ``refiner.safetensors`` is ``model.magnet.refiner`` of ``gigaseg run``.
 """
 
 from __future__ import annotations
@@ -126,7 +131,22 @@ class TrainOutputSpec(_Strict):
     _storage = field_validator("storage_options")(_check_storage_options)
 
 
+class RefinerSpec(_Strict):
+    segmenter: str = Field(description="model.safetensors of a finished segmenter training (frozen here)")
+    width: int = Field(default=64, ge=4, le=256, description="refiner width (MagNet's: 64)")
+    scales: int = Field(
+        default=3, ge=2, le=12,
+        description="model.magnet.scales of the jobs that will use it: pairs (crop at level L, coarse view at "
+                    "L+1) for L = 0 … scales−2",
+    )
+
+
 class TrainSpec(_Strict):
+    task: Literal["segmenter", "magnet_refiner"] = Field(
+        default="segmenter", description="segmenter: train model.*; magnet_refiner: train MagNet's refiner"
+    )
+    refiner: RefinerSpec | None = Field(default=None, validate_default=True,
+                                        description="task magnet_refiner: what to refine")
     dataset: DatasetSpec
     model: TrainModelSpec = Field(default_factory=TrainModelSpec)
     crops: CropsSpec = Field(default_factory=CropsSpec)
@@ -139,6 +159,45 @@ class TrainSpec(_Strict):
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
     output: TrainOutputSpec
     seed: int = Field(default=0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refiner_loss(cls, data):
+        """MagNet trains its refiner with OHEM CE (threshold 0.7): the default loss of that task."""
+        if isinstance(data, dict) and data.get("task") == "magnet_refiner":
+            loss = data.get("loss")
+            if loss is None:
+                data = {**data, "loss": {"name": "ohem"}}
+            elif isinstance(loss, dict) and "name" not in loss:
+                data = {**data, "loss": {**loss, "name": "ohem"}}
+        return data
+
+    @field_validator("refiner")
+    @classmethod
+    def _refiner_for_task(cls, v, info):
+        task = info.data.get("task")
+        if task == "magnet_refiner" and v is None:
+            raise ValueError("required when task is magnet_refiner (refiner.segmenter: the trained segmenter's "
+                             "model.safetensors)")
+        if task == "segmenter" and v is not None:
+            raise ValueError("only read when task is magnet_refiner; set task: magnet_refiner or remove it")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _model_for_task(cls, v, info):
+        if info.data.get("task") == "magnet_refiner" and v != TrainModelSpec():
+            raise ValueError("not read when task is magnet_refiner (the segmenter's checkpoint holds its "
+                             "architecture, refiner.width sizes the refiner); remove the model section")
+        return v
+
+    @field_validator("crops")
+    @classmethod
+    def _crops_for_task(cls, v, info):
+        if info.data.get("task") == "magnet_refiner" and v.scales != [1.0]:
+            raise ValueError("scales: not read when task is magnet_refiner (pairs are read at levels "
+                             "0 … refiner.scales − 2); remove crops.scales")
+        return v
 
     def echo(self) -> str:
         """The spec as YAML, defaults filled in (safe to log: it never holds credentials)."""
@@ -168,4 +227,4 @@ def load_train_spec(path: str | Path, overrides: list[str] | None = None) -> Tra
     return parse_train_spec(data, str(path))
 
 
-__all__ = ["TrainSpec", "load_train_spec", "parse_train_spec"]
+__all__ = ["RefinerSpec", "TrainSpec", "load_train_spec", "parse_train_spec"]

@@ -1,0 +1,396 @@
+"""The Ray Train worker of ``gigaseg train``: one loop (optimiser, LR schedule, resume, epoch checkpoints,
+progress, validation) for both training tasks, which differ only in a ``Trainee``:
+
+- ``segmenter``: the model of ``model.*`` on random multi-scale crops (``pipeline.crops.CropSampler``),
+  checkpoints written with ``models.checkpoint.save_checkpoint``.
+- ``magnet_refiner``: MagNet's refiner with the segmenter of ``refiner.segmenter`` frozen, on pairs
+  (``pipeline.crops.RefinerSampler``): for a crop at level L the refiner sees ``O = softmax(segmenter(crop))``
+  and ``Y_up`` = the ×2 bilinear upsampling of ``softmax(segmenter(coarse view at L+1))`` over the crop —
+  what ``pipeline/magnet.py`` feeds it at inference — and learns the mask; weights written with
+  ``models.magnet.save_refiner``.
+
+Every worker loads ``latest.json``'s checkpoint if there is one, wraps the model in DDP (``prepare_model``)
+and trains on its own draws (seeded by rank and epoch); rank 0 writes the checkpoints and sends progress
+events to the driver.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue as queue_lib
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from jobs.train_spec import TrainSpec
+from jobs.train_store import FINAL, REFINER_FINAL, CheckpointStore, read_url
+from pipeline.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the driver resolved from the spec and the dataset; workers get it as a dict. ``model`` is the
+    segmenter's ``ModelConfig`` dict, or for the refiner ``{"task", "num_classes", "width", "scales",
+    "segmenter_sha256"}``; ``normalization`` is the dataset's, or the frozen segmenter's."""
+
+    model: dict[str, Any]
+    class_names: list[str]
+    class_colors: list[list[int]]
+    normalization: dict[str, list[float]]
+    ignore_index: int
+    train_names: list[str]
+    val_names: list[str]
+    exclude_classes: list[int]
+
+
+def weights_name(spec: TrainSpec) -> str:
+    return REFINER_FINAL if spec.task == "magnet_refiner" else FINAL
+
+
+def init_weights(model, data: bytes, config, class_names) -> str:
+    """Check (and with ``model``, load) a fine-tuning checkpoint. With another class table, the tensors
+    whose shape depends on the class count (the classifier, heads that emit logits) keep their fresh
+    initialisation. Returns what was done, for the log."""
+    from safetensors.torch import load as st_load
+
+    from models.checkpoint import load_state_into, read_info
+
+    info = read_info(data)
+    theirs, ours = info.config, config
+    if (theirs.name, theirs.width, theirs.output_stride, theirs.in_channels) != (
+            ours.name, ours.width, ours.output_stride, ours.in_channels):
+        raise CheckpointError(
+            f"holds a {theirs.name!r} of width {theirs.width}, output stride {theirs.output_stride}; the spec asks "
+            f"for {ours.name!r}, width {ours.width}, output stride {ours.output_stride}: set model.name/width/"
+            "output_stride to the checkpoint's"
+        )
+    same = tuple(info.class_names) == tuple(class_names)
+    if model is not None:
+        state = st_load(data)
+        if not same:
+            head = _class_dependent(ours)
+            state = {k: v for k, v in state.items() if k not in head}
+        load_state_into(model, state, strict=same)
+    return "all weights" if same else f"all but the class head ({list(info.class_names)} → {list(class_names)})"
+
+
+def _class_dependent(config) -> set[str]:
+    """State-dict keys whose shape changes with ``num_classes`` (shapes only, on the meta device)."""
+    import dataclasses
+
+    import torch
+
+    from models import build_model
+
+    with torch.device("meta"):
+        a = build_model(config).state_dict()
+        b = build_model(dataclasses.replace(config, num_classes=config.num_classes + 1)).state_dict()
+    return {k for k in a if a[k].shape != b[k].shape}
+
+
+def lr_factor(step: int, total: int, name: str, power: float = 0.9, warmup: int = 0) -> float:
+    """LR multiplier after ``step`` of ``total`` steps: linear warm-up ``step/warmup``, then with
+    ``t = step / total``: poly ``(1 − t)^power``, cosine ``½(1 + cos πt)``, constant 1."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    t = min(step / max(total, 1), 1.0)
+    if name == "poly":
+        return (1.0 - t) ** power
+    if name == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+    return 1.0
+
+
+def _prefetch(batches: Iterator, depth: int = 2) -> Iterator:
+    """Read the next batches in a thread while the current one trains."""
+    q: queue_lib.Queue = queue_lib.Queue(maxsize=depth)
+    done = object()
+
+    def fill():
+        try:
+            for b in batches:
+                q.put(b)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the consumer
+            q.put(err)
+        q.put(done)
+
+    threading.Thread(target=fill, daemon=True).start()
+    while (item := q.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def _all_sum(values: list[float]) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _send(events, event: dict) -> None:
+    try:
+        events.put_nowait(event)
+    except Exception:  # noqa: BLE001 - progress is best effort (queue full or gone)
+        pass
+
+
+def _normalizer(normalization: dict, device):
+    """uint8 ``(B, 3, H, W)`` numpy → normalised float tensor on ``device``: ``(x − 255·mean) / (255·std)``."""
+    import torch
+
+    mean = torch.tensor(normalization["mean"], device=device).view(1, -1, 1, 1) * 255
+    std = torch.tensor(normalization["std"], device=device).view(1, -1, 1, 1) * 255
+    return lambda images: (torch.from_numpy(images).to(device).float() - mean) / std
+
+
+# ---------------------------------------------------------------- refiner pairs (pure torch)
+
+
+def upsample_taps_t(probs, rows, row_weights, cols, col_weights):
+    """``(C, S, S)`` coarse probabilities → ``(C, h, w)``: along y ``(1 − λ)·P[i0] + λ·P[i1]`` with ``rows
+    (2, h)`` = (i0, i1) and ``row_weights (h,)`` = λ, then the same along x — the arithmetic of
+    ``pipeline.reader.upsample2x_window``, in the same order."""
+    r = probs[:, rows[0]] * (1 - row_weights)[None, :, None] + probs[:, rows[1]] * row_weights[None, :, None]
+    return r[:, :, cols[0]] * (1 - col_weights)[None, None, :] + r[:, :, cols[1]] * col_weights[None, None, :]
+
+
+def augment_t(x, flip_y: bool, flip_x: bool, rot90: int):
+    """``pipeline.crops.augment`` for a ``(C, h, w)`` tensor: flip y, flip x, rotate ``rot90 · 90°``."""
+    import torch
+
+    if flip_y:
+        x = torch.flip(x, [1])
+    if flip_x:
+        x = torch.flip(x, [2])
+    return torch.rot90(x, rot90, dims=(1, 2)) if rot90 % 4 else x
+
+
+def refiner_inputs(segmenter, batch, to_input):
+    """A ``pipeline.crops.RefinerBatch`` → ``(fine (B, C, c, c), coarse_up (B, C, c, c), target (B, c, c))``:
+    ``fine = softmax(segmenter(crop))``, ``coarse_up`` = the upsampled ``softmax(segmenter(coarse view))`` over
+    the crop, augmented like the crop; the frozen ``segmenter`` runs without gradients."""
+    import torch
+
+    with torch.no_grad():
+        fine = torch.softmax(segmenter(to_input(batch.fine)).float(), dim=1)
+        coarse = torch.softmax(segmenter(to_input(batch.coarse)).float(), dim=1)
+        dev = coarse.device
+        rows, row_w, cols, col_w = (torch.from_numpy(a).to(dev) for a in (batch.rows, batch.row_weights, batch.cols,
+                                                                          batch.col_weights))
+        ups = []
+        for b in range(len(batch.fine)):
+            up = upsample_taps_t(coarse[b], rows[b], row_w[b], cols[b], col_w[b])
+            ups.append(augment_t(up, bool(batch.flips[b, 0]), bool(batch.flips[b, 1]), int(batch.rot90[b])))
+    return fine, torch.stack(ups), torch.from_numpy(batch.masks.astype(np.int64)).to(dev)
+
+
+# ---------------------------------------------------------------- the two tasks
+
+
+@dataclass(frozen=True)
+class Trainee:
+    """What differs between tasks. ``forward(model, batch) → (logits, target)``; ``validation(module, rank,
+    world)`` yields ``(logits, target, baseline probabilities or None)`` over this rank's share."""
+
+    model: Any
+    batches: Callable[[int, int], Iterator]
+    forward: Callable[[Any, Any], tuple[Any, Any]]
+    weights: Callable[[Any], bytes]
+    validation: Callable[[Any, int, int], Iterator[tuple[Any, Any, Any]]]
+    baseline: bool = False  # validation also scores the frozen segmenter alone (segmenter_miou)
+
+
+def segmenter_trainee(spec: TrainSpec, plan: Plan, rank: int, device, weights: bytes | None) -> Trainee:
+    import torch
+
+    from models import ModelConfig, build_model
+    from models.checkpoint import load_state_into, save_checkpoint
+    from pipeline.crops import CropConfig, CropSampler, read_crop, validation_windows
+    from pipeline.datasets import TrainingDataset
+
+    config = ModelConfig.from_dict(plan.model)
+    model = build_model(config, seed=spec.seed)
+    if weights is not None:
+        load_state_into(model, weights)
+    elif spec.model.init:
+        done = init_weights(model, read_url(spec.model.init, spec.dataset.storage_options), config, plan.class_names)
+        log.info("initialised from %s: %s", spec.model.init, done)
+    to_input = _normalizer(plan.normalization, device)
+    dataset = TrainingDataset(spec.dataset.url, spec.dataset.storage_options)
+    c = spec.crops
+    sampler = CropSampler(dataset, plan.train_names, CropConfig(c.size, tuple(c.scales), c.batch_size,
+                                                                spec.augment.flips, spec.augment.rot90),
+                          seed=spec.seed, rank=rank)
+
+    def forward(m, batch):
+        images, masks = batch
+        return m(to_input(images)), torch.from_numpy(masks.astype(np.int64)).to(device)
+
+    def validation(module, rank: int, world: int):
+        windows = [(n, lvl, w) for n in plan.val_names
+                   for lvl, w in validation_windows(dataset.shapes(n), c.size, spec.dataset.validation.scale)]
+        mine = windows[rank::world]
+        for i in range(0, len(mine), c.batch_size):
+            pairs = [read_crop(dataset, n, lvl, w, c.size) for n, lvl, w in mine[i : i + c.batch_size]]
+            yield forward(module, (np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]))) + (None,)
+
+    return Trainee(model, lambda epoch, n: sampler.batches(epoch, n), forward,
+                   lambda m: save_checkpoint(None, m, config, plan.class_names, plan.class_colors, plan.normalization),
+                   validation)
+
+
+def refiner_trainee(spec: TrainSpec, plan: Plan, rank: int, device, weights: bytes | None) -> Trainee:
+    import torch
+
+    from models.checkpoint import load_checkpoint
+    from models.magnet import Refiner, load_refiner, save_refiner
+    from pipeline.crops import CropConfig, RefinerSampler, read_pairs, refiner_validation_draws
+    from pipeline.datasets import TrainingDataset
+
+    r, k, c = spec.refiner, len(plan.class_names), spec.crops
+    segmenter, _ = load_checkpoint(read_url(r.segmenter, spec.dataset.storage_options))
+    segmenter = segmenter.to(device).eval().requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = Refiner(k, width=r.width)
+    if weights is not None:
+        model.load_state_dict(load_refiner(weights, k).state_dict())
+    to_input = _normalizer(plan.normalization, device)
+    dataset = TrainingDataset(spec.dataset.url, spec.dataset.storage_options)
+    levels = list(range(r.scales - 1))
+    sampler = RefinerSampler(dataset, plan.train_names, CropConfig(c.size, (1.0,), c.batch_size, spec.augment.flips,
+                                                                   spec.augment.rot90), levels, spec.seed, rank)
+
+    def forward(m, batch):
+        fine, coarse_up, target = refiner_inputs(segmenter, batch, to_input)
+        return m(fine, coarse_up), target
+
+    def validation(module, rank: int, world: int):
+        draws = [d for n in plan.val_names for d in refiner_validation_draws(n, dataset.shapes(n), c.size, levels)]
+        mine = draws[rank::world]
+        for i in range(0, len(mine), c.batch_size):
+            fine, coarse_up, target = refiner_inputs(segmenter, read_pairs(dataset, mine[i : i + c.batch_size], c.size),
+                                                     to_input)
+            yield module(fine, coarse_up), target, fine
+
+    return Trainee(model, lambda epoch, n: sampler.batches(epoch, n), forward, lambda m: save_refiner(m, r.width),
+                   validation, baseline=True)
+
+
+def score(items: Iterable, k: int, ignore: int, exclude: list[int], baseline: bool = False) -> dict:
+    """Validation loss (CE), mIoU and pixel accuracy of ``(logits, target, baseline)`` items, confusion
+    matrices summed over ranks with all-reduce; ``segmenter_miou`` of the baseline's argmax when asked."""
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.metrics import mean_iou, pixel_accuracy
+
+    cms = torch.zeros(2, k * k, dtype=torch.float64)
+    loss_sum = count = 0.0
+    for logits, y, base in items:
+        valid = y != ignore
+        loss_sum += float(F.cross_entropy(logits.float(), y, ignore_index=ignore, reduction="sum"))
+        count += float(valid.sum())
+        for i, pred in enumerate([logits] + ([base] if baseline else [])):
+            cms[i] += torch.bincount((y[valid] * k + pred.argmax(1)[valid]).cpu(), minlength=k * k).double()
+    totals = _all_sum([loss_sum, count, *cms.flatten().tolist()])
+    matrices = np.asarray(totals[2:]).reshape(2, k, k)
+    out = {"val_loss": totals[0] / totals[1] if totals[1] else float("nan"),
+           "miou": mean_iou(matrices[0], exclude=exclude), "pixel_accuracy": pixel_accuracy(matrices[0])}
+    if baseline:
+        out["segmenter_miou"] = mean_iou(matrices[1], exclude=exclude)
+    return out
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from models.losses import LossConfig, build_loss
+
+    spec, plan, events = TrainSpec.model_validate(config["spec"]), Plan(**config["plan"]), config["events"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(spec.workers.torch_threads)
+    device = ray.train.torch.get_device()
+    store = CheckpointStore(spec.output.url, spec.output.storage_options, weights=weights_name(spec))
+    latest = store.latest()
+    weights, state = store.load_epoch(latest) if latest else (None, None)
+    make = refiner_trainee if spec.task == "magnet_refiner" else segmenter_trainee
+    trainee = make(spec, plan, rank, device, weights)
+    model = ray.train.torch.prepare_model(trainee.model)
+    module = model.module if hasattr(model, "module") else model
+    o, s = spec.optimizer, spec.schedule
+    if o.name == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    steps, batch = spec.crops.batches_per_epoch, spec.crops.batch_size
+    total = spec.epochs * steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total, s.name, s.power, s.warmup_steps))
+    history: dict[str, list] = {}
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history = state["history"]
+    loss_fn = build_loss(LossConfig(spec.loss.name, plan.ignore_index, spec.loss.threshold, spec.loss.min_kept,
+                                    spec.loss.gamma))
+
+    for epoch in range((latest or {"epoch": 0})["epoch"] + 1, spec.epochs + 1):
+        model.train()
+        t0 = last = time.monotonic()
+        loss_sum = 0.0
+        for step, item in enumerate(_prefetch(trainee.batches(epoch, steps)), 1):
+            loss = loss_fn(*trainee.forward(model, item))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.item()
+            now = time.monotonic()
+            if rank == 0 and (now - last >= 1.0 or step == steps):
+                last = now
+                _send(events, {"kind": "step", "epoch": epoch, "step": step, "steps": steps,
+                               "loss": loss_sum / step, "elapsed": now - t0,
+                               "crops_per_s": step * batch * world / (now - t0)})
+        seconds = time.monotonic() - t0
+        loss_total, n = _all_sum([loss_sum, steps])
+        metrics = {"epoch": epoch, "train_loss": loss_total / n, "lr": scheduler.get_last_lr()[0],
+                   "seconds": seconds, "crops_per_s": steps * batch * world / seconds}
+        if plan.val_names:
+            module.eval()
+            with torch.inference_mode():
+                metrics |= score(trainee.validation(module, rank, world), len(plan.class_names), plan.ignore_index,
+                                 plan.exclude_classes, trainee.baseline)
+        for k, v in metrics.items():
+            history.setdefault(k, []).append(v)
+        if rank == 0:
+            state = {"epoch": epoch, "step": epoch * steps, "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "history": history}
+            store.save_epoch(epoch, trainee.weights(module), state, history,
+                             {"model": plan.model, "class_names": plan.class_names, "metrics": metrics},
+                             spec.output.keep_last)
+            _send(events, {"kind": "epoch", "metrics": metrics})
+        ray.train.report(metrics)  # a barrier: no worker starts the next epoch before the checkpoint exists
+    if rank == 0:
+        store.write(store.weights, trainee.weights(module))
+
+
+__all__ = ["Plan", "Trainee", "augment_t", "init_weights", "lr_factor", "refiner_inputs", "score", "train_worker",
+           "upsample_taps_t", "weights_name"]
