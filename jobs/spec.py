@@ -34,11 +34,14 @@ class SpecError(GigasegError, ValueError):
         super().__init__(f"{source}: " + "; ".join(problems))
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """Base of every spec section: frozen, unknown keys rejected."""
+
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _check_storage_options(value: dict[str, Any]) -> dict[str, Any]:
+def check_storage_options(value: dict[str, Any]) -> dict[str, Any]:
     def walk(d: dict[str, Any], path: str) -> None:
         for k, v in d.items():
             if k.lower() in SECRET_KEYS:
@@ -54,7 +57,7 @@ def _check_storage_options(value: dict[str, Any]) -> dict[str, Any]:
     return value
 
 
-class InputsSpec(_Strict):
+class InputsSpec(Strict):
     url: str = Field(description="local path, file://, s3://bucket/prefix or any fsspec URL")
     patterns: list[str] = Field(default_factory=lambda: ["**/*"], min_length=1)
     storage_options: dict[str, Any] = Field(default_factory=dict)
@@ -62,7 +65,7 @@ class InputsSpec(_Strict):
         default=None, description="input values mapped linearly to 0..255 (needed for int16/int32 inputs)"
     )
 
-    _storage = field_validator("storage_options")(_check_storage_options)
+    _storage = field_validator("storage_options")(check_storage_options)
 
     @field_validator("value_range")
     @classmethod
@@ -72,7 +75,7 @@ class InputsSpec(_Strict):
         return v
 
 
-class ClassSpec(_Strict):
+class ClassSpec(Strict):
     name: str = Field(min_length=1)
     color: tuple[int, int, int] | None = None
 
@@ -84,7 +87,7 @@ class ClassSpec(_Strict):
         return v
 
 
-class MagnetSpec(_Strict):
+class MagnetSpec(Strict):
     scales: int = Field(default=3, ge=2, le=12, description="stages; stage s runs at pyramid level scales-1-s")
     replace: float = Field(default=0.75, gt=0, description="≤ 1: fraction of pixels replaced per stage; > 1: a count")
     median: int = Field(default=5, ge=1, le=63, description="median filter side of the error score (odd)")
@@ -100,7 +103,7 @@ class MagnetSpec(_Strict):
         return v
 
 
-class ModelSpec(_Strict):
+class ModelSpec(Strict):
     name: str = Field(default="fpn_resnet18", description="registry name (models.ARCHITECTURES)")
     checkpoint: str | None = Field(default=None, description="safetensors checkpoint URL")
     classes: list[ClassSpec] | None = Field(
@@ -130,7 +133,7 @@ class ModelSpec(_Strict):
         return self
 
 
-class TilingSpec(_Strict):
+class TilingSpec(Strict):
     tile: int = Field(default=512, ge=32, le=8192)
     overlap: int = Field(default=128, ge=0)
     batch: int = Field(default=8, ge=1, le=1024)
@@ -159,17 +162,17 @@ class TilingSpec(_Strict):
 Extra = Literal["confidence", "probabilities"]
 
 
-class OutputSpec(_Strict):
+class OutputSpec(Strict):
     url: str
     storage_options: dict[str, Any] = Field(default_factory=dict)
     extras: list[Extra] = Field(default_factory=list)
     if_exists: Literal["resume", "overwrite"] = "resume"
     label_name: str = Field(default="segmentation", pattern=r"^[A-Za-z0-9_.-]+$")
 
-    _storage = field_validator("storage_options")(_check_storage_options)
+    _storage = field_validator("storage_options")(check_storage_options)
 
 
-class ResourcesSpec(_Strict):
+class ResourcesSpec(Strict):
     workers: int = Field(default=2, ge=1, le=4096)
     gpus_per_worker: float = Field(default=1.0, ge=0, le=8)
     cpus_per_worker: float = Field(default=1.0, gt=0, le=256)
@@ -177,19 +180,19 @@ class ResourcesSpec(_Strict):
     in_flight_per_worker: int = Field(default=2, ge=1, le=64)
 
 
-class ClusterSpec(_Strict):
+class ClusterSpec(Strict):
     address: str | None = Field(default=None, description="absent → embedded local Ray")
     local_gpus: int | None = Field(
         default=None, ge=0, description="logical GPUs of the embedded cluster (default: workers × gpus)"
     )
 
 
-class FailureSpec(_Strict):
+class FailureSpec(Strict):
     mode: Literal["continue", "fail_fast"] = "continue"
     tile_retries: int = Field(default=2, ge=0, le=100)
 
 
-class JobSpec(_Strict):
+class JobSpec(Strict):
     inputs: InputsSpec
     model: ModelSpec = Field(default_factory=ModelSpec)
     tiling: TilingSpec = Field(default_factory=TilingSpec)
@@ -232,7 +235,7 @@ def _format_errors(err: ValidationError) -> list[str]:
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check its spelling and place; see README 'Job spec')"
+            msg = "unknown key (check its spelling and place)"
         lines.append(f"{loc}: {msg}")
     return lines
 

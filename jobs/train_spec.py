@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from jobs.spec import SpecError, _check_storage_options, _format_errors, _Strict, apply_overrides
+from jobs.spec import Strict, check_storage_options, read_yaml, validate
 
 
-class ValidationSpec(_Strict):
+class ValidationSpec(Strict):
     names: list[str] | None = Field(default=None, description="images held out for validation")
     fraction: float = Field(default=0.0, ge=0, lt=1, description="else this share of the images, by seed")
     scale: float = Field(default=1.0, gt=0, description="scale the held-out images are scored at")
@@ -37,15 +37,15 @@ class ValidationSpec(_Strict):
         return self
 
 
-class DatasetSpec(_Strict):
+class DatasetSpec(Strict):
     url: str = Field(description="a dataset built by `gigaseg import-pairs` (holds dataset.json)")
     storage_options: dict[str, Any] = Field(default_factory=dict)
     validation: ValidationSpec = Field(default_factory=ValidationSpec)
 
-    _storage = field_validator("storage_options")(_check_storage_options)
+    _storage = field_validator("storage_options")(check_storage_options)
 
 
-class TrainModelSpec(_Strict):
+class TrainModelSpec(Strict):
     name: str = Field(default="fpn_resnet18", description="registry name (models.ARCHITECTURES)")
     width: int = Field(default=64, ge=8, le=256, multiple_of=8)
     output_stride: Literal[8, 16, 32] | None = Field(default=None, description="default: the head's own")
@@ -63,7 +63,7 @@ class TrainModelSpec(_Strict):
         return v
 
 
-class CropsSpec(_Strict):
+class CropsSpec(Strict):
     size: int = Field(default=512, ge=32, le=4096, description="crop side fed to the network")
     scales: list[float] = Field(default_factory=lambda: [1.0], min_length=1, description="crop covers size·scale px")
     batches_per_epoch: int = Field(default=100, ge=1)
@@ -84,12 +84,12 @@ class CropsSpec(_Strict):
         return v
 
 
-class AugmentSpec(_Strict):
+class AugmentSpec(Strict):
     flips: bool = True
     rot90: bool = True
 
 
-class LossSpec(_Strict):
+class LossSpec(Strict):
     name: Literal["ce", "ohem", "focal"] = "ce"
     threshold: float = Field(default=0.7, gt=0, le=1, description="ohem: pixels with p_true below this count")
     min_kept: int = Field(default=100_000, ge=1, description="ohem: at least this many pixels per batch")
@@ -97,20 +97,20 @@ class LossSpec(_Strict):
     ignore_index: int | None = Field(default=None, ge=0, description="default: the dataset's")
 
 
-class OptimizerSpec(_Strict):
+class OptimizerSpec(Strict):
     name: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(default=0.01, gt=0)
     momentum: float = Field(default=0.9, ge=0, lt=1, description="sgd momentum")
     weight_decay: float = Field(default=1e-4, ge=0)
 
 
-class ScheduleSpec(_Strict):
+class ScheduleSpec(Strict):
     name: Literal["poly", "cosine", "constant"] = "poly"
     power: float = Field(default=0.9, gt=0, description="poly: lr · (1 − t/T)^power")
     warmup_steps: int = Field(default=0, ge=0, description="linear warm-up from 0")
 
 
-class WorkersSpec(_Strict):
+class WorkersSpec(Strict):
     num_workers: int = Field(default=1, ge=1, le=4096, description="Ray Train data-parallel workers")
     use_gpu: bool | Literal["auto"] = Field(default="auto", description="auto: when the cluster has a GPU per worker")
     cpus_per_worker: float = Field(default=1.0, gt=0, le=256)
@@ -118,20 +118,20 @@ class WorkersSpec(_Strict):
     max_failures: int = Field(default=0, ge=-1, description="worker-group restarts (each resumes from latest.json)")
 
 
-class ClusterSpec(_Strict):
+class ClusterSpec(Strict):
     address: str | None = Field(default=None, description="absent → embedded local Ray")
 
 
-class TrainOutputSpec(_Strict):
+class TrainOutputSpec(Strict):
     url: str = Field(description="checkpoints (epoch-NNN/, latest.json), curves.png, model.safetensors")
     storage_options: dict[str, Any] = Field(default_factory=dict)
     if_exists: Literal["resume", "overwrite"] = "resume"
     keep_last: int = Field(default=3, ge=0, description="epoch checkpoints kept (0: all)")
 
-    _storage = field_validator("storage_options")(_check_storage_options)
+    _storage = field_validator("storage_options")(check_storage_options)
 
 
-class RefinerSpec(_Strict):
+class RefinerSpec(Strict):
     segmenter: str = Field(description="model.safetensors of a finished segmenter training (frozen here)")
     width: int = Field(default=64, ge=4, le=256, description="refiner width (MagNet's: 64)")
     scales: int = Field(
@@ -141,7 +141,7 @@ class RefinerSpec(_Strict):
     )
 
 
-class TrainSpec(_Strict):
+class TrainSpec(Strict):
     task: Literal["segmenter", "magnet_refiner"] = Field(
         default="segmenter", description="segmenter: train model.*; magnet_refiner: train MagNet's refiner"
     )
@@ -205,26 +205,13 @@ class TrainSpec(_Strict):
 
 
 def parse_train_spec(data: Any, source: str = "spec") -> TrainSpec:
-    if not isinstance(data, dict):
-        raise SpecError(source, [f"(top level): expected a mapping, got {type(data).__name__}"])
-    try:
-        return TrainSpec.model_validate(data)
-    except ValidationError as err:
-        raise SpecError(source, _format_errors(err)) from None
+    return validate(TrainSpec, data, source)
 
 
 def load_train_spec(path: str | Path, overrides: list[str] | None = None) -> TrainSpec:
     """Read, override (``--set key.path=value``) and validate a YAML training spec."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise SpecError(str(path), ["file not found"]) from None
-    except yaml.YAMLError as err:
-        raise SpecError(str(path), [f"not valid YAML: {err}".replace("\n", " ")]) from None
-    if overrides:
-        data = apply_overrides(data if isinstance(data, dict) else {}, overrides)
-    return parse_train_spec(data, str(path))
+    return parse_train_spec(read_yaml(path, overrides), str(path))
+
 
 
 __all__ = ["RefinerSpec", "TrainSpec", "load_train_spec", "parse_train_spec"]

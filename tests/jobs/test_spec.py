@@ -25,7 +25,7 @@ def test_minimal_spec_fills_defaults():
 def test_unknown_key_is_rejected_with_its_full_path():
     with pytest.raises(SpecError) as e:
         parse_spec(_with(tiling__overlapp=3))
-    assert e.value.problems == ["tiling.overlapp: unknown key (check its spelling and place; see README 'Job spec')"]
+    assert e.value.problems == ["tiling.overlapp: unknown key (check its spelling and place)"]
 
 
 @pytest.mark.parametrize(
