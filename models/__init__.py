@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ from models.heads import (
     SegNetDecoder,
     UNetDecoder,
 )
+from models.pointrend import PointRend
 from models.resnet import ResNet10Encoder, ResNet18Encoder, ResNet34Encoder, ResNet50Encoder
 from models.segmenter import Segmenter
 
@@ -80,6 +81,16 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "unet_resnet50": ("resnet50", "unet"),
 }
 
+# Refiner name -> class wrapped around the Segmenter (ModelConfig.refine); built as
+# cls(segmenter, point_channels=..., subdivision_steps=..., subdivision_points=...).
+REFINERS: dict[str, type[nn.Module]] = {
+    "pointrend": PointRend,
+}
+Refine = Literal["pointrend"]
+# ModelConfig fields that only a refiner reads, with their defaults; to_dict leaves them out when
+# refine is None, so plain configs (and their checkpoints' bytes) are what they were before refiners.
+REFINE_FIELDS = ("point_channels", "subdivision_steps", "subdivision_points")
+
 OUTPUT_STRIDES = (8, 16, 32)
 MIN_WIDTH, MAX_WIDTH = 8, 256
 
@@ -106,6 +117,10 @@ class ModelConfig:
     with it (e.g. FPN: pyramid 2*width, segmentation width channels) so narrow variants are cheap
     end to end. ``output_stride`` None (the default) becomes the head's default: 16 for DeepLab v3
     (which needs an atrous encoder), 32 for every other head.
+
+    ``refine="pointrend"`` wraps the segmenter in ``PointRend`` (heads that emit features only):
+    ``point_channels`` is its point head's width, ``subdivision_steps`` (None: log2 of the head's
+    stride, which ends at the input resolution) and ``subdivision_points`` drive its inference.
     """
 
     name: str
@@ -113,6 +128,10 @@ class ModelConfig:
     in_channels: int = 3
     width: int = 64
     output_stride: int | None = None
+    refine: Refine | None = None
+    point_channels: int = 256
+    subdivision_steps: int | None = None
+    subdivision_points: int = 8192
 
     def __post_init__(self) -> None:
         _check_name(self.name, ARCHITECTURES, "model name")
@@ -130,9 +149,42 @@ class ModelConfig:
                 f"ModelConfig.output_stride={self.output_stride!r} is not supported by "
                 f"{self.name!r}; its head {head!r} takes one of {allowed}"
             )
+        self._check_refine(head)
+
+    def _check_refine(self, head: str) -> None:
+        if self.refine is None:
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            changed = [n for n in REFINE_FIELDS if getattr(self, n) != defaults[n]]
+            if changed:
+                raise ValueError(
+                    f"ModelConfig.{changed[0]} is a refiner option but refine is None; "
+                    f"set refine to one of {sorted(REFINERS)} or drop {changed}"
+                )
+            return
+        _check_name(self.refine, REFINERS, "refine")
+        if DECODERS[head].emits_logits:
+            feature_heads = sorted(h for h, cls in DECODERS.items() if not cls.emits_logits)
+            raise ValueError(
+                f"ModelConfig.refine={self.refine!r} needs a head that exposes fine features; "
+                f"{self.name!r} has head {head!r} ({DECODERS[head].__name__}), which emits class "
+                f"logits. Use a model with one of the heads {feature_heads} (e.g. fpn_resnet18)"
+            )
+        if self.num_classes < 2:
+            raise ValueError(
+                f"ModelConfig.refine={self.refine!r} ranks points by the gap between the two best "
+                f"classes; num_classes={self.num_classes} needs to be >= 2"
+            )
+        _check_int("point_channels", self.point_channels, 8, 1024)
+        _check_int("subdivision_points", self.subdivision_points, 1)
+        if self.subdivision_steps is not None:  # its upper bound is the head's stride: PointRend checks
+            _check_int("subdivision_steps", self.subdivision_steps, 0, 8)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if self.refine is None:
+            for name in ("refine", *REFINE_FIELDS):
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
@@ -154,8 +206,11 @@ class ModelConfig:
         return cls(**data)
 
 
-def build_model(config: ModelConfig, seed: int | None = None) -> Segmenter:
+def build_model(config: ModelConfig, seed: int | None = None) -> Segmenter | PointRend:
     """Build the (randomly initialised, train-mode) model ``config`` names.
+
+    A ``refine`` config wraps the segmenter in its refiner; the segmenter's initialisation is the
+    same as without it (it is built first from the same seed).
 
     With ``seed`` the initialisation is deterministic; the global RNG state of the caller is
     restored afterwards, so seeding here never changes what the caller draws next.
@@ -171,14 +226,24 @@ def build_model(config: ModelConfig, seed: int | None = None) -> Segmenter:
         return _construct(config, encoder_name, decoder_name)
 
 
-def _construct(config: ModelConfig, encoder_name: str, decoder_name: str) -> Segmenter:
+def _construct(
+    config: ModelConfig, encoder_name: str, decoder_name: str
+) -> Segmenter | PointRend:
     encoder = ENCODERS[encoder_name](
         in_channels=config.in_channels, width=config.width, output_stride=config.output_stride
     )
     decoder = DECODERS[decoder_name](
         EncoderSpec.of(encoder), num_classes=config.num_classes, width=config.width
     )
-    return Segmenter(encoder, decoder, config.num_classes)
+    segmenter = Segmenter(encoder, decoder, config.num_classes)
+    if config.refine is None:
+        return segmenter
+    return REFINERS[config.refine](
+        segmenter,
+        point_channels=config.point_channels,
+        subdivision_steps=config.subdivision_steps,
+        subdivision_points=config.subdivision_points,
+    )
 
 
 __all__ = [
@@ -187,6 +252,8 @@ __all__ = [
     "DECODERS",
     "ENCODERS",
     "ModelConfig",
+    "PointRend",
+    "REFINERS",
     "Segmenter",
     "build_model",
 ]
