@@ -21,10 +21,17 @@ from tests.archive import spec_dict
 pytestmark = pytest.mark.integration
 
 
-def _tile_workers() -> list[psutil.Process]:
-    """This test process's Ray tile workers (other sessions' clusters are not ours to kill)."""
-    me = psutil.Process()
-    return [p for p in me.children(recursive=True) if "TileWorker" in " ".join(p.cmdline() or [])]
+def _busy_tile_workers() -> list[psutil.Process]:
+    """This test process's tile workers that are running a batch right now (Ray titles them
+    ``ray::TileWorker.run`` while the method runs); other sessions' clusters are not ours to kill."""
+    busy = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "TileWorker.run" in " ".join(p.cmdline() or []):
+                busy.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return busy
 
 
 def test_sigkilled_worker_mid_job(tmp_path, ray_cluster):
@@ -34,28 +41,30 @@ def test_sigkilled_worker_mid_job(tmp_path, ray_cluster):
     arr = zarr.create_array(store=str(tmp_path / "in" / "big.zarr"), shape=(1024, 1024, 3), chunks=(512, 512, 3),
                             dtype="uint8")
     arr[:] = land_cover(0, 0, 1024, 1024, seed=8)
-    spec = spec_dict(str(tmp_path / "in"), str(tmp_path / "out"), tiling__batch=2)
+    spec = spec_dict(str(tmp_path / "in"), str(tmp_path / "out"), tiling__batch=1)
     tiles_url = str(tmp_path / "out" / "_work" / "big" / "stage-0" / "tiles")
     killed: list[int] = []
 
     def kill_one_worker() -> None:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and len(finished_tiles(tiles_url, {})) < 10:
-            time.sleep(0.05)
-        workers = _tile_workers()
-        if workers:
-            os.kill(workers[0].pid, signal.SIGKILL)
-            killed.append(workers[0].pid)
+        while time.monotonic() < deadline:
+            if len(finished_tiles(tiles_url, {})) >= 10:
+                busy = _busy_tile_workers()
+                if busy:
+                    os.kill(busy[0].pid, signal.SIGKILL)  # mid-batch: its calls are lost
+                    killed.append(busy[0].pid)
+                    return
+            time.sleep(0.02)
 
     killer = threading.Thread(target=kill_one_worker, daemon=True)
     killer.start()
     [result] = run_spec(parse_spec(spec))
     killer.join()
-    assert killed, "no worker was found to kill"
+    assert killed, "no busy worker was found to kill"
     assert result.status == "ok", result.error
     assert result.tiles_retried > 0, "the killed worker's batch was re-run and counted"
 
-    [clean] = run_spec(parse_spec(spec_dict(str(tmp_path / "in"), str(tmp_path / "clean"), tiling__batch=2)))
+    [clean] = run_spec(parse_spec(spec_dict(str(tmp_path / "in"), str(tmp_path / "clean"), tiling__batch=1)))
     assert clean.tiles_retried == 0
     for path in ("labels/segmentation/0", "labels/segmentation/1"):
         a = zarr.open_array(str(tmp_path / "out" / "big.zarr" / path), mode="r")[:]
