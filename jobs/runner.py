@@ -49,7 +49,7 @@ def resolve_model(spec: JobSpec) -> ResolvedModel:
             info = read_info(data)
         except CheckpointError as err:
             raise SpecError("model.checkpoint", [f"model.checkpoint: {m.checkpoint}: {err}"]) from None
-        if info.config.name != m.name:
+        if m.name is not None and info.config.name != m.name:
             raise SpecError("model", [f"model.name: {m.name!r} but {m.checkpoint} holds a {info.config.name!r}; "
                                       f"set model.name: {info.config.name}"])
         names = info.class_names
@@ -65,7 +65,7 @@ def resolve_model(spec: JobSpec) -> ResolvedModel:
     else:
         names = tuple(c.name for c in m.classes)
         colors = tuple(c.color for c in m.classes) if all(c.color for c in m.classes) else None
-        data = seeded_checkpoint(m.name, len(names), list(names), seed=m.seed, width=m.width)
+        data = seeded_checkpoint(m.architecture, len(names), list(names), seed=m.seed, width=m.width)
     refiner = _resolve_refiner(spec, len(names)) if m.framework == "magnet" else None
     return ResolvedModel(data, tuple(names), tuple(colors or default_colors(len(names))), refiner)
 

@@ -104,7 +104,9 @@ class MagnetSpec(Strict):
 
 
 class ModelSpec(Strict):
-    name: str = Field(default="fpn_resnet18", description="registry name (models.ARCHITECTURES)")
+    name: str | None = Field(
+        default=None, description="registry name (models.ARCHITECTURES); default: the checkpoint's, else fpn_resnet18"
+    )
     checkpoint: str | None = Field(default=None, description="safetensors checkpoint URL")
     classes: list[ClassSpec] | None = Field(
         default=None, description="class names/colours; required without a checkpoint, else must match it"
@@ -122,9 +124,14 @@ class ModelSpec(Strict):
     def _registered(cls, v):
         from models import ARCHITECTURES
 
-        if v not in ARCHITECTURES:
+        if v is not None and v not in ARCHITECTURES:
             raise ValueError(f"unknown model {v!r}; valid: {', '.join(sorted(ARCHITECTURES))}")
         return v
+
+    @property
+    def architecture(self) -> str:
+        """The model to build when there is no checkpoint."""
+        return self.name or "fpn_resnet18"
 
     @model_validator(mode="after")
     def _classes_given(self):

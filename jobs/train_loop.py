@@ -216,6 +216,7 @@ def segmenter_trainee(spec: TrainSpec, plan: Plan, rank: int, device, weights: b
 
     from models import ModelConfig, build_model
     from models.checkpoint import load_state_into, save_checkpoint
+    from models.heads.dupsampling import DUpsamplingHead, fit_dupsampling
     from pipeline.crops import CropConfig, CropSampler, read_crop, validation_windows
     from pipeline.datasets import TrainingDataset
 
@@ -229,9 +230,16 @@ def segmenter_trainee(spec: TrainSpec, plan: Plan, rank: int, device, weights: b
     to_input = _normalizer(plan.normalization, device)
     dataset = TrainingDataset(spec.dataset.url, spec.dataset.storage_options)
     c = spec.crops
-    sampler = CropSampler(dataset, plan.train_names, CropConfig(c.size, tuple(c.scales), c.batch_size,
-                                                                spec.augment.flips, spec.augment.rot90),
-                          seed=spec.seed, rank=rank)
+    crop_config = CropConfig(c.size, tuple(c.scales), c.batch_size, spec.augment.flips, spec.augment.rot90)
+    sampler = CropSampler(dataset, plan.train_names, crop_config, seed=spec.seed, rank=rank)
+    if weights is None and isinstance(model.decoder, DUpsamplingHead):
+        # DUpsampling's reconstruction W comes from PCA of training label blocks, not from gradients. The
+        # same seeded crops on every rank give every worker the same basis; a resumed run loads it.
+        fit_sampler = CropSampler(dataset, plan.train_names, crop_config, seed=spec.seed, rank=0)
+        masks = np.concatenate([m for _, m in fit_sampler.batches(0, 8)])
+        explained = fit_dupsampling(model.decoder, torch.from_numpy(masks.astype(np.int64)), config.num_classes)
+        log.info("DUpsampling basis fit on %d label crops: %.1f %% of the variance explained",
+                 len(masks), 100 * explained)
 
     def forward(m, batch):
         images, masks = batch

@@ -85,3 +85,17 @@ def test_overrides_and_file_loading(tmp_path):
 def test_echo_round_trips():
     spec = parse_spec(_with(inputs__storage_options={"endpoint_url": "http://127.0.0.1:9"}))
     assert parse_spec(yaml.safe_load(spec.echo())) == spec
+
+
+def test_model_name_defaults_to_the_checkpoint(tmp_path):
+    from jobs.runner import resolve_model
+    from models.checkpoint import seeded_checkpoint
+
+    path = tmp_path / "unet.safetensors"
+    path.write_bytes(seeded_checkpoint("unet_resnet10", 2, ["a", "b"], width=8))
+    spec = parse_spec(_with(model={"checkpoint": str(path)}))
+    assert spec.model.name is None and resolve_model(spec).class_names == ("a", "b")
+    wrong = parse_spec(_with(model={"checkpoint": str(path), "name": "fpn_resnet18"}))
+    with pytest.raises(SpecError, match="set model.name: unet_resnet10"):
+        resolve_model(wrong)
+    assert parse_spec(BASE).model.architecture == "fpn_resnet18"
