@@ -241,9 +241,14 @@ def segmenter_trainee(spec: TrainSpec, plan: Plan, rank: int, device, weights: b
         log.info("DUpsampling basis fit on %d label crops: %.1f %% of the variance explained",
                  len(masks), 100 * explained)
 
+    has_aux = bool(getattr(model.decoder, "aux_outputs", ()))
+
     def forward(m, batch):
+        """Logits (with the auxiliary heads' logits in training, when the head has any) and targets."""
         images, masks = batch
-        return m(to_input(images)), torch.from_numpy(masks.astype(np.int64)).to(device)
+        x = to_input(images)
+        out = m(x, aux=True) if has_aux and m.training and spec.loss.aux_weight > 0 else m(x)
+        return out, torch.from_numpy(masks.astype(np.int64)).to(device)
 
     def validation(module, rank: int, world: int):
         windows = [(n, lvl, w) for n in plan.val_names
@@ -365,7 +370,12 @@ def train_worker(config: dict[str, Any]) -> None:
         t0 = last = time.monotonic()
         loss_sum = 0.0
         for step, item in enumerate(_prefetch(trainee.batches(epoch, steps)), 1):
-            loss = loss_fn(*trainee.forward(model, item))
+            out, target = trainee.forward(model, item)
+            if isinstance(out, tuple):  # (logits, {aux name: logits}): heads with auxiliary outputs
+                out, aux = out
+                loss = loss_fn(out, target) + spec.loss.aux_weight * sum(loss_fn(a, target) for a in aux.values())
+            else:
+                loss = loss_fn(out, target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -95,6 +95,7 @@ class LossSpec(Strict):
     min_kept: int = Field(default=100_000, ge=1, description="ohem: at least this many pixels per batch")
     gamma: float = Field(default=3.0, ge=0, description="focal: (1 − p)^γ")
     ignore_index: int | None = Field(default=None, ge=0, description="default: the dataset's")
+    aux_weight: float = Field(default=0.4, ge=0, description="weight of auxiliary-head losses (OCRNet: 0.4)")
 
 
 class OptimizerSpec(Strict):

@@ -94,12 +94,15 @@ class Segmenter(nn.Module):
         logits = _upsample(self.classifier(out), size)
         return logits, {name: _upsample(a, size) for name, a in aux.items()}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, aux: bool = False):
         """(B, in_channels, H, W) normalised float -> float32 logits (B, num_classes, H, W).
 
         float32 even under bf16/fp16 autocast: bf16's 8-bit mantissa makes near-equal logits tie
-        after upsampling, and callers blend and argmax these.
+        after upsampling, and callers blend and argmax these. ``aux=True`` returns ``forward_aux(x)``
+        instead, through ``forward`` so a DistributedDataParallel wrapper still syncs its gradients.
         """
+        if aux:
+            return self.forward_aux(x)
         return _upsample(self.classifier(self._decode(x)), x.shape[-2:])
 
 

@@ -59,6 +59,7 @@ class Head(nn.Module):
 
     emits_logits: ClassVar[bool] = False
     uses_stem: ClassVar[bool] = False
+    aux_outputs: ClassVar[tuple[str, ...]] = ()  # names forward_aux returns, for training losses
     output_strides: ClassVar[tuple[int, ...]] = (32, 16, 8)
     out_channels: int
     stride: int

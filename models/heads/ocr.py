@@ -33,6 +33,8 @@ from models.heads.base import ConvBNReLU, EncoderSpec, Head, init_convs
 class OCRHead(Head):
     """Last two encoder maps -> (B, 4 * width, H/s, W/s) and soft-region logits; s = last stride."""
 
+    aux_outputs = ("soft_regions",)
+
     def __init__(self, encoder: EncoderSpec, num_classes: int, width: int = 64) -> None:
         super().__init__()
         if len(encoder.channels) < 2:

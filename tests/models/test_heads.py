@@ -143,3 +143,16 @@ def test_global_context_only_where_documented(head: str) -> None:
         assert far > 0  # image pooling / object regions see the whole tile, by design
     else:
         assert far == 0
+
+
+@pytest.mark.parametrize("head", ["fcn", "unet", "segnet", "deeplabv3", "ocrnet", "dupsampling", "fpn"])
+def test_declared_aux_outputs_are_what_forward_aux_returns(head):
+    """Training adds a loss per declared auxiliary output (OCRNet's soft regions, weight 0.4)."""
+    import torch
+
+    from models import ModelConfig, build_model
+
+    model = build_model(ModelConfig(name=f"{head}_resnet10", num_classes=3, width=8), seed=0).train()
+    logits, aux = model(torch.rand(1, 3, 64, 64), aux=True)
+    assert set(aux) == set(model.decoder.aux_outputs)
+    assert logits.shape == (1, 3, 64, 64) and all(a.shape == (1, 3, 64, 64) for a in aux.values())
