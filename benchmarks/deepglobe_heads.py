@@ -250,11 +250,10 @@ Held-out ground truth, share of pixels: {share}; classes with a tiny share get I
 
 {result}
 
-¹ DUpsampling: `gigaseg train` never calls `models.heads.dupsampling.fit_dupsampling`, so its reconstruction
-basis W stayed the seeded random orthonormal matrix (not the PCA of the label blocks the paper uses);
-only the code layers and the temperature were trained.
-² OCRNet: `gigaseg train` uses `model(x)` only, so the soft-object-region branch gets no auxiliary CE loss
-(the paper weights it 0.4); it learns only through the main loss.
+¹ DUpsampling: `gigaseg train` fits the reconstruction basis W by PCA of seeded training label crops before
+the first step (runs before 2026-11-21 14:00 UTC left it random and trained only the code layers).
+² OCRNet: the soft-object-region branch gets its own CE loss, weight `loss.aux_weight` = 0.4 (runs before
+2026-11-21 14:00 UTC trained it only through the main loss).
 
 **Caveat.** 8 training images, {rows[0]['steps']} steps on 2 CPU cores, a narrow encoder (width {a.width}, the
 published ResNets are 64) and no ImageNet weights: far from the published setting (full 803-image DeepGlobe,
