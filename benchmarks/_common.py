@@ -5,6 +5,8 @@ phase timing of a ``run_spec`` call (wrappers put around pipeline functions for 
 
 from __future__ import annotations
 
+import argparse
+
 import contextlib
 import datetime
 import functools
@@ -267,3 +269,32 @@ def check_ok(results) -> None:
     if bad or not results:
         raise SystemExit(f"the benchmark job did not succeed: {[(r.name, r.status, r.error) for r in bad]}")
 
+
+
+# ---------------------------------------------------------------- timing a bare model
+
+
+def time_forward(model, x, bf16: bool) -> float:
+    """Seconds for one ``model(x)`` under inference_mode (and bf16 autocast when ``bf16``)."""
+    import torch
+
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        t0 = time.perf_counter()
+        model(x)
+        return time.perf_counter() - t0
+
+
+def model_timing_args(description: str) -> argparse.Namespace:
+    """The options both bare-model benchmarks take: --quick, --warmup, --batches, --budget, --batch;
+    adds ``tile``, and fills the defaults of ``warmup`` and ``batches``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="256² tiles, 1 warm-up and 1 timed batch")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up batches (default 1)")
+    parser.add_argument("--batches", type=int, default=None, help="timed batches = rounds (default 6)")
+    parser.add_argument("--budget", type=float, default=420.0, help="seconds after which rounds stop")
+    parser.add_argument("--batch", type=int, default=4)
+    args = parser.parse_args()
+    args.tile = 256 if args.quick else 512
+    args.warmup = args.warmup if args.warmup is not None else 1
+    args.batches = args.batches if args.batches is not None else (1 if args.quick else 6)
+    return args

@@ -17,7 +17,6 @@ Prints a table and appends it to ``benchmarks/RESULTS.md``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import time
@@ -31,25 +30,9 @@ ENCODER, WIDTH, CLASSES = "resnet18", 64, 4
 THREADS = 2
 
 
-def run_batch(model: torch.nn.Module, x: torch.Tensor, bf16: bool) -> float:
-    """Seconds for one ``model(x)`` under inference_mode (and bf16 autocast when ``bf16``)."""
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        t0 = time.perf_counter()
-        model(x)
-        return time.perf_counter() - t0
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="256² tiles, 1 warm-up and 1 timed batch")
-    parser.add_argument("--warmup", type=int, default=None, help="warm-up batches (default 1)")
-    parser.add_argument("--batches", type=int, default=None, help="timed batches = rounds (default 6)")
-    parser.add_argument("--budget", type=float, default=420.0, help="seconds after which rounds stop")
-    parser.add_argument("--batch", type=int, default=4)
-    args = parser.parse_args()
-    tile = 256 if args.quick else 512
-    warmup = args.warmup if args.warmup is not None else 1
-    batches = args.batches if args.batches is not None else (1 if args.quick else 6)
+    args = C.model_timing_args(__doc__.split("\n")[0])
+    tile, warmup, batches = args.tile, args.warmup, args.batches
 
     torch.set_num_threads(THREADS)
     m = C.machine()
@@ -74,12 +57,12 @@ def main() -> None:
     times: dict[tuple[str, str], list[float]] = {(r["head"], p): [] for r, p in pairs}
     for r, label in pairs:
         for _ in range(warmup):
-            run_batch(models[r["head"]], x, precisions[label])
+            C.time_forward(models[r["head"]], x, precisions[label])
     rounds = 0
     for rounds in range(1, batches + 1):
         shift = (rounds - 1) % len(pairs)
         for r, label in pairs[shift:] + pairs[:shift]:
-            times[r["head"], label].append(run_batch(models[r["head"]], x, precisions[label]))
+            times[r["head"], label].append(C.time_forward(models[r["head"]], x, precisions[label]))
         print(f"round {rounds}/{batches} done at {time.perf_counter() - t0:.0f} s", flush=True)
         if rounds >= 2 and time.perf_counter() - t0 > args.budget:
             break
