@@ -113,7 +113,10 @@ class Refiner(nn.Module):
         self.num_classes = c
 
     def forward(self, fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([fine, coarse], dim=1))
+        x = torch.cat([fine, coarse], dim=1)
+        if coarse.is_contiguous(memory_format=torch.channels_last):  # full-resolution convs: ~2× faster on CPU
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x)
 
 
 def refine_step(

@@ -71,6 +71,7 @@ class TilePredictor:
         self.refiner = None
         if refiner is not None:
             self.refiner = load_refiner(refiner, self.num_classes).to(self.device).eval()
+            self.refiner.to(memory_format=self.memory_format)
         log.info(
             "predictor on %s, autocast %s, %d torch threads",
             self.device, self.autocast_dtype, torch.get_num_threads(),
@@ -109,6 +110,7 @@ class TilePredictor:
         if self.refiner is None:
             raise RuntimeError("this predictor was built without a refiner (model.framework is not magnet)")
         prev = torch.from_numpy(np.ascontiguousarray(previous_up, dtype=np.float32)).to(self.device)
+        prev = prev.contiguous(memory_format=self.memory_format)
         with self._autocast():
             probs = refine_step(self.model, self.refiner, self._input(tiles), prev)
         return probs.to(torch.float16).cpu().numpy()
