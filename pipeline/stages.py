@@ -104,7 +104,9 @@ def store_stage_map(cfg, out: ImageOutput, stages: list[StagePlan], s: int) -> N
 
 
 def stage_map_complete(out: ImageOutput, s: int) -> bool:
+    """Whether stage ``s`` left its map, complete; a read only (nothing is created by asking)."""
     try:
-        return bool(_maps_group(out, s)["map"].attrs.get("complete"))
-    except KeyError:
+        store = zarr_store(maps_url(out, s), out.storage_options, read_only=True)
+        return bool(zarr.open_array(store=store, path="map", mode="r").attrs.get("complete"))
+    except (FileNotFoundError, KeyError, zarr.errors.ArrayNotFoundError, zarr.errors.NodeNotFoundError):
         return False
