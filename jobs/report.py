@@ -55,6 +55,7 @@ class Report:
         self.names = names
         self.spec = spec_echo
         self.results: list[ImageResult] = []
+        self.workers: list[dict[str, Any]] = []  # where each actor ran (set when the pool is done)
         self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         write_json(join(output_url, WORK_DIR, PLAN_NAME), {"images": names}, storage_options)
 
@@ -69,8 +70,13 @@ class Report:
             "started": self.started,
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "host": platform.node(),
+            "workers": self.workers,
             "spec": self.spec,
         }
+
+    def set_workers(self, workers: list[dict[str, Any]]) -> None:
+        self.workers = workers
+        self.write()
 
     def write(self) -> None:
         write_json(self.url, self.as_dict(), self.storage_options)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 
 import ray
 
@@ -121,7 +122,7 @@ def job_config(spec: JobSpec, model: ResolvedModel, audit_dir: str | None = None
         if_exists=spec.output.if_exists,
         label_name=spec.output.label_name,
         pool=PoolConfig(
-            workers=r.workers,
+            workers=r.workers if r.workers != "auto" else 1,  # auto: counted once Ray is up (run_spec)
             gpus_per_worker=r.gpus_per_worker,
             cpus_per_worker=r.cpus_per_worker,
             in_flight_per_worker=r.in_flight_per_worker,
@@ -155,6 +156,43 @@ def stage_checkpoint(cfg: JobConfig, data: bytes, kind: str = "model") -> str:
     return url
 
 
+def embedded_resources(spec: JobSpec) -> tuple[float, float]:
+    """(CPUs, logical GPUs) of the embedded local cluster this spec asks for.
+
+    GPUs: ``cluster.local_gpus``, else ``workers × gpus_per_worker``; with ``workers: auto`` the CUDA
+    devices present (at least one logical GPU, so a CPU machine runs one worker per logical GPU share).
+    """
+    r = spec.resources
+    if r.workers == "auto":
+        cpus = float(max(2, os.cpu_count() or 2))
+        gpus = spec.cluster.local_gpus if spec.cluster.local_gpus is not None else max(1, _cuda_devices())
+        return cpus, float(gpus)
+    gpus = spec.cluster.local_gpus if spec.cluster.local_gpus is not None else r.workers * r.gpus_per_worker
+    return max(2.0, r.workers * r.cpus_per_worker), float(gpus)
+
+
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def auto_workers(spec: JobSpec, resources: dict[str, float]) -> int:
+    """``workers: auto``: ``⌊GPUs / gpus_per_worker⌋`` of the cluster (``⌊CPUs / cpus_per_worker⌋`` when
+    ``gpus_per_worker`` is 0), counted when the job starts; an int ``workers`` is returned as it is."""
+    r = spec.resources
+    if r.workers != "auto":
+        return r.workers
+    name, per = ("GPU", r.gpus_per_worker) if r.gpus_per_worker > 0 else ("CPU", r.cpus_per_worker)
+    n = int(resources.get(name, 0) / per + 1e-9)
+    if n < 1:
+        raise SpecError("resources.workers", [
+            f"resources.workers: auto found {resources.get(name, 0):g} {name}s on the Ray cluster, fewer than "
+            f"one worker's {per:g}; start GPU nodes first (an autoscaler adds none until asked), or set "
+            f"resources.workers to a number"])
+    return n
+
+
 def check_resources(pool: PoolConfig) -> None:
     """Refuse a pool the cluster cannot place, instead of waiting forever for its actors."""
     have = ray.cluster_resources()
@@ -174,12 +212,12 @@ def run_spec(spec: JobSpec, *, progress: ProgressBar | None = None, audit_dir: s
     cfg = job_config(spec, model, audit_dir)
     refs = list_images(cfg)
     log.info("%d image(s) under %s", len(refs), spec.inputs.url)
-    r = spec.resources
-    gpus = spec.cluster.local_gpus
-    if gpus is None:
-        gpus = r.workers * r.gpus_per_worker
-    session = start_ray(spec.cluster.address, num_cpus=max(2.0, r.workers * r.cpus_per_worker), num_gpus=gpus)
+    cpus, gpus = embedded_resources(spec)
+    session = start_ray(spec.cluster.address, num_cpus=cpus, num_gpus=gpus)
     try:
+        if spec.resources.workers == "auto":
+            cfg = replace(cfg, pool=replace(cfg.pool, workers=auto_workers(spec, ray.cluster_resources())))
+            log.info("resources.workers auto: %d workers", cfg.pool.workers)
         check_resources(cfg.pool)
         report = Report(spec.output.url, dict(spec.output.storage_options), [x.name for x in refs],
                         spec.model_dump(mode="json"))
@@ -188,8 +226,11 @@ def run_spec(spec: JobSpec, *, progress: ProgressBar | None = None, audit_dir: s
         try:  # actors load the model while the first image is prepared: no waiting on them here
             return run_job(cfg, refs, pool, progress or ProgressBar(), on_image=report.add)
         finally:
-            for info in pool.info():
+            workers = pool.info()
+            for info in workers:
                 log.info("worker %s ran on %s, GPU ids %s", info["worker"], info["device"], info["gpu_ids"])
+            if workers:
+                report.set_workers(workers)
             pool.shutdown()
     finally:
         session.stop()

@@ -8,7 +8,7 @@ config files, so ``storage_options`` refuses credential keys outright.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -180,7 +180,9 @@ class OutputSpec(Strict):
 
 
 class ResourcesSpec(Strict):
-    workers: int = Field(default=2, ge=1, le=4096)
+    workers: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = Field(
+        default=2, description="Ray actors; 'auto': one per gpus_per_worker of the cluster's GPUs (CPUs when 0)"
+    )
     gpus_per_worker: float = Field(default=1.0, ge=0, le=8)
     cpus_per_worker: float = Field(default=1.0, gt=0, le=256)
     torch_threads: int = Field(default=1, ge=1, le=256)

@@ -98,8 +98,10 @@ class TileWorker:
     def info(self) -> dict[str, Any]:
         import ray
 
-        gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
-        return {"worker": self.name, "device": str(self.predictor.device), "gpu_ids": gpu_ids}
+        if not ray.is_initialized():
+            return {"worker": self.name, "device": str(self.predictor.device), "gpu_ids": [], "node": None}
+        return {"worker": self.name, "device": str(self.predictor.device), "gpu_ids": ray.get_gpu_ids(),
+                "node": ray.get_runtime_context().get_node_id()}
 
     def _array(self, group_url: str, path: str, storage_options, write: bool) -> zarr.Array:
         key = (group_url, path, write)
