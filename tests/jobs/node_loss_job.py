@@ -1,0 +1,84 @@
+"""Run a job on a multi-node Ray cluster simulated on this machine and remove a worker node mid-job.
+
+Run as ``python -m tests.jobs.node_loss_job SPEC.json RESULT.json`` (by tests/jobs/test_node_loss.py): a
+process of its own, because ``ray.cluster_utils.Cluster`` needs a driver that no other Ray cluster holds.
+
+The cluster: a head node with no GPU and two worker nodes with one logical GPU each, so each of the two
+tile workers lands on its own node. Once 10 tiles are done, a spare GPU node joins (so Ray has somewhere
+to restart the lost actor) and the first worker node is killed without a graceful shutdown, as when a
+machine disappears. Health checks every 0.5 s with 2 misses allowed make Ray declare it dead in ~1 s
+instead of the default ~30 s (the settings a user can put in their cluster's ``_system_config``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import threading
+import time
+
+from ray.cluster_utils import Cluster
+
+from jobs.runner import run_spec
+from jobs.spec import parse_spec
+from pipeline.output import finished_tiles
+
+HEALTH_CHECKS = {
+    "health_check_period_ms": 500,
+    "health_check_timeout_ms": 500,
+    "health_check_failure_threshold": 2,
+    "health_check_initial_delay_ms": 0,
+}
+REMOVE_AFTER_TILES = 10
+
+
+def main(spec_path: str, result_path: str) -> int:
+    spec_data = json.loads(open(spec_path).read())
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "num_gpus": 0, "include_dashboard": False, "_system_config": HEALTH_CHECKS,
+        "temp_dir": tempfile.mkdtemp(prefix="gs-nl-", dir="/tmp"),
+    })
+    nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    name = spec_data.pop("_image")
+    spec_data["cluster"] = {"address": cluster.address}
+    spec = parse_spec(spec_data)
+    tiles_url = f"{spec.output.url}/_work/{name}/stage-0/tiles"
+    removed: dict[str, object] = {}
+    results: list = []
+    errors: list[BaseException] = []
+
+    def job() -> None:  # the job in a thread: Cluster.add_node/remove_node use signals (main thread only)
+        try:
+            results.extend(run_spec(spec))
+        except BaseException as err:
+            errors.append(err)
+
+    runner = threading.Thread(target=job, daemon=True)
+    try:
+        runner.start()
+        deadline = time.monotonic() + 300
+        while runner.is_alive() and time.monotonic() < deadline:
+            done = len(finished_tiles(tiles_url, {}))
+            if done >= REMOVE_AFTER_TILES:
+                cluster.add_node(num_cpus=1, num_gpus=1)
+                removed.update(node=nodes[0].unique_id, tiles_done=done)
+                cluster.remove_node(nodes[0], allow_graceful=False)
+                break
+            time.sleep(0.02)
+        runner.join(timeout=300)
+    finally:
+        cluster.shutdown()
+    if errors:
+        raise errors[0]
+    [result] = results
+    outcome = {"status": result.status, "error": result.error, "tiles": result.tiles,
+               "tiles_retried": result.tiles_retried, "removed": removed}
+    with open(result_path, "w") as f:
+        json.dump(outcome, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))
