@@ -13,6 +13,8 @@ from jobs.progress import ProgressBar
 from jobs.report import Report
 from jobs.spec import JobSpec, SpecError
 from models.checkpoint import read_info, seeded_checkpoint
+from models.fctl_checkpoint import is_fctl_checkpoint, read_fctl_info, seeded_fctl
+from models.info import CheckpointInfo
 from models.magnet import load_refiner, seeded_refiner
 from pipeline.cluster import start_ray
 from pipeline.dispatch import PoolConfig, WorkerPool
@@ -46,10 +48,7 @@ def resolve_model(spec: JobSpec) -> ResolvedModel:
                 data = f.read()
         except FileNotFoundError:
             raise SpecError("model.checkpoint", [f"model.checkpoint: {m.checkpoint} does not exist"]) from None
-        try:
-            info = read_info(data)
-        except CheckpointError as err:
-            raise SpecError("model.checkpoint", [f"model.checkpoint: {m.checkpoint}: {err}"]) from None
+        info = _checkpoint_info(spec, data)
         if m.name is not None and info.config.name != m.name:
             raise SpecError("model", [f"model.name: {m.name!r} but {m.checkpoint} holds a {info.config.name!r}; "
                                       f"set model.name: {info.config.name}"])
@@ -66,9 +65,37 @@ def resolve_model(spec: JobSpec) -> ResolvedModel:
     else:
         names = tuple(c.name for c in m.classes)
         colors = tuple(c.color for c in m.classes) if all(c.color for c in m.classes) else None
-        data = seeded_checkpoint(m.architecture, len(names), list(names), seed=m.seed, width=m.width)
+        if m.framework == "fctl":
+            data = seeded_fctl(m.architecture, len(names), list(names), contexts=tuple(m.fctl.contexts or (2.0, 4.0)),
+                               seed=m.seed, width=m.width, gamma=m.fctl.gamma)
+        else:
+            data = seeded_checkpoint(m.architecture, len(names), list(names), seed=m.seed, width=m.width)
     refiner = _resolve_refiner(spec, len(names)) if m.framework == "magnet" else None
     return ResolvedModel(data, tuple(names), tuple(colors or default_colors(len(names))), refiner)
+
+
+def _checkpoint_info(spec: JobSpec, data: bytes) -> CheckpointInfo:
+    """The checkpoint's metadata, checked against ``model.framework`` (FCtL checkpoints are their own kind)."""
+    m = spec.model
+    fctl = is_fctl_checkpoint(data)
+    if fctl != (m.framework == "fctl"):
+        kind = "an FCtL model (gigaseg train task fctl)" if fctl else "a plain segmenter"
+        fix = "set model.framework: fctl" if fctl else (
+            "point model.checkpoint at the fused FCtL checkpoint of `gigaseg train` (task fctl), or drop it to run a "
+            "seeded FCtL")
+        raise SpecError("model.framework", [
+            f"model.framework: {m.framework} but {m.checkpoint} holds {kind}; {fix}"])
+    try:
+        if not fctl:
+            return read_info(data)
+        info, config = read_fctl_info(data)
+    except CheckpointError as err:
+        raise SpecError("model.checkpoint", [f"model.checkpoint: {m.checkpoint}: {err}"]) from None
+    if m.fctl.contexts is not None and tuple(m.fctl.contexts) != config.contexts:
+        raise SpecError("model.fctl.contexts", [
+            f"model.fctl.contexts: {m.fctl.contexts} but {m.checkpoint} was trained with contexts "
+            f"{list(config.contexts)}; omit model.fctl.contexts or use those"])
+    return info
 
 
 def _resolve_refiner(spec: JobSpec, num_classes: int) -> bytes:
@@ -134,6 +161,7 @@ def job_config(spec: JobSpec, model: ResolvedModel, audit_dir: str | None = None
         fingerprint=fp,
         magnet=_magnet_config(spec),
         refiner=model.refiner,
+        contexts=read_fctl_info(model.checkpoint)[1].contexts if spec.model.framework == "fctl" else (),
     )
 
 

@@ -103,6 +103,22 @@ class MagnetSpec(Strict):
         return v
 
 
+class FctlSpec(Strict):
+    contexts: list[float] | None = Field(
+        default=None, min_length=1, max_length=2,
+        description="context factors c > 1 (a c·tile window around each tile): ×2/×4 read pyramid levels 1/2 as is; "
+                    "default: the checkpoint's, else [2, 4]",
+    )
+    gamma: float = Field(default=0.0, description="initial γ of a seeded FCtL (no checkpoint); 0 = the local model")
+
+    @field_validator("contexts")
+    @classmethod
+    def _factors(cls, v):
+        if v is not None and (any(c <= 1 for c in v) or list(v) != sorted(set(v))):
+            raise ValueError(f"context factors must be > 1 and increasing, got {v}")
+        return v
+
+
 class ModelSpec(Strict):
     name: str | None = Field(
         default=None, description="registry name (models.ARCHITECTURES); default: the checkpoint's, else fpn_resnet18"
@@ -114,10 +130,12 @@ class ModelSpec(Strict):
     width: int = Field(default=64, ge=4, le=256, description="encoder base width for seeded models")
     seed: int = Field(default=0, ge=0, description="init seed when no checkpoint is given")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    framework: Literal["segment", "magnet"] = Field(
-        default="segment", description="segment: one pass at full resolution; magnet: coarse-to-fine refinement"
+    framework: Literal["segment", "magnet", "fctl"] = Field(
+        default="segment", description="segment: one pass at full resolution; magnet: coarse-to-fine refinement; "
+                                       "fctl: each tile attends to context windows read from coarser levels"
     )
     magnet: MagnetSpec = Field(default_factory=MagnetSpec)
+    fctl: FctlSpec = Field(default_factory=FctlSpec)
 
     @field_validator("name")
     @classmethod

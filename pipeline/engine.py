@@ -60,6 +60,7 @@ class JobConfig:
     fingerprint: str = ""
     magnet: MagnetConfig | None = None
     refiner: bytes | None = field(default=None, repr=False)
+    contexts: tuple[float, ...] = ()  # FCtL: context factors each tile reads around itself
 
 
 @dataclass

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from models.checkpoint import CheckpointInfo, load_checkpoint
+from models.fctl_checkpoint import is_fctl_checkpoint, load_fctl
 from models.magnet import load_refiner, refine_step
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,12 @@ class TilePredictor:
     ):
         torch.set_num_threads(config.torch_threads)
         self.device = torch.device(device) if device is not None else resolve_device()
-        self.model, self.info = load_checkpoint(checkpoint)
+        self.contexts: tuple[float, ...] = ()  # FCtL: the context factors the model was trained with
+        if is_fctl_checkpoint(checkpoint):
+            self.model, self.info, fctl_config = load_fctl(checkpoint)
+            self.contexts = fctl_config.contexts
+        else:
+            self.model, self.info = load_checkpoint(checkpoint)
         self.model.to(self.device).eval()
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
@@ -96,10 +102,28 @@ class TilePredictor:
 
     @torch.inference_mode()
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        if self.contexts:
+            raise RuntimeError("an FCtL model needs its context windows: call with_contexts(tiles, contexts)")
         with self._autocast():
             logits = self.model(self._input(tiles))
         probs = torch.softmax(logits.float(), dim=1)
         return probs.to(torch.float16).cpu().numpy()
+
+    @torch.inference_mode()
+    def with_contexts(self, tiles: np.ndarray, contexts: np.ndarray) -> np.ndarray:
+        """FCtL: ``tiles (B, 3, T, T)`` and their ``contexts (B, n, 3, T, T)`` uint8 → ``(B, C, T, T)`` float16.
+
+        Contexts are normalised like the tiles (zero padding past the image becomes ``−mean/std``, as in
+        training, which normalises the zero-padded crops the same way).
+        """
+        if not self.contexts:
+            raise RuntimeError("this model takes no context windows (model.framework is not fctl)")
+        b, n = contexts.shape[:2]
+        ctx = self._input(contexts.reshape(b * n, *contexts.shape[2:]))
+        ctx = ctx.reshape(b, n, *ctx.shape[1:])
+        with self._autocast():
+            logits = self.model(self._input(tiles), ctx)
+        return torch.softmax(logits.float(), dim=1).to(torch.float16).cpu().numpy()
 
     @torch.inference_mode()
     def refine(self, tiles: np.ndarray, previous_up: np.ndarray) -> np.ndarray:

@@ -17,7 +17,8 @@ from pipeline.output import ImageOutput
 from pipeline.pyramid import Pyramid
 from pipeline.storage import join, zarr_store
 from pipeline.tiling import TileGrid
-from pipeline.worker import ArrayRef, StagePlan
+from pipeline.context import check_power_of_two, context_levels
+from pipeline.worker import ArrayRef, ContextPlan, StagePlan
 
 
 def maps_url(out: ImageOutput, stage: int) -> str:
@@ -32,6 +33,7 @@ def stage_plans(cfg, out: ImageOutput, pyramid: Pyramid) -> list[StagePlan]:
             f"{pyramid.url}: MagNet with {len(levels)} scales needs {len(levels)} pyramid levels but the image "
             f"({pyramid.shapes[0][0]}×{pyramid.shapes[0][1]}) has {pyramid.n_levels}; lower model.magnet.scales"
         )
+    context = _context_plan(cfg, pyramid) if cfg.contexts else None
     plans = []
     for s, level in enumerate(levels):
         h, w = pyramid.shapes[level]
@@ -47,8 +49,19 @@ def stage_plans(cfg, out: ImageOutput, pyramid: Pyramid) -> list[StagePlan]:
             num_classes=len(cfg.class_names),
             storage_options=dict(cfg.output_storage_options),
             previous=previous,
+            context=context,
         ))
     return plans
+
+
+def _context_plan(cfg, pyramid: Pyramid) -> ContextPlan:
+    """FCtL's context reads for ``pyramid``: every level up to the coarsest a context factor needs."""
+    needed = context_levels(cfg.contexts, pyramid.n_levels)
+    check_power_of_two(pyramid.shapes, needed)
+    value_range = cfg.value_range if pyramid.in_place else None
+    refs = tuple(ArrayRef(pyramid.url, pyramid.paths[lv], pyramid.axes, tuple(pyramid.shapes[lv]),
+                          dict(pyramid.storage_options), value_range) for lv in range(max(needed) + 1))
+    return ContextPlan(tuple(cfg.contexts), refs)
 
 
 def blend_plan(cfg, stage: StagePlan) -> blend.BlendPlan:

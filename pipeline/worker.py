@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from pipeline.context import context_levels, read_contexts
 from pipeline.errors import ImageReadError
 from pipeline.predictor import PredictorConfig, TilePredictor
 from pipeline.reader import read_window, upsample2x_window
@@ -38,6 +39,22 @@ class ArrayRef:
 
 
 @dataclass(frozen=True)
+class ContextPlan:
+    """FCtL: the context factors of every tile and the pyramid levels they read (``pipeline.context``).
+
+    ``levels[l]`` is level ``l`` of the image pyramid, for every level up to the coarsest a context reads;
+    only those ``context_levels`` are opened.
+    """
+
+    factors: tuple[float, ...]
+    levels: tuple[ArrayRef, ...]
+
+    @property
+    def shapes(self) -> tuple[tuple[int, int], ...]:
+        return tuple(ref.shape_yx for ref in self.levels)
+
+
+@dataclass(frozen=True)
 class StagePlan:
     """One stage of one image: the level it reads, its tile grid and the tile store it writes.
 
@@ -52,6 +69,7 @@ class StagePlan:
     num_classes: int
     storage_options: dict[str, Any] = field(default_factory=dict)
     previous: ArrayRef | None = None  # MagNet: the previous stage's (C, H, W) map, one level coarser
+    context: ContextPlan | None = None  # FCtL: context windows around each tile, from coarser levels
 
 
 @dataclass(frozen=True)
@@ -124,6 +142,19 @@ class TileWorker:
                 f"x {window.x0}:{window.x1}: {type(err).__name__}: {err}"
             ) from err
 
+    def _read_contexts(self, plan: ContextPlan, ref: ArrayRef, window) -> np.ndarray:
+        shapes = plan.shapes
+        arrays = {level: self._array(plan.levels[level].group_url, plan.levels[level].path,
+                                     plan.levels[level].storage_options, write=False)
+                  for level in context_levels(plan.factors, len(shapes))}
+        try:
+            return read_contexts(arrays, shapes, ref.axes, window, plan.factors, window.h, ref.value_range)
+        except Exception as err:  # name the image and the tile, as _read does
+            raise ImageReadError(
+                f"{ref.group_url}: cannot read the FCtL contexts of tile y {window.y0}:{window.y1}, "
+                f"x {window.x0}:{window.x1}: {type(err).__name__}: {err}"
+            ) from err
+
     def run(self, batch: TileBatch) -> BatchResult:
         t0 = time.perf_counter()
         stage = batch.stage
@@ -131,14 +162,21 @@ class TileWorker:
         src = self._array(ref.group_url, ref.path, ref.storage_options, write=False)
         windows = [stage.grid.window(iy, ix) for iy, ix in batch.tiles]
         tiles = np.stack([self._read(src, ref, w) for w in windows])
-        previous_up = None
+        previous_up = contexts = None
         if stage.previous is not None:
             prev = stage.previous
             prev_array = self._array(prev.group_url, prev.path, prev.storage_options, write=False)
             previous_up = np.stack([upsample2x_window(prev_array, prev.shape_yx, ref.shape_yx, w) for w in windows])
+        if stage.context is not None:
+            contexts = np.stack([self._read_contexts(stage.context, ref, w) for w in windows])
         with self._model_lock:
             t1 = time.perf_counter()
-            probs = self.predictor(tiles) if previous_up is None else self.predictor.refine(tiles, previous_up)
+            if previous_up is not None:
+                probs = self.predictor.refine(tiles, previous_up)
+            elif contexts is not None:
+                probs = self.predictor.with_contexts(tiles, contexts)
+            else:
+                probs = self.predictor(tiles)
             model_seconds = time.perf_counter() - t1
         out = self._array(stage.tiles_url, "", stage.storage_options, write=True)
         for k, (iy, ix) in enumerate(batch.tiles):

@@ -72,3 +72,22 @@ def test_s3_magnet_job(tmp_path, s3_bucket, ray_cluster):
     store = FsspecStore.from_url(f"s3://{bucket}/masks/scene.zarr/labels/segmentation/0",
                                  storage_options=options, read_only=True)
     assert zarr.open_array(store=store, mode="r").shape == (520, 610)
+
+
+def test_s3_fctl_job(tmp_path, s3_bucket, ray_cluster):
+    """FCtL's context reads (pyramid levels 1 and 2 around each tile) from S3 give the local job's mask."""
+    bucket, options = s3_bucket
+    write_archive(tmp_path / "in")
+    fs = s3fs.S3FileSystem(**options)
+    fs.put(str(tmp_path / "in" / "scene.zarr") + "/", f"{bucket}/archive/scene.zarr/", recursive=True)
+    fctl = {"model__framework": "fctl", "model__fctl": {"contexts": [2, 4], "gamma": 0.5}}
+    spec = parse_spec(spec_dict(f"s3://{bucket}/archive", f"s3://{bucket}/masks", inputs__storage_options=options,
+                                output__storage_options=options, **fctl))
+    [result] = run_spec(spec)
+    assert result.status == "ok", result.error
+    store = FsspecStore.from_url(f"s3://{bucket}/masks/scene.zarr/labels/segmentation/0",
+                                 storage_options=options, read_only=True)
+    labels = zarr.open_array(store=store, mode="r")[:]
+    run_spec(parse_spec(spec_dict(str(tmp_path / "in"), str(tmp_path / "out"), inputs__patterns=["*.zarr"], **fctl)))
+    expected = zarr.open_array(str(tmp_path / "out" / "scene.zarr" / "labels" / "segmentation" / "0"), mode="r")
+    assert np.array_equal(labels, expected[:])
