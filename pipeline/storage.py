@@ -48,12 +48,24 @@ def join(url: str, *parts: str) -> str:
     return out
 
 
+# Defaults gigaseg sets per protocol unless the spec's storage_options say otherwise. s3fs reads a whole
+# object with a HEAD (its size) then a GET, to split objects larger than its block size into concurrent
+# range GETs; Zarr chunks are a few MB at most, so that HEAD doubles the requests per chunk for nothing:
+# with max_concurrency 1 a chunk read is one GET (benchmarks/s3_requests.py counts them).
+_PROTOCOL_DEFAULTS: dict[str, dict[str, Any]] = {"s3": {"max_concurrency": 1}, "s3a": {"max_concurrency": 1}}
+
+
+def effective_options(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``storage_options`` with the protocol's defaults (``_PROTOCOL_DEFAULTS``) filled in where absent."""
+    return {**_PROTOCOL_DEFAULTS.get(protocol_of(url), {}), **dict(storage_options or {})}
+
+
 def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> fsspec.AbstractFileSystem:
     """The fsspec filesystem serving ``url``."""
     protocol = protocol_of(url)
     if protocol in _LOCAL_PROTOCOLS:
         return fsspec.filesystem("file")
-    return fsspec.filesystem(protocol, **dict(storage_options or {}))
+    return fsspec.filesystem(protocol, **effective_options(url, storage_options))
 
 
 def fs_path(url: str) -> str:
@@ -74,7 +86,7 @@ def zarr_store(url: str, storage_options: Mapping[str, Any] | None = None, *, re
         if not read_only:
             os.makedirs(path, exist_ok=True)
         return LocalStore(path, read_only=read_only)
-    return FsspecStore.from_url(url, storage_options=dict(storage_options or {}), read_only=read_only)
+    return FsspecStore.from_url(url, storage_options=effective_options(url, storage_options), read_only=read_only)
 
 
 def open_group(url: str, storage_options: Mapping[str, Any] | None = None, *, mode: str = "r") -> zarr.Group:

@@ -18,15 +18,21 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint():
-    """URL of a moto S3 server on 127.0.0.1 at a free port, for the whole session."""
-    from moto.server import ThreadedMotoServer
+def s3_server():
+    """A moto S3 server on 127.0.0.1 at a free port, for the whole session, counting its requests."""
+    from tests.s3count import CountingMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server = CountingMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
+    yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(s3_server):
+    """URL of the session's moto S3 server."""
+    host, port = s3_server.get_host_and_port()
+    return f"http://{host}:{port}"
 
 
 @pytest.fixture
