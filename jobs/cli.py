@@ -1,4 +1,4 @@
-"""``gigaseg`` command line: validate, run, status, demo, train, import-pairs, eval, submit, logs, job-status.
+"""``gigaseg`` command line: validate, run, status, demo, synth, train, import-pairs, eval, submit, logs, job-status.
 
 Exit codes: 0 every image succeeded (or was already done), 1 some image failed, 2 the spec or the
 command line is wrong. Problems print one line each; ``--debug`` adds tracebacks.
@@ -103,6 +103,43 @@ def cmd_demo(args) -> int:
     return run_demo(args.output, large=args.large)
 
 
+def _parse_size(text: str) -> tuple[int, int]:
+    """``"2448"`` → (2448, 2448); ``"2000x3000"`` → (2000, 3000) as height × width."""
+    parts = text.lower().replace("×", "x").split("x")
+    if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"--size {text!r} must be N or HxW in px, e.g. 2448 or 2000x3000")
+    return int(parts[0]), int(parts[-1])
+
+
+def cmd_synth(args) -> int:
+    from pipeline.synth import SynthConfig
+    from pipeline.synth_write import write_split
+
+    try:
+        h, w = _parse_size(args.size)
+        cfg = SynthConfig(height=h, width=w, seed=args.seed, chunk=args.chunk, region_size=args.region_size)
+        so = json.loads(args.storage_options) if args.storage_options else None
+        split = write_split(args.output, cfg, train=args.train, val=args.val, png=args.png,
+                            dataset=not args.no_dataset, storage_options=so)
+    except ValueError as err:  # a bad size, count, seed or option (GigasegErrors from writing go further up)
+        if args.debug:
+            raise
+        print(f"error: synth: {err}", file=sys.stderr)
+        return EXIT_SPEC
+    out = args.output.rstrip("/")
+    print(f"{out}: {len(split.train)} train + {len(split.val)} val images of {h}×{w} px (base seed {args.seed})")
+    print(f"  images (`gigaseg run` inputs.url): {out}/train/images  {out}/val/images")
+    print(f"  masks (`gigaseg eval` ground truth): {out}/train/masks  {out}/val/masks")
+    if args.png:
+        print(f"  png: {out}/train/png  {out}/val/png  (<name>_sat.png, <name>_mask.png)")
+    if split.dataset_url:
+        names = ", ".join(s.name for s in split.val)
+        print(f"  training dataset: {split.dataset_url}  (spec: dataset.url {split.dataset_url}, "
+              f"dataset.validation.names [{names}])")
+    print(f"  description: {out}/synth.json")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gigaseg", description=__doc__.split("\n")[0])
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -132,6 +169,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--output", default="demo-output", help="directory for the archive, spec and masks")
     d.add_argument("--large", type=int, default=8192, help="side of the largest demo image (default 8192)")
     d.set_defaults(func=cmd_demo)
+
+    g = sub.add_parser("synth", help="write a seeded synthetic land-cover archive with ground truth and a "
+                       "training dataset (exit 0 ok, 2 bad arguments)")
+    g.add_argument("output", help="folder (URL) to write")
+    g.add_argument("--size", default="2448", metavar="N|HxW", help="image size in px (default %(default)s)")
+    g.add_argument("--train", type=int, default=4, help="training images (default %(default)s)")
+    g.add_argument("--val", type=int, default=1, help="validation images, from other seeds (default %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="base seed; each image's seed is derived from it")
+    g.add_argument("--chunk", type=int, default=512, help="Zarr/dask chunk side in px (default %(default)s)")
+    g.add_argument("--region-size", type=int, default=2048,
+                   help="grid of the land-cover regions in px: the context scale (default %(default)s)")
+    g.add_argument("--png", action="store_true", help="also write PNG copies (sides up to 8192 px)")
+    g.add_argument("--no-dataset", action="store_true", help="write images and masks only, no training dataset")
+    g.add_argument("--storage-options", default=None, help="fsspec storage options of the output as JSON")
+    g.set_defaults(func=cmd_synth)
 
     from jobs.evaluate import add_eval_parser
     from jobs.submit import add_submit_parsers
