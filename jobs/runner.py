@@ -17,6 +17,7 @@ from models.fctl_checkpoint import is_fctl_checkpoint, read_fctl_info, seeded_fc
 from models.info import CheckpointInfo
 from models.magnet import load_refiner, seeded_refiner
 from pipeline.cluster import start_ray
+from pipeline.dask_cluster import start_dask
 from pipeline.dispatch import PoolConfig, WorkerPool
 from pipeline.engine import ImageResult, JobConfig, list_images, run_job
 from pipeline.magnet import MagnetConfig
@@ -118,7 +119,7 @@ def job_config(spec: JobSpec, model: ResolvedModel, audit_dir: str | None = None
     fp = fingerprint(
         checkpoint=hashlib.sha256(model.checkpoint).hexdigest(),
         classes=model.class_names,
-        tiling=t.model_dump(mode="json", exclude={"batch"}),
+        tiling=t.model_dump(mode="json", exclude={"batch", "tiles_per_call"}),
         value_range=spec.inputs.value_range,
         extras=sorted(spec.output.extras),
         label_name=spec.output.label_name,
@@ -139,6 +140,7 @@ def job_config(spec: JobSpec, model: ResolvedModel, audit_dir: str | None = None
         tile=t.tile,
         overlap=t.overlap,
         batch=t.batch,
+        tiles_per_call=None if t.tiles_per_call == "auto" else t.tiles_per_call,
         blend_window=t.blend,
         sigma_scale=t.sigma_scale,
         offset=t.offset,
@@ -242,11 +244,14 @@ def run_spec(spec: JobSpec, *, progress: ProgressBar | None = None, audit_dir: s
     log.info("%d image(s) under %s", len(refs), spec.inputs.url)
     cpus, gpus = embedded_resources(spec)
     session = start_ray(spec.cluster.address, num_cpus=cpus, num_gpus=gpus)
+    dask_session = None
     try:
         if spec.resources.workers == "auto":
             cfg = replace(cfg, pool=replace(cfg.pool, workers=auto_workers(spec, ray.cluster_resources())))
             log.info("resources.workers auto: %d workers", cfg.pool.workers)
         check_resources(cfg.pool)
+        dask_session = start_dask(spec.cluster.dask)
+        cfg = replace(cfg, scheduler=dask_session.scheduler)
         report = Report(spec.output.url, dict(spec.output.storage_options), [x.name for x in refs],
                         spec.model_dump(mode="json"))
         refiner_url = stage_checkpoint(cfg, cfg.refiner, "refiner") if cfg.refiner else None
@@ -257,8 +262,9 @@ def run_spec(spec: JobSpec, *, progress: ProgressBar | None = None, audit_dir: s
             workers = pool.info()
             for info in workers:
                 log.info("worker %s ran on %s, GPU ids %s", info["worker"], info["device"], info["gpu_ids"])
-            if workers:
-                report.set_workers(workers)
+            report.set_cluster(workers=workers, dask=dask_session.info())
             pool.shutdown()
     finally:
+        if dask_session is not None:
+            dask_session.stop()
         session.stop()

@@ -162,6 +162,9 @@ class TilingSpec(Strict):
     tile: int = Field(default=512, ge=32, le=8192)
     overlap: int = Field(default=128, ge=0)
     batch: int = Field(default=8, ge=1, le=1024)
+    tiles_per_call: int | Literal["auto"] = Field(
+        default="auto", description="tiles per worker call, run `batch` at a time; auto: a few calls per worker "
+                                    "per image, up to 256 (fewer calls → less driver work per tile)")
     blend: Literal["gaussian", "cosine", "constant"] = "gaussian"
     sigma_scale: float = Field(default=0.125, gt=0, le=10)
     offset: tuple[int, int] = Field(default=(0, 0), description="grid origin shift (y, x) in pixels")
@@ -179,6 +182,8 @@ class TilingSpec(Strict):
                 raise ValueError(f"offset values must be in [0, tile - overlap = {step}), got {list(self.offset)}")
         if self.margin > self.overlap:
             raise ValueError(f"margin ({self.margin}) must not exceed overlap ({self.overlap})")
+        if self.tiles_per_call != "auto" and not 1 <= self.tiles_per_call <= 65536:
+            raise ValueError(f"tiles_per_call must be 'auto' or 1..65536, got {self.tiles_per_call}")
         if self.tile % 32:
             raise ValueError(f"tile ({self.tile}) must be a multiple of 32, the network's stride")
         return self
@@ -209,9 +214,21 @@ class ResourcesSpec(Strict):
 
 class ClusterSpec(Strict):
     address: str | None = Field(default=None, description="absent → embedded local Ray")
+    dask: str | None = Field(
+        default=None, description="where the blend runs: absent → Dask threads in the driver; 'ray' → a Dask "
+                                  "cluster gigaseg starts on the Ray nodes; tcp://host:port → that Dask scheduler")
     local_gpus: int | None = Field(
         default=None, ge=0, description="logical GPUs of the embedded cluster (default: workers × gpus)"
     )
+
+
+    @field_validator("dask")
+    @classmethod
+    def _dask(cls, v):
+        from pipeline.dask_cluster import check_setting
+
+        check_setting(v)
+        return v
 
 
 class FailureSpec(Strict):

@@ -49,9 +49,23 @@ class StageOutcome:
     retried_tiles: int
 
 
-def batches(stage: StagePlan, tiles: Iterable[tuple[int, int]], size: int) -> list[TileBatch]:
+def batches(stage: StagePlan, tiles: Iterable[tuple[int, int]], size: int, per_call: int | None = None) -> list[TileBatch]:
+    """Calls of ``per_call`` tiles (default ``size``), each run by its worker ``size`` tiles per model batch."""
     tiles = list(tiles)
-    return [TileBatch(stage, tuple(tiles[i : i + size])) for i in range(0, len(tiles), size)]
+    per_call = per_call or size
+    return [TileBatch(stage, tuple(tiles[i : i + per_call]), size) for i in range(0, len(tiles), per_call)]
+
+
+def call_size(n_tiles: int, batch: int, workers: int, cap: int = 256, calls_per_worker: int = 4) -> int:
+    """Tiles per call: ``⌈n / (workers · calls_per_worker)⌉`` rounded up to a multiple of ``batch``, within
+    ``[batch, cap]`` (``cap`` rounded down to a multiple of ``batch``, at least ``batch``).
+
+    Big calls spread the driver's per-call cost (``benchmarks/dispatch_scale.py``) so one driver feeds many
+    GPUs; ``calls_per_worker`` calls per worker per stage keep the load balanced at the end of small images.
+    """
+    per = -(-n_tiles // max(1, workers * calls_per_worker))
+    per = -(-per // batch) * batch
+    return max(batch, min(per, max(batch, cap // batch * batch)))
 
 
 def error_text(err: BaseException) -> str:
@@ -120,9 +134,10 @@ class _Health:
 class WorkerPool:
     """``workers`` actors, each requesting ``gpus_per_worker`` GPUs, each holding the model once."""
 
-    def __init__(self, checkpoint_url: str, storage_options: dict, config: PoolConfig, refiner_url: str | None = None):
+    def __init__(self, checkpoint_url: str, storage_options: dict, config: PoolConfig, refiner_url: str | None = None,
+                 worker_cls: type[TileWorker] = TileWorker):
         self.config = config
-        remote = ray.remote(TileWorker).options(
+        remote = ray.remote(worker_cls).options(
             max_concurrency=2,  # I/O of one batch overlaps the model call of the next (see TileWorker)
             num_gpus=config.gpus_per_worker,
             num_cpus=config.cpus_per_worker,

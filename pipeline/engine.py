@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import zarr
 
 from pipeline import blend, output, stages
-from pipeline.dispatch import PoolConfig, WorkerPool, batches
+from pipeline.dispatch import PoolConfig, WorkerPool, batches, call_size
 from pipeline.errors import GigasegError
 from pipeline.pyramid import Pyramid, ingest, pyramid_in_place
 from pipeline.discover import ImageRef, discover
@@ -45,6 +45,7 @@ class JobConfig:
     tile: int = 512
     overlap: int = 128
     batch: int = 8
+    tiles_per_call: int | None = None  # None: dispatch.call_size
     blend_window: blend.BlendWindow = "gaussian"
     sigma_scale: float = 0.125
     offset: tuple[int, int] = (0, 0)
@@ -61,6 +62,7 @@ class JobConfig:
     magnet: MagnetConfig | None = None
     refiner: bytes | None = field(default=None, repr=False)
     contexts: tuple[float, ...] = ()  # FCtL: context factors each tile reads around itself
+    scheduler: Any = field(default="threads", repr=False)  # Dask: "threads" or a distributed.Client
 
 
 @dataclass
@@ -212,7 +214,8 @@ def _run_stage(cfg: JobConfig, work: _Work, pool: WorkerPool, progress: Progress
         progress.advance(len(r.tiles), r.megapixels)
 
     t0 = time.perf_counter()
-    outcome = pool.run(batches(stage, todo, cfg.batch), retries=cfg.tile_retries, on_result=on_result)
+    per_call = cfg.tiles_per_call or call_size(len(todo), cfg.batch, pool.config.workers)
+    outcome = pool.run(batches(stage, todo, cfg.batch, per_call), retries=cfg.tile_retries, on_result=on_result)
     work.run_seconds += time.perf_counter() - t0
     work.result.tiles_run += len(todo)
     work.result.tiles_retried += outcome.retried_tiles
@@ -240,7 +243,8 @@ def _prepare_pyramid(cfg: JobConfig, ref: ImageRef, out: output.ImageOutput) -> 
     source = open_source(ref, cfg.input_storage_options, cfg.value_range)
     if source.has_pyramid:
         return pyramid_in_place(source)
-    return ingest(source, out.group_url, chunk=cfg.image_chunk, storage_options=cfg.output_storage_options)
+    return ingest(source, out.group_url, chunk=cfg.image_chunk, storage_options=cfg.output_storage_options,
+                  scheduler=cfg.scheduler)
 
 
 def _blend(cfg: JobConfig, work: _Work) -> None:
@@ -262,9 +266,9 @@ def _blend(cfg: JobConfig, work: _Work) -> None:
     targets = {"labels": arrays["labels"][0]}
     targets.update({k: arrays[k] for k in ("confidence", "probabilities") if k in arrays})
     probs = stages.stage_probabilities(cfg, out, work.stages, len(work.stages) - 1)
-    blend.store_outputs(probs, targets, n)
+    blend.store_outputs(probs, targets, n, cfg.scheduler)
     for level in range(1, len(arrays["labels"])):
-        blend.downsample_labels(arrays["labels"][level - 1], arrays["labels"][level], n)
+        blend.downsample_labels(arrays["labels"][level - 1], arrays["labels"][level], n, cfg.scheduler)
 
 
 def _audited(out: output.ImageOutput, arrays, audit_dir: str):

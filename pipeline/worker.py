@@ -74,8 +74,16 @@ class StagePlan:
 
 @dataclass(frozen=True)
 class TileBatch:
+    """One call to a worker: ``tiles`` of one stage, run through the model ``batch_size`` at a time.
+
+    A call holds more tiles than one model batch so the driver's cost per call (about a millisecond of Ray
+    submission and result handling) is spread over many tiles; the worker streams them, holding one model
+    batch of pixels at a time.
+    """
+
     stage: StagePlan
     tiles: tuple[tuple[int, int], ...]
+    batch_size: int | None = None  # None: all tiles in one model batch
 
 
 @dataclass(frozen=True)
@@ -157,10 +165,24 @@ class TileWorker:
 
     def run(self, batch: TileBatch) -> BatchResult:
         t0 = time.perf_counter()
-        stage = batch.stage
+        size = batch.batch_size or len(batch.tiles)
+        model_seconds = 0.0
+        for i in range(0, len(batch.tiles), size):
+            model_seconds += self._run_batch(batch.stage, batch.tiles[i : i + size])
+        tile = batch.stage.grid.tile
+        return BatchResult(
+            tiles=batch.tiles,
+            seconds=time.perf_counter() - t0,
+            model_seconds=model_seconds,
+            megapixels=len(batch.tiles) * tile * tile / 1e6,
+            worker=self.name,
+        )
+
+    def _run_batch(self, stage: StagePlan, indices: tuple[tuple[int, int], ...]) -> float:
+        """Read, predict and write one model batch; returns the seconds spent in the model."""
         ref = stage.image
         src = self._array(ref.group_url, ref.path, ref.storage_options, write=False)
-        windows = [stage.grid.window(iy, ix) for iy, ix in batch.tiles]
+        windows = [stage.grid.window(iy, ix) for iy, ix in indices]
         tiles = np.stack([self._read(src, ref, w) for w in windows])
         previous_up = contexts = None
         if stage.previous is not None:
@@ -179,16 +201,9 @@ class TileWorker:
                 probs = self.predictor(tiles)
             model_seconds = time.perf_counter() - t1
         out = self._array(stage.tiles_url, "", stage.storage_options, write=True)
-        for k, (iy, ix) in enumerate(batch.tiles):
+        for k, (iy, ix) in enumerate(indices):
             out[iy, ix] = probs[k]
-        tile = stage.grid.tile
-        return BatchResult(
-            tiles=batch.tiles,
-            seconds=time.perf_counter() - t0,
-            model_seconds=model_seconds,
-            megapixels=len(batch.tiles) * tile * tile / 1e6,
-            worker=self.name,
-        )
+        return model_seconds
 
 
 def tile_store_path(work_url: str, name: str, stage: int = 0) -> str:
