@@ -55,7 +55,7 @@ class Report:
         self.names = names
         self.spec = spec_echo
         self.results: list[ImageResult] = []
-        self.workers: list[dict[str, Any]] = []  # where each actor ran (set when the pool is done)
+        self.cluster: dict[str, Any] = {}  # where the work ran: "workers" (each actor), "dask" (the blend)
         self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         write_json(join(output_url, WORK_DIR, PLAN_NAME), {"images": names}, storage_options)
 
@@ -70,12 +70,12 @@ class Report:
             "started": self.started,
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "host": platform.node(),
-            "workers": self.workers,
+            **self.cluster,
             "spec": self.spec,
         }
 
-    def set_workers(self, workers: list[dict[str, Any]]) -> None:
-        self.workers = workers
+    def set_cluster(self, **sections: Any) -> None:
+        self.cluster.update(sections)
         self.write()
 
     def write(self) -> None:

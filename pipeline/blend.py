@@ -17,7 +17,6 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-import dask
 import dask.array as da
 import numpy as np
 import zarr
@@ -111,7 +110,7 @@ def check_complete(plan: BlendPlan) -> None:
 
 
 def store_outputs(
-    probs: da.Array, targets: dict[str, zarr.Array], num_classes: int, scheduler: str | None = None
+    probs: da.Array, targets: dict[str, zarr.Array], num_classes: int, scheduler: Any = None
 ) -> None:
     """Store the requested outputs of lazy ``(C, H, W)`` probabilities, computed once for all of them.
 
@@ -125,11 +124,10 @@ def store_outputs(
     if "probabilities" in targets:
         sources.append(probs.astype(np.float16))
         dests.append(targets["probabilities"])
-    with dask.config.set(scheduler=scheduler or "threads"):
-        da.store(sources, dests, lock=False, compute=True)
+    da.store(sources, dests, lock=False, compute=True, scheduler=scheduler or "threads")
 
 
-def store_blend(plan: BlendPlan, targets: dict[str, zarr.Array], scheduler: str | None = None) -> None:
+def store_blend(plan: BlendPlan, targets: dict[str, zarr.Array], scheduler: Any = None) -> None:
     """Check every tile is there, then blend and store the outputs (``store_outputs``)."""
     check_complete(plan)
     store_outputs(blended_probabilities(plan), targets, plan.num_classes, scheduler)
@@ -152,7 +150,7 @@ def mode_2x2(labels: np.ndarray, num_classes: int | None = None) -> np.ndarray:
     return np.where((a == b) | (a == c) | (a == d), a, np.where((b == c) | (b == d), b, np.where(c == d, c, a)))
 
 
-def downsample_labels(src: zarr.Array, dst: zarr.Array, num_classes: int, scheduler: str | None = None) -> None:
+def downsample_labels(src: zarr.Array, dst: zarr.Array, num_classes: int, scheduler: Any = None) -> None:
     """Write ``dst`` (level l) from ``src`` (level l−1, already written) by ``mode_2x2``, chunk-local.
 
     Reads source blocks of twice the destination chunk, so each destination chunk is one task; the
@@ -167,5 +165,4 @@ def downsample_labels(src: zarr.Array, dst: zarr.Array, num_classes: int, schedu
     out = out[: dst.shape[0], : dst.shape[1]]
     if out.shape != dst.shape:  # destination larger than ⌈src/2⌉ cannot happen for a 2× pyramid
         raise ValueError(f"label level shape {dst.shape} does not follow from {src.shape} by 2× downsampling")
-    with dask.config.set(scheduler=scheduler or "threads"):
-        da.store(out.rechunk(dst.chunks), dst, lock=False, compute=True)
+    da.store(out.rechunk(dst.chunks), dst, lock=False, compute=True, scheduler=scheduler or "threads")

@@ -20,8 +20,8 @@ matches except within the reach of tile-border effects (see tests/pipeline/test_
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-import dask
 import dask.array as da
 import numpy as np
 import torch
@@ -91,7 +91,7 @@ class StageMaps:
 
 
 def refine_pass(
-    plan: BlendPlan, previous: zarr.Array, maps: StageMaps, median: int, scheduler: str = "threads"
+    plan: BlendPlan, previous: zarr.Array, maps: StageMaps, median: int, scheduler: Any = "threads"
 ) -> None:
     """Steps 1–2: blended ``R`` and ``E`` (stored), then the median-filtered ``E`` (stored)."""
     h, w, c = plan.grid.height, plan.grid.width, plan.chunk
@@ -110,23 +110,21 @@ def refine_pass(
 
     chunks = ((plan.num_classes + 1,), _sizes(h, c), _sizes(w, c))
     both = da.map_blocks(block, dtype=np.float32, chunks=chunks, meta=np.empty((0, 0, 0), np.float32))
-    with dask.config.set(scheduler=scheduler):
-        da.store([both[:-1].astype(np.float16), both[-1].astype(np.float16)], [maps.refined, maps.error], lock=False)
+    da.store([both[:-1].astype(np.float16), both[-1].astype(np.float16)], [maps.refined, maps.error], lock=False,
+             scheduler=scheduler)
     err = da.from_zarr(maps.error).astype(np.float32)
     med = err
     if median > 1:
         med = err.map_overlap(mg.median_filter, depth=median // 2, boundary="nearest", k=median, dtype=np.float32)
-    with dask.config.set(scheduler=scheduler):
-        da.store(med.astype(np.float16), maps.error_median, lock=False)
+    da.store(med.astype(np.float16), maps.error_median, lock=False, scheduler=scheduler)
 
 
-def stage_threshold(maps: StageMaps, k: int, scheduler: str = "threads") -> float:
+def stage_threshold(maps: StageMaps, k: int, scheduler: Any = "threads") -> float:
     """Step 3: the global threshold from per-chunk histograms of the median-filtered error score."""
     e = da.from_zarr(maps.error_median)
     hist = e.map_blocks(_histogram, dtype=np.int64, chunks=((1,) * e.numblocks[0], (1,) * e.numblocks[1],
                                                             (_F16_BINS,)), new_axis=2)
-    with dask.config.set(scheduler=scheduler):
-        total = hist.sum(axis=(0, 1)).compute()
+    total = hist.sum(axis=(0, 1)).compute(scheduler=scheduler)
     return threshold_from_histogram(total, k)
 
 

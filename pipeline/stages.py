@@ -101,8 +101,8 @@ def stage_probabilities(cfg, out: ImageOutput, stages: list[StagePlan], s: int) 
     prev = stage.previous
     previous = zarr.open_array(store=zarr_store(prev.group_url, prev.storage_options, read_only=True),
                                path=prev.path, mode="r")
-    magnet.refine_pass(plan, previous, maps, cfg.magnet.median)
-    t = magnet.stage_threshold(maps, cfg.magnet.count(h, w))
+    magnet.refine_pass(plan, previous, maps, cfg.magnet.median, cfg.scheduler)
+    t = magnet.stage_threshold(maps, cfg.magnet.count(h, w), cfg.scheduler)
     return magnet.merged(maps, previous, t)
 
 
@@ -112,7 +112,7 @@ def store_stage_map(cfg, out: ImageOutput, stages: list[StagePlan], s: int) -> N
     probs = stage_probabilities(cfg, out, stages, s)
     group = _maps_group(out, s)
     target = _array(group, "map", (stage.num_classes, stage.grid.height, stage.grid.width), cfg.chunk, "float16")
-    da.store(probs.astype(np.float16), target, lock=False)
+    da.store(probs.astype(np.float16), target, lock=False, scheduler=cfg.scheduler)
     target.attrs["complete"] = True
 
 
