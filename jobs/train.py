@@ -1,10 +1,13 @@
 """``gigaseg train SPEC``: data-parallel training with Ray Train, resumable from per-epoch checkpoints.
 
-Two tasks: ``segmenter`` (the default) trains ``model.*``; ``magnet_refiner`` trains MagNet's refiner with
-the segmenter of ``refiner.segmenter`` frozen (``jobs.train_loop``). Output layout (any fsspec URL)::
+Three tasks: ``segmenter`` (the default) trains ``model.*``; ``magnet_refiner`` trains MagNet's refiner with
+the segmenter of ``refiner.segmenter`` frozen (``jobs.train_refiner``); ``fctl`` runs one stage of FCtL's
+staged training (``jobs.train_fctl``, whose docstring gives the three commands). Output layout (any fsspec
+URL)::
 
     <out>/epoch-NNN/model.safetensors   gigaseg checkpoint: weights, config, classes, colours, normalisation
-                                        (refiner.safetensors for the refiner: ``models.magnet.save_refiner``)
+                                        (refiner.safetensors for the refiner: ``models.magnet.save_refiner``;
+                                        an FCtL checkpoint for fctl stage fused: ``save_fctl``)
     <out>/epoch-NNN/state.pt            optimiser, scheduler, epoch, step, history (torch.save; read back
                                         with torch.load(weights_only=True): plain tensors and containers)
     <out>/latest.json                   the last complete epoch, written after its files: a killed run resumes
@@ -95,6 +98,10 @@ def _absolute(spec: TrainSpec) -> TrainSpec:
     data["model"]["init"] = fix(spec.model.init)
     if spec.refiner:
         data["refiner"]["segmenter"] = fix(spec.refiner.segmenter)
+    if spec.fctl:
+        data["fctl"]["local"] = fix(spec.fctl.local)
+        if spec.fctl.context_checkpoints:
+            data["fctl"]["context_checkpoints"] = [fix(u) for u in spec.fctl.context_checkpoints]
     return TrainSpec.model_validate(data)
 
 
@@ -125,6 +132,10 @@ def make_plan(spec: TrainSpec) -> Plan:
         problems.append(f"dataset.validation.exclude_classes: {bad} are not classes ({list(info.class_names)})")
     if spec.task == "magnet_refiner":
         model, normalization = _refiner_model(spec, info, problems)
+    elif spec.task == "fctl":
+        from jobs.train_fctl import fctl_plan
+
+        model, normalization = fctl_plan(spec, info, problems)
     else:
         model, normalization = _segmenter_model(spec, info, problems), info.normalization
     if problems:

@@ -1,13 +1,12 @@
 """The Ray Train worker of ``gigaseg train``: one loop (optimiser, LR schedule, resume, epoch checkpoints,
-progress, validation) for both training tasks, which differ only in a ``Trainee``:
+progress, validation) for every training task, which differ only in a ``Trainee``:
 
 - ``segmenter``: the model of ``model.*`` on random multi-scale crops (``pipeline.crops.CropSampler``),
   checkpoints written with ``models.checkpoint.save_checkpoint``.
-- ``magnet_refiner``: MagNet's refiner with the segmenter of ``refiner.segmenter`` frozen, on pairs
-  (``pipeline.crops.RefinerSampler``): for a crop at level L the refiner sees ``O = softmax(segmenter(crop))``
-  and ``Y_up`` = the ×2 bilinear upsampling of ``softmax(segmenter(coarse view at L+1))`` over the crop —
-  what ``pipeline/magnet.py`` feeds it at inference — and learns the mask; weights written with
-  ``models.magnet.save_refiner``.
+- ``magnet_refiner``: MagNet's refiner with the segmenter of ``refiner.segmenter`` frozen
+  (``jobs.train_refiner``).
+- ``fctl``: a stage of FCtL's staged training (``jobs.train_fctl``): a context segmenter, or the fused model
+  with its context encoders frozen (only parameters that require gradients are optimised).
 
 Every worker loads ``latest.json``'s checkpoint if there is one, wraps the model in DDP (``prepare_model``)
 and trains on its own draws (seeded by rank and epoch); rank 0 writes the checkpoints and sends progress
@@ -37,8 +36,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Plan:
     """What the driver resolved from the spec and the dataset; workers get it as a dict. ``model`` is the
-    segmenter's ``ModelConfig`` dict, or for the refiner ``{"task", "num_classes", "width", "scales",
-    "segmenter_sha256"}``; ``normalization`` is the dataset's, or the frozen segmenter's."""
+    segmenter's ``ModelConfig`` dict, for the refiner ``{"task", "num_classes", "width", "scales",
+    "segmenter_sha256"}``, for FCtL ``jobs.train_fctl.fctl_plan``'s; ``normalization`` is the dataset's, or
+    the frozen segmenter's (the refiner), or the local checkpoint's (FCtL)."""
 
     model: dict[str, Any]
     class_names: list[str]
@@ -145,7 +145,16 @@ def _send(events, event: dict) -> None:
         pass
 
 
-def _normalizer(normalization: dict, device):
+def shard_batches(items: list, rank: int, world: int, batch_size: int, read: Callable[[Any], tuple]) -> Iterator[tuple]:
+    """This rank's share ``items[rank::world]`` in batches of ``batch_size``: ``read(item)`` gives a tuple of
+    arrays, stacked position by position into ``(B, …)`` arrays."""
+    mine = items[rank::world]
+    for i in range(0, len(mine), batch_size):
+        parts = [read(item) for item in mine[i : i + batch_size]]
+        yield tuple(np.stack(p) for p in zip(*parts, strict=True))
+
+
+def normalizer(normalization: dict, device):
     """uint8 ``(B, 3, H, W)`` numpy → normalised float tensor on ``device``: ``(x − 255·mean) / (255·std)``."""
     import torch
 
@@ -154,48 +163,7 @@ def _normalizer(normalization: dict, device):
     return lambda images: (torch.from_numpy(images).to(device).float() - mean) / std
 
 
-# ---------------------------------------------------------------- refiner pairs (pure torch)
-
-
-def upsample_taps_t(probs, rows, row_weights, cols, col_weights):
-    """``(C, S, S)`` coarse probabilities → ``(C, h, w)``: along y ``(1 − λ)·P[i0] + λ·P[i1]`` with ``rows
-    (2, h)`` = (i0, i1) and ``row_weights (h,)`` = λ, then the same along x — the arithmetic of
-    ``pipeline.reader.upsample2x_window``, in the same order."""
-    r = probs[:, rows[0]] * (1 - row_weights)[None, :, None] + probs[:, rows[1]] * row_weights[None, :, None]
-    return r[:, :, cols[0]] * (1 - col_weights)[None, None, :] + r[:, :, cols[1]] * col_weights[None, None, :]
-
-
-def augment_t(x, flip_y: bool, flip_x: bool, rot90: int):
-    """``pipeline.crops.augment`` for a ``(C, h, w)`` tensor: flip y, flip x, rotate ``rot90 · 90°``."""
-    import torch
-
-    if flip_y:
-        x = torch.flip(x, [1])
-    if flip_x:
-        x = torch.flip(x, [2])
-    return torch.rot90(x, rot90, dims=(1, 2)) if rot90 % 4 else x
-
-
-def refiner_inputs(segmenter, batch, to_input):
-    """A ``pipeline.crops.RefinerBatch`` → ``(fine (B, C, c, c), coarse_up (B, C, c, c), target (B, c, c))``:
-    ``fine = softmax(segmenter(crop))``, ``coarse_up`` = the upsampled ``softmax(segmenter(coarse view))`` over
-    the crop, augmented like the crop; the frozen ``segmenter`` runs without gradients."""
-    import torch
-
-    with torch.no_grad():
-        fine = torch.softmax(segmenter(to_input(batch.fine)).float(), dim=1)
-        coarse = torch.softmax(segmenter(to_input(batch.coarse)).float(), dim=1)
-        dev = coarse.device
-        rows, row_w, cols, col_w = (torch.from_numpy(a).to(dev) for a in (batch.rows, batch.row_weights, batch.cols,
-                                                                          batch.col_weights))
-        ups = []
-        for b in range(len(batch.fine)):
-            up = upsample_taps_t(coarse[b], rows[b], row_w[b], cols[b], col_w[b])
-            ups.append(augment_t(up, bool(batch.flips[b, 0]), bool(batch.flips[b, 1]), int(batch.rot90[b])))
-    return fine, torch.stack(ups), torch.from_numpy(batch.masks.astype(np.int64)).to(dev)
-
-
-# ---------------------------------------------------------------- the two tasks
+# ---------------------------------------------------------------- tasks
 
 
 @dataclass(frozen=True)
@@ -212,31 +180,47 @@ class Trainee:
 
 
 def segmenter_trainee(spec: TrainSpec, plan: Plan, rank: int, device, weights: bytes | None) -> Trainee:
-    import torch
-
-    from models import ModelConfig, build_model
-    from models.checkpoint import load_state_into, save_checkpoint
-    from models.heads.dupsampling import DUpsamplingHead, fit_dupsampling
+    """Task segmenter: ``model.*`` on random multi-scale crops (``pipeline.crops.CropSampler``)."""
+    from models import ModelConfig
     from pipeline.crops import CropConfig, CropSampler, read_crop, validation_windows
     from pipeline.datasets import TrainingDataset
 
-    config = ModelConfig.from_dict(plan.model)
-    model = build_model(config, seed=spec.seed)
-    if weights is not None:
-        load_state_into(model, weights)
-    elif spec.model.init:
-        done = init_weights(model, read_url(spec.model.init, spec.dataset.storage_options), config, plan.class_names)
-        log.info("initialised from %s: %s", spec.model.init, done)
-    to_input = _normalizer(plan.normalization, device)
     dataset = TrainingDataset(spec.dataset.url, spec.dataset.storage_options)
     c = spec.crops
     crop_config = CropConfig(c.size, tuple(c.scales), c.batch_size, spec.augment.flips, spec.augment.rot90)
-    sampler = CropSampler(dataset, plan.train_names, crop_config, seed=spec.seed, rank=rank)
+    windows = [(n, lvl, w) for n in plan.val_names
+               for lvl, w in validation_windows(dataset.shapes(n), c.size, spec.dataset.validation.scale)]
+
+    def pairs(r: int, epoch: int, n: int):
+        return CropSampler(dataset, plan.train_names, crop_config, seed=spec.seed, rank=r).batches(epoch, n)
+
+    return image_mask_trainee(spec, plan, ModelConfig.from_dict(plan.model), rank, device, weights, spec.model.init,
+                              pairs, windows, lambda item: read_crop(dataset, *item, c.size))
+
+
+def image_mask_trainee(spec: TrainSpec, plan: Plan, config, rank: int, device, weights: bytes | None,
+                       init: str | None, pairs: Callable[[int, int, int], Iterator[tuple[np.ndarray, np.ndarray]]],
+                       val_items: list, read_val: Callable[[Any], tuple[np.ndarray, np.ndarray]]) -> Trainee:
+    """A segmenter (``config``) trained on ``pairs(rank, epoch, n)``: ``n`` batches of images ``(B, 3, T, T)``
+    uint8 and masks ``(B, T, T)``; validated on ``read_val(item) → (image, mask)`` over this rank's share of
+    ``val_items``. Starts from ``weights`` (a resume), else from the checkpoint at ``init`` when given."""
+    import torch
+
+    from models import build_model
+    from models.checkpoint import load_state_into, save_checkpoint
+    from models.heads.dupsampling import DUpsamplingHead, fit_dupsampling
+
+    model = build_model(config, seed=spec.seed)
+    if weights is not None:
+        load_state_into(model, weights)
+    elif init:
+        done = init_weights(model, read_url(init, spec.dataset.storage_options), config, plan.class_names)
+        log.info("initialised from %s: %s", init, done)
+    to_input = normalizer(plan.normalization, device)
     if weights is None and isinstance(model.decoder, DUpsamplingHead):
         # DUpsampling's reconstruction W comes from PCA of training label blocks, not from gradients. The
         # same seeded crops on every rank give every worker the same basis; a resumed run loads it.
-        fit_sampler = CropSampler(dataset, plan.train_names, crop_config, seed=spec.seed, rank=0)
-        masks = np.concatenate([m for _, m in fit_sampler.batches(0, 8)])
+        masks = np.concatenate([m for _, m in pairs(0, 0, 8)])
         explained = fit_dupsampling(model.decoder, torch.from_numpy(masks.astype(np.int64)), config.num_classes)
         log.info("DUpsampling basis fit on %d label crops: %.1f %% of the variance explained",
                  len(masks), 100 * explained)
@@ -251,54 +235,12 @@ def segmenter_trainee(spec: TrainSpec, plan: Plan, rank: int, device, weights: b
         return out, torch.from_numpy(masks.astype(np.int64)).to(device)
 
     def validation(module, rank: int, world: int):
-        windows = [(n, lvl, w) for n in plan.val_names
-                   for lvl, w in validation_windows(dataset.shapes(n), c.size, spec.dataset.validation.scale)]
-        mine = windows[rank::world]
-        for i in range(0, len(mine), c.batch_size):
-            pairs = [read_crop(dataset, n, lvl, w, c.size) for n, lvl, w in mine[i : i + c.batch_size]]
-            yield forward(module, (np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]))) + (None,)
+        for batch in shard_batches(val_items, rank, world, spec.crops.batch_size, read_val):
+            yield forward(module, batch) + (None,)
 
-    return Trainee(model, lambda epoch, n: sampler.batches(epoch, n), forward,
+    return Trainee(model, lambda epoch, n: pairs(rank, epoch, n), forward,
                    lambda m: save_checkpoint(None, m, config, plan.class_names, plan.class_colors, plan.normalization),
                    validation)
-
-
-def refiner_trainee(spec: TrainSpec, plan: Plan, rank: int, device, weights: bytes | None) -> Trainee:
-    import torch
-
-    from models.checkpoint import load_checkpoint
-    from models.magnet import Refiner, load_refiner, save_refiner
-    from pipeline.crops import CropConfig, RefinerSampler, read_pairs, refiner_validation_draws
-    from pipeline.datasets import TrainingDataset
-
-    r, k, c = spec.refiner, len(plan.class_names), spec.crops
-    segmenter, _ = load_checkpoint(read_url(r.segmenter, spec.dataset.storage_options))
-    segmenter = segmenter.to(device).eval().requires_grad_(False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
-        model = Refiner(k, width=r.width)
-    if weights is not None:
-        model.load_state_dict(load_refiner(weights, k).state_dict())
-    to_input = _normalizer(plan.normalization, device)
-    dataset = TrainingDataset(spec.dataset.url, spec.dataset.storage_options)
-    levels = list(range(r.scales - 1))
-    sampler = RefinerSampler(dataset, plan.train_names, CropConfig(c.size, (1.0,), c.batch_size, spec.augment.flips,
-                                                                   spec.augment.rot90), levels, spec.seed, rank)
-
-    def forward(m, batch):
-        fine, coarse_up, target = refiner_inputs(segmenter, batch, to_input)
-        return m(fine, coarse_up), target
-
-    def validation(module, rank: int, world: int):
-        draws = [d for n in plan.val_names for d in refiner_validation_draws(n, dataset.shapes(n), c.size, levels)]
-        mine = draws[rank::world]
-        for i in range(0, len(mine), c.batch_size):
-            fine, coarse_up, target = refiner_inputs(segmenter, read_pairs(dataset, mine[i : i + c.batch_size], c.size),
-                                                     to_input)
-            yield module(fine, coarse_up), target, fine
-
-    return Trainee(model, lambda epoch, n: sampler.batches(epoch, n), forward, lambda m: save_refiner(m, r.width),
-                   validation, baseline=True)
 
 
 def score(items: Iterable, k: int, ignore: int, exclude: list[int], baseline: bool = False) -> dict:
@@ -344,15 +286,21 @@ def train_worker(config: dict[str, Any]) -> None:
     store = CheckpointStore(spec.output.url, spec.output.storage_options, weights=weights_name(spec))
     latest = store.latest()
     weights, state = store.load_epoch(latest) if latest else (None, None)
-    make = refiner_trainee if spec.task == "magnet_refiner" else segmenter_trainee
+    if spec.task == "fctl":
+        from jobs.train_fctl import fctl_trainee as make
+    elif spec.task == "magnet_refiner":
+        from jobs.train_refiner import refiner_trainee as make
+    else:
+        make = segmenter_trainee
     trainee = make(spec, plan, rank, device, weights)
     model = ray.train.torch.prepare_model(trainee.model)
     module = model.module if hasattr(model, "module") else model
     o, s = spec.optimizer, spec.schedule
+    params = [p for p in model.parameters() if p.requires_grad]  # FCtL's frozen context encoders left out
     if o.name == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
     steps, batch = spec.crops.batches_per_epoch, spec.crops.batch_size
     total = spec.epochs * steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -410,5 +358,5 @@ def train_worker(config: dict[str, Any]) -> None:
         store.write(store.weights, trainee.weights(module))
 
 
-__all__ = ["Plan", "Trainee", "augment_t", "init_weights", "lr_factor", "refiner_inputs", "score", "train_worker",
-           "upsample_taps_t", "weights_name"]
+__all__ = ["Plan", "Trainee", "image_mask_trainee", "init_weights", "lr_factor", "normalizer", "score",
+           "segmenter_trainee", "shard_batches", "train_worker", "weights_name"]

@@ -10,7 +10,9 @@ the global batch is ``batch_size × num_workers``.
 Tasks: ``segmenter`` (the default) trains ``model.*`` on random crops at ``crops.scales``;
 ``magnet_refiner`` trains MagNet's refiner for the trained segmenter of ``refiner.segmenter`` (frozen) on
 pairs (a ``crops.size`` crop at a fine level L, a coarse view at L+1), with OHEM cross entropy unless
-``loss.name`` says otherwise; its ``refiner.safetensors`` is ``model.magnet.refiner`` of ``gigaseg run``.
+``loss.name`` says otherwise; its ``refiner.safetensors`` is ``model.magnet.refiner`` of ``gigaseg run``;
+``fctl`` trains FCtL in the reference's stages, one resumable run each (``FctlSpec``, ``jobs.train_fctl``),
+with focal loss (γ = 3) unless ``loss.name`` says otherwise.
 """
 
 from __future__ import annotations
@@ -142,12 +144,96 @@ class RefinerSpec(Strict):
     )
 
 
+FCTL_STAGE_LOCAL = ("stage local is a plain segmenter: train it with task: segmenter and crops.scales: [1] "
+                     "(no fctl section); its model.safetensors is fctl.local of stages context and fused")
+
+
+class FctlSpec(Strict):
+    """One stage of FCtL's staged training (``jobs.train_fctl``); every stage starts from ``local``.
+
+    - ``context``: a segmenter for the context views at ``factor`` (one run per factor), initialised from
+      ``local`` (the reference's ``--pre_path``); its ``model.safetensors`` is a plain segmenter checkpoint.
+    - ``fused``: ``FCtL.from_local(local)`` with the encoders of ``context_checkpoints`` (one per ``contexts``
+      factor, in order) frozen; its ``model.safetensors`` is an FCtL checkpoint (``model.framework: fctl``).
+    """
+
+    stage: Literal["context", "fused"] = Field(description="context: one context segmenter; fused: the FCtL")
+    local: str = Field(description="model.safetensors of the stage-local run (task: segmenter, crops.scales [1])")
+    factor: float | None = Field(default=None, gt=1, validate_default=True,
+                                 description="stage context: the context factor this run trains (e.g. 2)")
+    contexts: list[float] | None = Field(default=None, validate_default=True,
+                                         description="stage fused: context factors, medium then large (default [2, 4])")
+    context_checkpoints: list[str] | None = Field(
+        default=None, validate_default=True,
+        description="stage fused: model.safetensors of each stage-context run, one per contexts factor, in order")
+    key_channels: int | None = Field(default=None, ge=1, le=1024, validate_default=True,
+                                     description="stage fused: correlation key width (default: C/8 of the deepest map)")
+
+    @field_validator("stage", mode="before")
+    @classmethod
+    def _no_local_stage(cls, v):
+        if v == "local":
+            raise ValueError(FCTL_STAGE_LOCAL)
+        return v
+
+    @field_validator("factor")
+    @classmethod
+    def _factor(cls, v, info):
+        stage = info.data.get("stage")
+        if stage == "context" and v is None:
+            raise ValueError("required for stage context: the context factor this run trains (e.g. 2); "
+                             "train one run per factor of the fused model")
+        if stage == "fused" and v is not None:
+            raise ValueError("only read by stage context; the fused stage's factors are fctl.contexts")
+        return v
+
+    @field_validator("contexts")
+    @classmethod
+    def _contexts(cls, v, info):
+        stage = info.data.get("stage")
+        if stage == "context" and v is not None:
+            raise ValueError("only read by stage fused; stage context trains one factor: fctl.factor")
+        if stage != "fused":
+            return v
+        v = [2.0, 4.0] if v is None else v
+        if not 1 <= len(v) <= 2:
+            raise ValueError(f"FCtL takes 1 or 2 context factors (medium, large), got {v}")
+        if any(f <= 1 for f in v) or v != sorted(set(v)):
+            raise ValueError(f"factors must be > 1 and increase (medium first, then large), got {v}")
+        return v
+
+    @field_validator("context_checkpoints")
+    @classmethod
+    def _checkpoints(cls, v, info):
+        stage, contexts = info.data.get("stage"), info.data.get("contexts")
+        if stage == "context" and v is not None:
+            raise ValueError("only read by stage fused; remove it")
+        if stage != "fused":
+            return v
+        if not v:
+            raise ValueError("required for stage fused: the model.safetensors of each stage-context run, one per "
+                             "fctl.contexts factor, in the same order")
+        if contexts is not None and len(v) != len(contexts):
+            raise ValueError(f"{len(v)} checkpoint(s) for {len(contexts)} context factor(s) (fctl.contexts = "
+                             f"{contexts}): give one stage-context checkpoint per factor, in the same order")
+        return v
+
+    @field_validator("key_channels")
+    @classmethod
+    def _key_channels(cls, v, info):
+        if info.data.get("stage") == "context" and v is not None:
+            raise ValueError("only read by stage fused; remove it")
+        return v
+
+
 class TrainSpec(Strict):
-    task: Literal["segmenter", "magnet_refiner"] = Field(
-        default="segmenter", description="segmenter: train model.*; magnet_refiner: train MagNet's refiner"
+    task: Literal["segmenter", "magnet_refiner", "fctl"] = Field(
+        default="segmenter",
+        description="segmenter: train model.*; magnet_refiner: train MagNet's refiner; fctl: a stage of FCtL",
     )
     refiner: RefinerSpec | None = Field(default=None, validate_default=True,
                                         description="task magnet_refiner: what to refine")
+    fctl: FctlSpec | None = Field(default=None, validate_default=True, description="task fctl: which stage")
     dataset: DatasetSpec
     model: TrainModelSpec = Field(default_factory=TrainModelSpec)
     crops: CropsSpec = Field(default_factory=CropsSpec)
@@ -163,14 +249,16 @@ class TrainSpec(Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _refiner_loss(cls, data):
-        """MagNet trains its refiner with OHEM CE (threshold 0.7): the default loss of that task."""
-        if isinstance(data, dict) and data.get("task") == "magnet_refiner":
+    def _task_loss(cls, data):
+        """Each task's default loss: MagNet trains its refiner with OHEM CE (threshold 0.7), FCtL every stage
+        with focal loss (γ = 3, ``loss.gamma``'s default)."""
+        name = {"magnet_refiner": "ohem", "fctl": "focal"}.get(data.get("task")) if isinstance(data, dict) else None
+        if name:
             loss = data.get("loss")
             if loss is None:
-                data = {**data, "loss": {"name": "ohem"}}
+                data = {**data, "loss": {"name": name}}
             elif isinstance(loss, dict) and "name" not in loss:
-                data = {**data, "loss": {**loss, "name": "ohem"}}
+                data = {**data, "loss": {**loss, "name": name}}
         return data
 
     @field_validator("refiner")
@@ -180,24 +268,51 @@ class TrainSpec(Strict):
         if task == "magnet_refiner" and v is None:
             raise ValueError("required when task is magnet_refiner (refiner.segmenter: the trained segmenter's "
                              "model.safetensors)")
-        if task == "segmenter" and v is not None:
+        if task in ("segmenter", "fctl") and v is not None:
             raise ValueError("only read when task is magnet_refiner; set task: magnet_refiner or remove it")
+        return v
+
+    @field_validator("fctl")
+    @classmethod
+    def _fctl_for_task(cls, v, info):
+        task = info.data.get("task")
+        if task == "fctl" and v is None:
+            raise ValueError("required when task is fctl (fctl.stage: context or fused, fctl.local: the stage-local "
+                             "segmenter's model.safetensors); " + FCTL_STAGE_LOCAL)
+        if task in ("segmenter", "magnet_refiner") and v is not None:
+            raise ValueError("only read when task is fctl; set task: fctl or remove it")
+        return v
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_for_task(cls, v, info):
+        if info.data.get("task") == "fctl" and v.validation.scale != 1.0:
+            raise ValueError("validation.scale: not read when task is fctl (FCtL is scored on level-0 tiles with "
+                             "their contexts); remove it")
         return v
 
     @field_validator("model")
     @classmethod
     def _model_for_task(cls, v, info):
-        if info.data.get("task") == "magnet_refiner" and v != TrainModelSpec():
+        task = info.data.get("task")
+        if task == "magnet_refiner" and v != TrainModelSpec():
             raise ValueError("not read when task is magnet_refiner (the segmenter's checkpoint holds its "
                              "architecture, refiner.width sizes the refiner); remove the model section")
+        if task == "fctl" and v != TrainModelSpec():
+            raise ValueError("not read when task is fctl (every stage takes the architecture and initial weights "
+                             "of fctl.local); remove the model section")
         return v
 
     @field_validator("crops")
     @classmethod
     def _crops_for_task(cls, v, info):
-        if info.data.get("task") == "magnet_refiner" and v.scales != [1.0]:
+        task = info.data.get("task")
+        if task == "magnet_refiner" and v.scales != [1.0]:
             raise ValueError("scales: not read when task is magnet_refiner (pairs are read at levels "
                              "0 … refiner.scales − 2); remove crops.scales")
+        if task == "fctl" and v.scales != [1.0]:
+            raise ValueError("scales: not read when task is fctl (local crops are level-0 tiles, the coarser views "
+                             "are the contexts); remove crops.scales")
         return v
 
     def echo(self) -> str:
@@ -215,4 +330,4 @@ def load_train_spec(path: str | Path, overrides: list[str] | None = None) -> Tra
 
 
 
-__all__ = ["RefinerSpec", "TrainSpec", "load_train_spec", "parse_train_spec"]
+__all__ = ["FctlSpec", "RefinerSpec", "TrainSpec", "load_train_spec", "parse_train_spec"]

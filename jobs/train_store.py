@@ -1,8 +1,9 @@
 """The training output of ``gigaseg train``: per-epoch checkpoints, ``latest.json`` (written last, so a killed
 run resumes from the last complete epoch), history, curves and the final weights, on any fsspec URL.
 
-The weights file is ``model.safetensors`` (a gigaseg segmenter checkpoint) or, for ``task: magnet_refiner``,
-``refiner.safetensors`` (``models.magnet.save_refiner``); each epoch directory holds one under the same name.
+The weights file is ``model.safetensors`` (a gigaseg segmenter checkpoint; an FCtL checkpoint for ``task: fctl``
+stage fused) or, for ``task: magnet_refiner``, ``refiner.safetensors`` (``models.magnet.save_refiner``); each
+epoch directory holds one under the same name.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ context is read from the coarsest pyramid level that still spans the window with
 as a window of ``r = c·T / 2^l`` level-l pixels (``context_window``), and resized ``r → T`` only when
 ``r ≠ T``. ×2 and ×4 read levels 1 and 2 as they are; ×3 reads ``1.5·T`` level-1 pixels and resizes them
 bilinearly with ``pipeline.crops.resize_image``, the resize the FCtL training crops use
-(``pipeline.crops.FctlSampler``), so training and inference see the same pixels.
+(``pipeline.crops_fctl.FctlSampler``), so training and inference see the same pixels.
 
 Only the chunks of level ``l`` under the part of the window inside the image are read; the rest is zeros
 (``pipeline.reader.read_window`` with ``pad="constant"``), and a window wholly outside reads nothing.

@@ -22,6 +22,8 @@ and a coarse view of ``crop``² pixels at level L + 1 that holds the window's fo
 the ×2 bilinear upsampling (align_corners=False) of the segmenter's probabilities on the coarse view over
 the crop, exactly as ``pipeline.reader.upsample2x_window`` computes the previous stage's map for a tile
 (``upsample_taps``), so training and inference feed the refiner the same thing.
+
+FCtL's samples (a level-0 crop with its context views and their labels) are ``pipeline.crops_fctl``.
 """
 
 from __future__ import annotations
@@ -103,14 +105,19 @@ def read_crop(dataset, name: str, level: int, window: Window, crop: int) -> tupl
     """
     shape = dataset.shapes(name)[level]
     image = read_window(dataset.image_level(name, level), "cyx", shape, window, pad="reflect")
-    inner = window.clip(*shape)
-    labels = dataset.mask_level(name, level)
-    mask = np.full((window.h, window.w), dataset.info.ignore_index, dtype=labels.dtype)
+    mask = read_mask_window(dataset.mask_level(name, level), shape, window, dataset.info.ignore_index)
+    return resize_image(image, crop), resize_nearest(mask, crop)
+
+
+def read_mask_window(labels, shape_yx: tuple[int, int], window: Window, ignore_index: int) -> np.ndarray:
+    """Class ids ``(window.h, window.w)`` of a ``(H, W)`` label level, ``ignore_index`` past the image."""
+    inner = window.clip(*shape_yx)
+    mask = np.full((window.h, window.w), ignore_index, dtype=labels.dtype)
     if not inner.empty:
         mask[inner.y0 - window.y0 : inner.y1 - window.y0, inner.x0 - window.x0 : inner.x1 - window.x0] = (
             read_region(labels, "yx", inner)[0]
         )
-    return resize_image(image, crop), resize_nearest(mask, crop)
+    return mask
 
 
 def validation_windows(
@@ -334,130 +341,8 @@ class RefinerSampler:
 
 __all__ = [
     "CropConfig", "CropDraw", "CropSampler", "RefinerBatch", "RefinerDraw", "RefinerSampler", "augment",
-    "coarse_footprint", "coarse_window_at", "origin_bounds", "pyramid_level", "read_crop", "read_pairs",
-    "refiner_draw", "refiner_validation_draws", "resize_image", "resize_nearest", "upsample_taps",
+    "coarse_footprint", "coarse_window_at", "origin_bounds", "pyramid_level", "read_crop", "read_mask_window",
+    "read_pairs", "refiner_draw", "refiner_validation_draws", "resize_image", "resize_nearest", "upsample_taps",
     "validation_windows", "window_at", "window_size",
 ]
 
-
-# ---------------------------------------------------------------- FCtL local crops with their contexts
-#
-# Imported here, below ``resize_image``, and as a module: pipeline.context imports ``resize_image`` from this
-# module, so either may be imported first.
-from pipeline import context as fctl_context  # noqa: E402
-
-
-def transform_views(a: np.ndarray, flip_y: bool, flip_x: bool, rot90: int) -> np.ndarray:
-    """``augment``'s transform on the last two axes of any stack (``(…, h, w)``): flip y, flip x, then rotate
-    by ``rot90 · 90°`` counter-clockwise. Contexts are centred on their tile (to within ``context_window``'s
-    rounding), so the same flip or rotation about each view's centre keeps them centred on the transformed tile."""
-    if flip_y:
-        a = a[..., ::-1, :]
-    if flip_x:
-        a = a[..., ::-1]
-    if rot90 % 4:
-        a = np.rot90(a, rot90, axes=(-2, -1))
-    return np.ascontiguousarray(a)
-
-
-def read_mask_window(labels, shape_yx: tuple[int, int], window: Window, ignore_index: int) -> np.ndarray:
-    """Class ids ``(window.h, window.w)`` of a ``(H, W)`` label level, ``ignore_index`` past the image."""
-    inner = window.clip(*shape_yx)
-    mask = np.full((window.h, window.w), ignore_index, dtype=labels.dtype)
-    if not inner.empty:
-        mask[inner.y0 - window.y0 : inner.y1 - window.y0, inner.x0 - window.x0 : inner.x1 - window.x0] = (
-            read_region(labels, "yx", inner)[0]
-        )
-    return mask
-
-
-def read_fctl_contexts(dataset, name: str, window: Window, factors: Sequence[float], size: int) -> np.ndarray:
-    """Contexts ``(n_ctx, 3, size, size)`` uint8 of the level-0 ``window`` of sample ``name``, exactly as a
-    worker reads them for a tile (``pipeline.context.read_contexts``: zeros past the image)."""
-    shapes = dataset.shapes(name)
-    arrays = {lvl: dataset.image_level(name, lvl) for lvl in fctl_context.context_levels(factors, len(shapes))}
-    return fctl_context.read_contexts(arrays, shapes, "cyx", window, factors, size)
-
-
-def read_context_masks(dataset, name: str, window: Window, factors: Sequence[float], size: int) -> np.ndarray:
-    """The contexts' own labels ``(n_ctx, size, size)``: per factor ``c``, the label level
-    ``l = context_level(c)`` (``mode_2x2`` of level 0) over the same ``context_window`` as the context image,
-    ``ignore_index`` past the image, resized ``r → size`` by ``resize_nearest``; the targets of FCtL's context
-    encoders (stage 2), pixel-aligned with the context images."""
-    shapes = dataset.shapes(name)
-    out = []
-    for c in factors:
-        level = fctl_context.context_level(c, len(shapes))
-        win = fctl_context.context_window(window, c, level)
-        mask = read_mask_window(dataset.mask_level(name, level), shapes[level], win, dataset.info.ignore_index)
-        out.append(resize_nearest(mask, size))
-    return np.stack(out)
-
-
-@dataclass(frozen=True)
-class FctlDraw:
-    """One FCtL sample: the local ``window`` at level 0 (its contexts follow from it) and the augmentation."""
-
-    name: str
-    window: Window
-    flip_y: bool = False
-    flip_x: bool = False
-    rot90: int = 0
-
-
-class FctlSampler:
-    """Seeded FCtL batches over ``names``: a local crop of ``config.size``² level-0 pixels (image uniform,
-    window uniform as ``window_at``; mirrored image and ignored mask past the image, as ``read_crop``) with its
-    contexts at ``factors`` (``read_fctl_contexts``), one flip/rot90 applied to all of them. Draws depend only
-    on ``(seed, rank, epoch)``.
-
-    ``batches`` yields ``(images (B, 3, T, T) uint8, contexts (B, n_ctx, 3, T, T) uint8, masks (B, T, T))``,
-    plus ``context_masks (B, n_ctx, T, T)`` (``read_context_masks``) when ``context_targets``.
-    """
-
-    def __init__(self, dataset, names: Sequence[str], config: CropConfig, factors: Sequence[float], seed: int = 0,
-                 rank: int = 0, context_targets: bool = False) -> None:
-        if not names or not factors:
-            raise ValueError("FctlSampler needs at least one image name and one context factor")
-        if tuple(config.scales) != (1.0,):
-            raise ValueError(
-                f"FctlSampler reads local crops at full resolution, but config.scales = {config.scales}; use "
-                "CropConfig(scales=(1.0,)) and give the coarser views as context factors"
-            )
-        for c in factors:
-            fctl_context.context_level(c, 1)  # raises on a factor ≤ 1
-        self.dataset, self.names, self.config = dataset, list(names), config
-        self.factors = tuple(float(c) for c in factors)
-        self.seed, self.rank, self.context_targets = seed, rank, context_targets
-
-    def rng(self, epoch: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.rank, epoch])
-
-    def draw(self, rng: np.random.Generator) -> FctlDraw:
-        c = self.config
-        name = self.names[int(rng.integers(len(self.names)))]
-        window = window_at(self.dataset.shapes(name)[0], c.size, tuple(rng.random(2)))
-        flip_y, flip_x = (bool(v) for v in rng.integers(0, 2, 2)) if c.flips else (False, False)
-        k = int(rng.integers(4)) if c.rot90 else 0
-        return FctlDraw(name, window, flip_y, flip_x, k)
-
-    def read(self, d: FctlDraw) -> tuple[np.ndarray, ...]:
-        """``(image, contexts, mask)`` (and ``context_masks``) of one draw, augmented."""
-        size = self.config.size
-        image, mask = read_crop(self.dataset, d.name, 0, d.window, size)
-        views = [image, read_fctl_contexts(self.dataset, d.name, d.window, self.factors, size), mask]
-        if self.context_targets:
-            views.append(read_context_masks(self.dataset, d.name, d.window, self.factors, size))
-        return tuple(transform_views(v, d.flip_y, d.flip_x, d.rot90) for v in views)
-
-    def batches(self, epoch: int, n: int) -> Iterator[tuple[np.ndarray, ...]]:
-        """``n`` batches of ``config.batch_size`` samples (see the class docstring)."""
-        rng = self.rng(epoch)
-        for _ in range(n):
-            samples = [self.read(self.draw(rng)) for _ in range(self.config.batch_size)]
-            yield tuple(np.stack(parts) for parts in zip(*samples, strict=True))
-
-
-__all__ += [
-    "FctlDraw", "FctlSampler", "read_context_masks", "read_fctl_contexts", "read_mask_window", "transform_views",
-]

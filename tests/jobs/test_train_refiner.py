@@ -13,7 +13,8 @@ import torch
 
 from jobs.spec import SpecError
 from jobs.train import make_plan, train
-from jobs.train_loop import _normalizer, refiner_inputs
+from jobs.train_loop import normalizer
+from jobs.train_refiner import refiner_inputs
 from jobs.train_spec import parse_train_spec
 from models import ModelConfig, build_model
 from models.checkpoint import load_checkpoint, save_checkpoint
@@ -46,7 +47,7 @@ def segmenter(dataset, tmp_path_factory) -> str:  # noqa: F811
     ds = TrainingDataset(dataset)
     config = ModelConfig("fpn_resnet10", num_classes=len(CLASSES), width=8)
     model = build_model(config, seed=0).train()
-    to_input = _normalizer(ds.info.normalization, "cpu")
+    to_input = normalizer(ds.info.normalization, "cpu")
     opt = torch.optim.AdamW(model.parameters(), lr=0.01)
     sampler = CropSampler(ds, list(ds.info.images), CropConfig(CROP, (1.0, 2.0, 4.0), batch_size=4), seed=1)
     loss_fn = build_loss(LossConfig("ce", ds.info.ignore_index))
@@ -132,7 +133,7 @@ def _coarse_up_expected(ds, seg, to_input, d) -> np.ndarray:
 def test_pairs_feed_the_refiner_what_the_pipeline_feeds_it(dataset, segmenter):  # noqa: F811
     ds = TrainingDataset(dataset)
     seg, info = load_checkpoint(Path(segmenter).read_bytes())
-    to_input = _normalizer(info.normalization.to_dict(), "cpu")
+    to_input = normalizer(info.normalization.to_dict(), "cpu")
     sampler = RefinerSampler(ds, ["s0", "s1", "s2"], CropConfig(CROP, batch_size=1), levels=[0, 1], seed=3)
     rng = np.random.default_rng(0)
     draws = [sampler.draw(rng) for _ in range(6)]

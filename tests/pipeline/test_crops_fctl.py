@@ -19,17 +19,8 @@ import pytest
 from PIL import Image
 
 from pipeline.context import context_level, context_window, read_contexts
-from pipeline.crops import (
-    CropConfig,
-    FctlDraw,
-    FctlSampler,
-    augment,
-    read_context_masks,
-    read_crop,
-    read_fctl_contexts,
-    resize_nearest,
-    transform_views,
-)
+from pipeline.crops import CropConfig, augment, read_crop, resize_nearest
+from pipeline.crops_fctl import FctlDraw, FctlSampler, read_context_masks, read_fctl_contexts, transform_views
 from pipeline.datasets import TrainingDataset, import_pairs
 from pipeline.tiling import Window
 
@@ -186,8 +177,8 @@ def test_bad_configurations_name_the_fix(dataset):
 
 
 def test_context_and_crops_import_in_either_order():
-    """pipeline.context imports ``resize_image`` from pipeline.crops, whose FCtL part uses pipeline.context."""
+    """pipeline.context imports ``resize_image`` from pipeline.crops; pipeline.crops_fctl imports both."""
     root = Path(__file__).resolve().parents[2]
-    for first in ("pipeline.context", "pipeline.crops"):
-        code = f"import {first}; from pipeline.crops import FctlSampler; from pipeline.context import read_contexts"
+    for first in ("pipeline.context", "pipeline.crops", "pipeline.crops_fctl"):
+        code = f"import {first}; from pipeline.crops_fctl import FctlSampler; from pipeline.context import read_contexts"
         subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
