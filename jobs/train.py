@@ -1,9 +1,9 @@
 """``gigaseg train SPEC``: data-parallel training with Ray Train, resumable from per-epoch checkpoints.
 
-Three tasks: ``segmenter`` (the default) trains ``model.*``; ``magnet_refiner`` trains MagNet's refiner with
-the segmenter of ``refiner.segmenter`` frozen (``jobs.train_refiner``); ``fctl`` runs one stage of FCtL's
-staged training (``jobs.train_fctl``, whose docstring gives the three commands). Output layout (any fsspec
-URL)::
+Three tasks: ``segmenter`` (the default) trains ``model.*`` (with ``model.refine: pointrend``, a PointRend:
+``jobs.train_pointrend``); ``magnet_refiner`` trains MagNet's refiner with the segmenter of ``refiner.segmenter``
+frozen (``jobs.train_refiner``); ``fctl`` runs one stage of FCtL's staged training (``jobs.train_fctl``, whose
+docstring gives the three commands). Output layout (any fsspec URL)::
 
     <out>/epoch-NNN/model.safetensors   gigaseg checkpoint: weights, config, classes, colours, normalisation
                                         (refiner.safetensors for the refiner: ``models.magnet.save_refiner``;
@@ -150,15 +150,15 @@ def make_plan(spec: TrainSpec) -> Plan:
 
 
 def _segmenter_model(spec: TrainSpec, info, problems: list[str]) -> dict[str, Any]:
-    """The ``ModelConfig`` dict of ``model.*`` for the dataset's classes, the init checkpoint checked."""
+    """The ``ModelConfig`` dict of ``model.*`` (with ``refine``, the PointRend wrapped around it) for the dataset's
+    classes, the init checkpoint checked."""
     from jobs.spec import SpecError
-    from models import ModelConfig
+    from jobs.train_pointrend import model_config
 
     try:
-        config = ModelConfig(spec.model.name, info.num_classes, width=spec.model.width,
-                             output_stride=spec.model.output_stride)
+        config = model_config(spec.model, info.num_classes)
     except ValueError as err:
-        raise SpecError("spec", [*problems, f"model: {err}"]) from None
+        raise SpecError("spec", [*problems, str(err)]) from None
     if spec.model.init:
         try:
             init_weights(None, read_url(spec.model.init, spec.dataset.storage_options), config, info.class_names)
@@ -288,8 +288,8 @@ class ProgressWatcher(threading.Thread):
             if self.tty:
                 self.stream.write("\r\033[K")
             m = e["metrics"]
-            extra = "".join(f"  {k} {m[k]:.4f}" for k in ("val_loss", "miou", "pixel_accuracy", "segmenter_miou")
-                            if m.get(k) is not None)
+            shown = ("train_point_loss", "val_loss", "miou", "pixel_accuracy", "segmenter_miou")
+            extra = "".join(f"  {k} {m[k]:.4f}" for k in shown if m.get(k) is not None)
             log.info("epoch %d/%d: train_loss %.4f%s  %.1f crops/s  %.1f s", m["epoch"], self.epochs,
                      m["train_loss"], extra, m["crops_per_s"], m["seconds"])
             return

@@ -2,7 +2,8 @@
 progress, validation) for every training task, which differ only in a ``Trainee``:
 
 - ``segmenter``: the model of ``model.*`` on random multi-scale crops (``pipeline.crops.CropSampler``),
-  checkpoints written with ``models.checkpoint.save_checkpoint``.
+  checkpoints written with ``models.checkpoint.save_checkpoint``; with ``model.refine: pointrend`` a PointRend,
+  with its own loss terms (``jobs.train_pointrend``).
 - ``magnet_refiner``: MagNet's refiner with the segmenter of ``refiner.segmenter`` frozen
   (``jobs.train_refiner``).
 - ``fctl``: a stage of FCtL's staged training (``jobs.train_fctl``): a context segmenter, or the fused model
@@ -56,8 +57,9 @@ def weights_name(spec: TrainSpec) -> str:
 
 def init_weights(model, data: bytes, config, class_names) -> str:
     """Check (and with ``model``, load) a fine-tuning checkpoint. With another class table, the tensors
-    whose shape depends on the class count (the classifier, heads that emit logits) keep their fresh
-    initialisation. Returns what was done, for the log."""
+    whose shape depends on the class count (the classifier, heads that emit logits, a point head) keep their
+    fresh initialisation. A plain segmenter seeds the segmenter part of a PointRend (whose point head starts
+    fresh), and a PointRend's segmenter part seeds a plain segmenter. Returns what was done, for the log."""
     from safetensors.torch import load as st_load
 
     from models.checkpoint import load_state_into, read_info
@@ -72,13 +74,32 @@ def init_weights(model, data: bytes, config, class_names) -> str:
             "output_stride to the checkpoint's"
         )
     same = tuple(info.class_names) == tuple(class_names)
+    fresh_points = ours.refine is not None and (theirs.refine, theirs.point_channels) != (ours.refine,
+                                                                                          ours.point_channels)
     if model is not None:
-        state = st_load(data)
+        state = _rekey(st_load(data), theirs.refine, ours.refine)
         if not same:
             head = _class_dependent(ours)
             state = {k: v for k, v in state.items() if k not in head}
-        load_state_into(model, state, strict=same)
-    return "all weights" if same else f"all but the class head ({list(info.class_names)} → {list(class_names)})"
+        if fresh_points:
+            state = {k: v for k, v in state.items() if not k.startswith("point_head.")}
+        load_state_into(model, state, strict=same and not fresh_points)
+    left = [] if same else [f"the class head ({list(info.class_names)} → {list(class_names)})"]
+    if fresh_points:
+        left.append("the point head (starts fresh)")
+    elif theirs.refine and not ours.refine:
+        left.append("the checkpoint's point head (this model has none)")
+    return "all weights" if not left else "all but " + " and ".join(left)
+
+
+def _rekey(state: dict, theirs: str | None, ours: str | None) -> dict:
+    """A checkpoint's tensors named as in our model: a plain segmenter's go under a PointRend's ``segmenter.``;
+    of a PointRend's, a plain segmenter takes the ``segmenter.`` part."""
+    if theirs == ours:
+        return state
+    if ours is not None:
+        return {f"segmenter.{k}": v for k, v in state.items()}
+    return {k.removeprefix("segmenter."): v for k, v in state.items() if k.startswith("segmenter.")}
 
 
 def _class_dependent(config) -> set[str]:
@@ -177,6 +198,9 @@ class Trainee:
     weights: Callable[[Any], bytes]
     validation: Callable[[Any, int, int], Iterator[tuple[Any, Any, Any]]]
     baseline: bool = False  # validation also scores the frozen segmenter alone (segmenter_miou)
+    # The task's own loss, ``(out, target) → {term name: scalar}``, summed (each term logged as train_<name>);
+    # None: the spec's loss on the logits (and the auxiliary heads' logits).
+    loss_terms: Callable[[Any, Any], dict[str, Any]] | None = None
 
 
 def segmenter_trainee(spec: TrainSpec, plan: Plan, rank: int, device, weights: bytes | None) -> Trainee:
@@ -201,9 +225,10 @@ def segmenter_trainee(spec: TrainSpec, plan: Plan, rank: int, device, weights: b
 def image_mask_trainee(spec: TrainSpec, plan: Plan, config, rank: int, device, weights: bytes | None,
                        init: str | None, pairs: Callable[[int, int, int], Iterator[tuple[np.ndarray, np.ndarray]]],
                        val_items: list, read_val: Callable[[Any], tuple[np.ndarray, np.ndarray]]) -> Trainee:
-    """A segmenter (``config``) trained on ``pairs(rank, epoch, n)``: ``n`` batches of images ``(B, 3, T, T)``
-    uint8 and masks ``(B, T, T)``; validated on ``read_val(item) → (image, mask)`` over this rank's share of
-    ``val_items``. Starts from ``weights`` (a resume), else from the checkpoint at ``init`` when given."""
+    """A segmenter (``config``; with ``refine``, the PointRend around it) trained on ``pairs(rank, epoch, n)``:
+    ``n`` batches of images ``(B, 3, T, T)`` uint8 and masks ``(B, T, T)``; validated on ``read_val(item) → (image,
+    mask)`` over this rank's share of ``val_items``. Starts from ``weights`` (a resume), else from the checkpoint at
+    ``init`` when given."""
     import torch
 
     from models import build_model
@@ -217,18 +242,26 @@ def image_mask_trainee(spec: TrainSpec, plan: Plan, config, rank: int, device, w
         done = init_weights(model, read_url(init, spec.dataset.storage_options), config, plan.class_names)
         log.info("initialised from %s: %s", init, done)
     to_input = normalizer(plan.normalization, device)
-    if weights is None and isinstance(model.decoder, DUpsamplingHead):
+    segmenter = getattr(model, "segmenter", model)  # a PointRend wraps it
+    loss_terms = None
+    if config.refine is not None:
+        from jobs.train_pointrend import configure_training, pointrend_loss_terms
+
+        configure_training(model, spec.model)
+        loss_terms = pointrend_loss_terms(spec_loss(spec, plan), plan.ignore_index)
+    if weights is None and isinstance(segmenter.decoder, DUpsamplingHead):
         # DUpsampling's reconstruction W comes from PCA of training label blocks, not from gradients. The
         # same seeded crops on every rank give every worker the same basis; a resumed run loads it.
         masks = np.concatenate([m for _, m in pairs(0, 0, 8)])
-        explained = fit_dupsampling(model.decoder, torch.from_numpy(masks.astype(np.int64)), config.num_classes)
+        explained = fit_dupsampling(segmenter.decoder, torch.from_numpy(masks.astype(np.int64)), config.num_classes)
         log.info("DUpsampling basis fit on %d label crops: %.1f %% of the variance explained",
                  len(masks), 100 * explained)
 
-    has_aux = bool(getattr(model.decoder, "aux_outputs", ()))
+    has_aux = loss_terms is None and bool(getattr(segmenter.decoder, "aux_outputs", ()))
 
     def forward(m, batch):
-        """Logits (with the auxiliary heads' logits in training, when the head has any) and targets."""
+        """Logits (with the auxiliary heads' logits in training, when the head has any; a PointRend's
+        ``PointRendOutput`` in training) and targets."""
         images, masks = batch
         x = to_input(images)
         out = m(x, aux=True) if has_aux and m.training and spec.loss.aux_weight > 0 else m(x)
@@ -240,7 +273,15 @@ def image_mask_trainee(spec: TrainSpec, plan: Plan, config, rank: int, device, w
 
     return Trainee(model, lambda epoch, n: pairs(rank, epoch, n), forward,
                    lambda m: save_checkpoint(None, m, config, plan.class_names, plan.class_colors, plan.normalization),
-                   validation)
+                   validation, loss_terms=loss_terms)
+
+
+def spec_loss(spec: TrainSpec, plan: Plan):
+    """The loss module ``loss.*`` names, with the plan's ignore index."""
+    from models.losses import LossConfig, build_loss
+
+    c = spec.loss
+    return build_loss(LossConfig(c.name, plan.ignore_index, c.threshold, c.min_kept, c.gamma))
 
 
 def score(items: Iterable, k: int, ignore: int, exclude: list[int], baseline: bool = False) -> dict:
@@ -276,8 +317,6 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from models.losses import LossConfig, build_loss
-
     spec, plan, events = TrainSpec.model_validate(config["spec"]), Plan(**config["plan"]), config["events"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -310,16 +349,20 @@ def train_worker(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         history = state["history"]
-    loss_fn = build_loss(LossConfig(spec.loss.name, plan.ignore_index, spec.loss.threshold, spec.loss.min_kept,
-                                    spec.loss.gamma))
+    loss_fn = spec_loss(spec, plan)
 
     for epoch in range((latest or {"epoch": 0})["epoch"] + 1, spec.epochs + 1):
         model.train()
         t0 = last = time.monotonic()
-        loss_sum = 0.0
+        loss_sum, term_sums = 0.0, {}
         for step, item in enumerate(_prefetch(trainee.batches(epoch, steps)), 1):
             out, target = trainee.forward(model, item)
-            if isinstance(out, tuple):  # (logits, {aux name: logits}): heads with auxiliary outputs
+            if trainee.loss_terms is not None:
+                terms = trainee.loss_terms(out, target)
+                loss = sum(terms.values())
+                for k, v in terms.items():
+                    term_sums[k] = term_sums.get(k, 0.0) + v.item()
+            elif isinstance(out, tuple):  # (logits, {aux name: logits}): heads with auxiliary outputs
                 out, aux = out
                 loss = loss_fn(out, target) + spec.loss.aux_weight * sum(loss_fn(a, target) for a in aux.values())
             else:
@@ -336,9 +379,10 @@ def train_worker(config: dict[str, Any]) -> None:
                                "loss": loss_sum / step, "elapsed": now - t0,
                                "crops_per_s": step * batch * world / (now - t0)})
         seconds = time.monotonic() - t0
-        loss_total, n = _all_sum([loss_sum, steps])
-        metrics = {"epoch": epoch, "train_loss": loss_total / n, "lr": scheduler.get_last_lr()[0],
-                   "seconds": seconds, "crops_per_s": steps * batch * world / seconds}
+        loss_total, n, *term_totals = _all_sum([loss_sum, steps, *term_sums.values()])
+        metrics = {"epoch": epoch, "train_loss": loss_total / n,
+                   **{f"train_{k}": t / n for k, t in zip(term_sums, term_totals)},
+                   "lr": scheduler.get_last_lr()[0], "seconds": seconds, "crops_per_s": steps * batch * world / seconds}
         if plan.val_names:
             module.eval()
             with torch.inference_mode():
@@ -359,4 +403,4 @@ def train_worker(config: dict[str, Any]) -> None:
 
 
 __all__ = ["Plan", "Trainee", "image_mask_trainee", "init_weights", "lr_factor", "normalizer", "score",
-           "segmenter_trainee", "shard_batches", "train_worker", "weights_name"]
+           "segmenter_trainee", "shard_batches", "spec_loss", "train_worker", "weights_name"]

@@ -7,7 +7,9 @@ Steps: each epoch is ``crops.batches_per_epoch`` optimiser steps; at each step e
 ``workers.num_workers`` data-parallel workers trains on its own batch of ``crops.batch_size`` crops, so
 the global batch is ``batch_size × num_workers``.
 
-Tasks: ``segmenter`` (the default) trains ``model.*`` on random crops at ``crops.scales``;
+Tasks: ``segmenter`` (the default) trains ``model.*`` on random crops at ``crops.scales``; with
+``model.refine: pointrend`` the segmenter with a PointRend point head (``jobs.train_pointrend``), which ``gigaseg
+run`` loads like any checkpoint;
 ``magnet_refiner`` trains MagNet's refiner for the trained segmenter of ``refiner.segmenter`` (frozen) on
 pairs (a ``crops.size`` crop at a fine level L, a coarse view at L+1), with OHEM cross entropy unless
 ``loss.name`` says otherwise; its ``refiner.safetensors`` is ``model.magnet.refiner`` of ``gigaseg run``;
@@ -47,13 +49,37 @@ class DatasetSpec(Strict):
     _storage = field_validator("storage_options")(check_storage_options)
 
 
+# model.* options read with refine: pointrend, and their defaults: detectron2's PointRend semantic FPN config
+# (2048 training points per crop, k = 3, β = 0.75; 8192 points per subdivision step). None: log2 of the stride.
+POINTREND_DEFAULTS: dict[str, Any] = {
+    "point_channels": 256, "subdivision_steps": None, "subdivision_points": 8192,
+    "train_points": 2048, "oversample_ratio": 3.0, "importance_ratio": 0.75,
+}
+POINTREND_OPTIONS = tuple(POINTREND_DEFAULTS)
+
+
 class TrainModelSpec(Strict):
     name: str = Field(default="fpn_resnet18", description="registry name (models.ARCHITECTURES)")
     width: int = Field(default=64, ge=8, le=256, multiple_of=8)
     output_stride: Literal[8, 16, 32] | None = Field(default=None, description="default: the head's own")
     init: str | None = Field(
-        default=None, description="checkpoint URL to fine-tune from; its head is re-initialised when its classes differ"
+        default=None,
+        description="checkpoint URL to fine-tune from; its head is re-initialised when its classes differ. With "
+                    "refine: pointrend, a plain segmenter of the same architecture too (the point head starts fresh)",
     )
+    refine: Literal["pointrend"] | None = Field(
+        default=None, description="pointrend: a PointRend point head around the segmenter (a head that emits features)"
+    )
+    # PointRend options (refine: pointrend only); defaults: POINTREND_DEFAULTS, the reference's.
+    point_channels: int | None = Field(default=None, ge=8, le=1024, description="point head width (256)")
+    subdivision_steps: int | None = Field(default=None, ge=0, le=8,
+                                          description="inference ×2 steps (default: log2 of the head's stride)")
+    subdivision_points: int | None = Field(default=None, ge=1, description="cells re-predicted per step (8192)")
+    train_points: int | None = Field(default=None, ge=1, le=1 << 20, description="points per crop in training (2048)")
+    oversample_ratio: float | None = Field(default=None, ge=1, le=64,
+                                           description="k: candidates drawn = k · train_points (3)")
+    importance_ratio: float | None = Field(default=None, ge=0, le=1,
+                                           description="β: share of the points taken the most uncertain (0.75)")
 
     @field_validator("name")
     @classmethod
@@ -63,6 +89,35 @@ class TrainModelSpec(Strict):
         if v not in ARCHITECTURES:
             raise ValueError(f"unknown model {v!r}; valid: {', '.join(sorted(ARCHITECTURES))}")
         return v
+
+    @field_validator("refine")
+    @classmethod
+    def _feature_head(cls, v, info):
+        from models import ARCHITECTURES, DECODERS
+
+        name = info.data.get("name")
+        if v is None or name is None:
+            return v
+        head = ARCHITECTURES[name][1]
+        if DECODERS[head].emits_logits:
+            feature = sorted(h for h, c in DECODERS.items() if not c.emits_logits)
+            raise ValueError(
+                f"PointRend samples a head's fine features, but {name!r} has head {head!r}, which emits class logits; "
+                f"use a model with one of the heads {feature} (e.g. fpn_resnet18), or remove model.refine")
+        return v
+
+    @field_validator(*POINTREND_OPTIONS)
+    @classmethod
+    def _pointrend_only(cls, v, info):
+        if v is not None and info.data.get("refine", "pointrend") is None:  # (absent: refine itself was refused)
+            raise ValueError("a PointRend option, only read with model.refine: pointrend; set that or remove this key")
+        return v
+
+    def pointrend(self) -> dict[str, Any]:
+        """The PointRend options, defaults filled in (empty without refine)."""
+        if self.refine is None:
+            return {}
+        return {k: POINTREND_DEFAULTS[k] if getattr(self, k) is None else getattr(self, k) for k in POINTREND_OPTIONS}
 
 
 class CropsSpec(Strict):

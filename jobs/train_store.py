@@ -133,6 +133,7 @@ def _json_safe(value):
 
 def _panels(history: dict[str, list]) -> dict[str, dict[str, list]]:
     loss = {k: history[k] for k in ("train_loss", "val_loss") if k in history}
+    loss |= {k: v for k, v in history.items() if k.startswith("train_") and k.endswith("_loss")}  # loss terms
     scores = {k: history[k] for k in ("miou", "pixel_accuracy", "segmenter_miou") if k in history}
     return {"loss": loss, "validation": scores}
 
