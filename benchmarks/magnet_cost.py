@@ -2,8 +2,10 @@
 
 Runs, in one process on one embedded Ray cluster, interleaved: patch-only (one stage at full resolution)
 and MagNet with 3 scales (stages at levels 2, 1, 0) with a seeded refiner of the reference width (64) and
-a narrow one (16). Same seeded fpn_resnet18 segmenter, tile, overlap, batch and workers for all. Each run
-is a fresh job (`if_exists: overwrite`), so ingest, tiles, stage blends and the label pyramid all count.
+a narrow one (16), and MagNet-Fast (the reference's ``--n_patches``: each refinement stage runs only the
+most uncertain quarter of its tiles). Same seeded fpn_resnet18 segmenter, tile, overlap, batch and workers
+for all. Each run is a fresh job (`if_exists: overwrite`), so ingest, tiles, stage blends and the label
+pyramid all count.
 
     python -m benchmarks.magnet_cost [--size 4096] [--repeats 2] [--quick]
 """
@@ -23,14 +25,15 @@ from benchmarks._common import (
 )
 
 
-def _spec(inputs: Path, output: Path, args, framework: str, refiner_width: int = 64):
+def _spec(inputs: Path, output: Path, args, framework: str, refiner_width: int = 64, patches: float | None = None):
     spec = job_spec(inputs, output, width=args.width, precision="auto", classes=4, tile=512, overlap=128,
                     batch=4, workers=2, threads=1)
     if framework == "segment":
         return spec
     data = spec.model_dump(mode="json")
     data["model"]["framework"] = "magnet"
-    data["model"]["magnet"] = {"scales": 3, "replace": 0.75, "median": 5, "refiner_width": refiner_width}
+    data["model"]["magnet"] = {"scales": 3, "replace": 0.75, "median": 5, "refiner_width": refiner_width,
+                               "patches": patches}
     from jobs.spec import parse_spec
 
     return parse_spec(data, "benchmark spec")
@@ -58,15 +61,17 @@ def main() -> None:
     generate_scene(scene, args.size)
     ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False,
              _temp_dir=tempfile.mkdtemp(prefix="gsb-", dir="/tmp"), log_to_driver=False)
-    configs = [("patch-only", "segment", 64), ("MagNet 3 scales, refiner width 64", "magnet", 64),
-               ("MagNet 3 scales, refiner width 16", "magnet", 16)]
-    times: dict[str, list[float]] = {name: [] for name, _, _ in configs}
+    configs = [("patch-only", "segment", 64, None), ("MagNet 3 scales, refiner width 64", "magnet", 64, None),
+               ("MagNet 3 scales, refiner width 16", "magnet", 16, None),
+               ("MagNet-Fast 3 scales (patches 0.25), refiner width 64", "magnet", 64, 0.25),
+               ("MagNet-Fast 3 scales (patches 0.25), refiner width 16", "magnet", 16, 0.25)]
+    times: dict[str, list[float]] = {name: [] for name, *_ in configs}
     tiles: dict[str, int] = {}
     loads = []
     for _ in range(args.repeats):
-        for name, framework, rw in configs:
+        for name, framework, rw, patches in configs:
             out = workdir / "out"
-            spec = _spec(scene.parent, out, args, framework, rw)
+            spec = _spec(scene.parent, out, args, framework, rw, patches)
             t0 = time.perf_counter()
             results = run_spec(spec, progress=ProgressBar(enabled=False))
             times[name].append(time.perf_counter() - t0)

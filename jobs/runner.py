@@ -171,7 +171,7 @@ def _magnet_config(spec: JobSpec) -> MagnetConfig | None:
     if spec.model.framework != "magnet":
         return None
     mg = spec.model.magnet
-    return MagnetConfig(scales=mg.scales, replace=mg.replace, median=mg.median)
+    return MagnetConfig(scales=mg.scales, replace=mg.replace, median=mg.median, patches=mg.patches)
 
 
 def stage_checkpoint(cfg: JobConfig, data: bytes, kind: str = "model") -> str:

@@ -91,6 +91,9 @@ class MagnetSpec(Strict):
     scales: int = Field(default=3, ge=2, le=12, description="stages; stage s runs at pyramid level scales-1-s")
     replace: float = Field(default=0.75, gt=0, description="≤ 1: fraction of pixels replaced per stage; > 1: a count")
     median: int = Field(default=5, ge=1, le=63, description="median filter side of the error score (odd)")
+    patches: float | None = Field(
+        default=None, gt=0, description="MagNet-Fast: ≤ 1 a fraction, > 1 a count of tiles each refinement stage "
+                                        "runs (the most uncertain); absent → every tile (MagNet)")
     refiner: str | None = Field(default=None, description="refiner checkpoint URL; absent → seeded weights")
     refiner_seed: int = Field(default=0, ge=0)
     refiner_width: int = Field(default=64, ge=4, le=256, description="width of a seeded refiner (no checkpoint)")

@@ -34,6 +34,10 @@ class BlendPlan:
     sigma_scale: float = 0.125
     chunk: int = 1024
     storage_options: dict[str, Any] | None = None
+    tiles: frozenset[tuple[int, int]] | None = None  # the tiles that ran (MagNet-Fast); None: every tile
+
+    def expected(self) -> set[tuple[int, int]]:
+        return set(self.grid.indices()) if self.tiles is None else set(self.tiles)
 
 
 class _TileSource:
@@ -65,6 +69,8 @@ def blend_region(plan: BlendPlan, tiles: _TileSource, region: Window) -> np.ndar
     wsum = np.zeros((region.h, region.w), np.float32)
     w2d = window_2d(plan.window, plan.grid.tile, plan.sigma_scale)
     for iy, ix in plan.grid.tiles_overlapping(region):
+        if plan.tiles is not None and (iy, ix) not in plan.tiles:
+            continue
         tw = plan.grid.window(iy, ix)
         part = tw.intersect(region)
         ty, tx = part.y0 - tw.y0, part.x0 - tw.x0
@@ -73,7 +79,10 @@ def blend_region(plan: BlendPlan, tiles: _TileSource, region: Window) -> np.ndar
         w = w2d[ty : ty + part.h, tx : tx + part.w]
         acc[:, ry : ry + part.h, rx : rx + part.w] += p * w
         wsum[ry : ry + part.h, rx : rx + part.w] += w
-    acc /= wsum
+    if plan.tiles is None:
+        acc /= wsum
+    else:  # a subset of the tiles ran: pixels none of them covers are NaN
+        acc = np.divide(acc, wsum, out=np.full_like(acc, np.nan), where=(wsum > 0)[None])
     return acc
 
 
@@ -101,7 +110,7 @@ def check_complete(plan: BlendPlan) -> None:
     """Refuse to blend a tile store with missing tiles (one listing, not a scan of every tile)."""
     from pipeline.output import finished_tiles
 
-    missing = set(plan.grid.indices()) - finished_tiles(plan.tiles_url, plan.storage_options or {})
+    missing = plan.expected() - finished_tiles(plan.tiles_url, plan.storage_options or {})
     if missing:
         raise RuntimeError(
             f"{len(missing)} tile(s) of {plan.tiles_url} are missing, e.g. {sorted(missing)[:3]}; the blend "

@@ -150,6 +150,7 @@ class _Work:
     stages: list[StagePlan] = field(default_factory=list)
     megapixels: float = 0.0
     run_seconds: float = 0.0
+    selected: dict[int, tuple | None] = field(default_factory=dict)  # MagNet-Fast: the tiles each stage ran
 
     def fail(self, err: Exception) -> None:
         """One bad image never stops the others; the report says why."""
@@ -193,21 +194,27 @@ def run_tiles(cfg: JobConfig, work: _Work, pool: WorkerPool, progress: Progress)
         for s, stage in enumerate(work.stages):
             if s < last and stages.stage_map_complete(work.out, s):
                 continue
-            _run_stage(cfg, work, pool, progress, s, stage)
+            work.selected[s] = stages.selected_tiles(cfg, work.out, work.stages, s)
+            if work.selected[s] is not None:  # planned with every tile: count the ones that run
+                work.result.tiles -= len(stage.grid) - len(work.selected[s])
+            _run_stage(cfg, work, pool, progress, s, stage, work.selected[s])
             if s < last:
-                stages.store_stage_map(cfg, work.out, work.stages, s)
+                stages.store_stage_map(cfg, work.out, work.stages, s, work.selected[s])
     except Exception as err:
         work.fail(err)
 
 
-def _run_stage(cfg: JobConfig, work: _Work, pool: WorkerPool, progress: Progress, s: int, stage: StagePlan) -> None:
+def _run_stage(cfg: JobConfig, work: _Work, pool: WorkerPool, progress: Progress, s: int, stage: StagePlan,
+               tiles=None) -> None:
+    """Run the stage's unfinished tiles (of ``tiles``, MagNet-Fast's choice; None: every tile)."""
     grid = stage.grid
     output.create_tile_store(stage.tiles_url, cfg.output_storage_options,
                              (grid.ny, grid.nx, stage.num_classes, grid.tile, grid.tile))
     done = output.finished_tiles(stage.tiles_url, cfg.output_storage_options)
-    todo = [t for t in grid.indices() if t not in done]
+    wanted = grid.indices() if tiles is None else list(tiles)
+    todo = [t for t in wanted if t not in done]
     label = work.ref.name if len(work.stages) == 1 else f"{work.ref.name} [stage {s + 1}/{len(work.stages)}]"
-    progress.start_image(label, len(grid), len(grid) - len(todo))
+    progress.start_image(label, len(wanted), len(wanted) - len(todo))
 
     def on_result(r: BatchResult) -> None:
         work.megapixels += r.megapixels
@@ -265,7 +272,8 @@ def _blend(cfg: JobConfig, work: _Work) -> None:
         arrays = {k: _audited(out, v, cfg.pool.audit_dir) for k, v in arrays.items()}
     targets = {"labels": arrays["labels"][0]}
     targets.update({k: arrays[k] for k in ("confidence", "probabilities") if k in arrays})
-    probs = stages.stage_probabilities(cfg, out, work.stages, len(work.stages) - 1)
+    last = len(work.stages) - 1
+    probs = stages.stage_probabilities(cfg, out, work.stages, last, work.selected.get(last))
     blend.store_outputs(probs, targets, n, cfg.scheduler)
     for level in range(1, len(arrays["labels"])):
         blend.downsample_labels(arrays["labels"][level - 1], arrays["labels"][level], n, cfg.scheduler)

@@ -13,6 +13,11 @@ then works chunk by chunk, never holding a whole map:
    ``count(E ≥ t) ≥ k`` (``models.magnet.topk_threshold``), read off the histogram exactly.
 4. ``Y_s = where(E ≥ t, R, Y_up)``: the next stage's map, or the final probabilities.
 
+MagNet-Fast (the reference's ``--n_patches``; ``MagnetConfig.patches``): a refinement stage runs only the
+``n`` tiles whose footprint is most uncertain in the previous stage's map (mean of ``1 − (top1 − top2)``,
+``tile_uncertainty``); pixels no chosen tile covers keep ``Y_up`` (``E = 0`` there), and the count replaced
+shrinks by the share of tiles run, as in the reference.
+
 ``whole_image`` runs the same algorithm on whole arrays (for images small enough), which the tiled run
 matches except within the reach of tile-border effects (see tests/pipeline/test_magnet.py).
 """
@@ -40,6 +45,7 @@ class MagnetConfig:
     scales: int = 3
     replace: float = 0.75  # ≤ 1: fraction of each stage's pixels; > 1: a pixel count per stage
     median: int = 5  # median filter side, in pixels of the stage's level
+    patches: float | None = None  # MagNet-Fast: ≤ 1 a fraction, > 1 a count of tiles refined per stage
 
     def __post_init__(self) -> None:
         if self.scales < 2:
@@ -48,13 +54,24 @@ class MagnetConfig:
             raise ValueError(f"replace must be a positive fraction or count, got {self.replace}")
         if self.median < 1 or self.median % 2 == 0:
             raise ValueError(f"median filter size must be odd and ≥ 1, got {self.median}")
+        if self.patches is not None and self.patches <= 0:
+            raise ValueError(f"patches must be a positive fraction or count of tiles, got {self.patches}")
 
     def levels(self) -> tuple[int, ...]:
         return tuple(range(self.scales - 1, -1, -1))
 
-    def count(self, h: int, w: int) -> int:
-        n = h * w
-        return min(n, round(self.replace * n)) if self.replace <= 1 else min(n, int(self.replace))
+    def count(self, h: int, w: int, share: float = 1.0) -> int:
+        """Pixels replaced in an ``h × w`` stage of which ``share`` of the tiles ran (1 unless MagNet-Fast):
+        ``round(replace · h · w · share)`` for a fraction, ``min(replace, h · w · share)`` for a count."""
+        n = h * w * share
+        return int(min(n, round(self.replace * n)) if self.replace <= 1 else min(n, int(self.replace)))
+
+    def tile_count(self, n_tiles: int) -> int:
+        """Tiles a refinement stage runs: all, or ``max(1, round(patches · n))`` / ``min(n, patches)``."""
+        if self.patches is None:
+            return n_tiles
+        k = round(self.patches * n_tiles) if self.patches <= 1 else int(self.patches)
+        return max(1, min(n_tiles, k))
 
 
 def _certainty_np(p: np.ndarray) -> np.ndarray:
@@ -104,8 +121,11 @@ def refine_pass(
         refined = blend_region(plan, source, region)
         previous_up = upsample2x_window(previous, prev_shape, (h, w), region)
         out = np.empty((plan.num_classes + 1, region.h, region.w), np.float32)
+        uncovered = np.isnan(refined[0])  # MagNet-Fast: no chosen tile here, so R = Y_up and E = 0
+        if uncovered.any():
+            refined = np.where(uncovered[None], previous_up, refined)
         out[:-1] = refined
-        out[-1] = error_block(refined, previous_up)
+        out[-1] = np.where(uncovered, 0.0, error_block(refined, previous_up))
         return out
 
     chunks = ((plan.num_classes + 1,), _sizes(h, c), _sizes(w, c))
@@ -145,6 +165,45 @@ def merged(maps: StageMaps, previous: zarr.Array, t: float) -> da.Array:
     return refined.map_blocks(block, dtype=np.float32)
 
 
+def footprint(window: Window, fine_shape: tuple[int, int]) -> Window:
+    """A level-s tile window's footprint on the level-(s−1) map: the window clipped to the image, then
+    ``[⌊y0/2⌋, ⌈y1/2⌉) × [⌊x0/2⌋, ⌈x1/2⌉)``."""
+    c = window.clip(*fine_shape)
+    y0, x0 = c.y0 // 2, c.x0 // 2
+    return Window(y0, x0, -(-c.y1 // 2) - y0, -(-c.x1 // 2) - x0)
+
+
+def mean_uncertainty(block: np.ndarray) -> float:
+    """Mean of ``1 − (top1 − top2)`` over a ``(C, h, w)`` block of probabilities."""
+    return float((1.0 - _certainty_np(block.astype(np.float32))).mean())
+
+
+def tile_uncertainty(previous, grid, scheduler: Any = "threads") -> np.ndarray:
+    """``(ny, nx)`` mean uncertainty of the previous stage's map ``(C, H/2, W/2)`` over each tile's
+    ``footprint``: one Dask task per row of tiles, each reading only its footprints."""
+    import dask
+
+    fine = (grid.height, grid.width)
+
+    def row(iy: int) -> np.ndarray:
+        out = np.empty(grid.nx, np.float64)
+        for ix in range(grid.nx):
+            f = footprint(grid.window(iy, ix), fine)
+            out[ix] = mean_uncertainty(np.asarray(previous[:, f.y0 : f.y1, f.x0 : f.x1]))
+        return out
+
+    rows = dask.compute(*[dask.delayed(row)(iy) for iy in range(grid.ny)], scheduler=scheduler)
+    return np.stack(rows)
+
+
+def select_tiles(scores: np.ndarray, n: int) -> tuple[tuple[int, int], ...]:
+    """The ``n`` tiles of highest score (ties: lower index first), in grid order."""
+    flat = scores.ravel()
+    order = np.lexsort((np.arange(flat.size), -flat))[:n]
+    nx = scores.shape[1]
+    return tuple((int(i) // nx, int(i) % nx) for i in sorted(order))
+
+
 def _sizes(n: int, c: int) -> tuple[int, ...]:
     return tuple(min(c, n - i) for i in range(0, n, c))
 
@@ -164,11 +223,14 @@ def _mirrored_input(image: np.ndarray, margin: int, multiple: int, mean, std) ->
 
 @torch.inference_mode()
 def whole_image(
-    levels: list[np.ndarray], segmenter, refiner, cfg: MagnetConfig, *, margin: int, normalization
+    levels: list[np.ndarray], segmenter, refiner, cfg: MagnetConfig, *, margin: int, normalization, grids=None
 ) -> np.ndarray:
     """MagNet on whole arrays: ``levels[l]`` is the ``(3, H_l, W_l)`` uint8 pyramid; returns the final
     ``(C, H₀, W₀)`` float16 probabilities. Networks see each level mirrored by ``margin`` px, as tiles do;
-    maps are stored as float16 between steps, as the tiled pipeline stores them."""
+    maps are stored as float16 between steps, as the tiled pipeline stores them.
+
+    MagNet-Fast (``cfg.patches``) needs ``grids`` (the tile grid of each stage): a stage's ``R`` then counts
+    only inside the chosen tiles' windows (elsewhere ``Y_up`` stays, ``E = 0``)."""
     mean = torch.tensor(normalization.mean).view(1, 3, 1, 1) * 255
     std = torch.tensor(normalization.std).view(1, 3, 1, 1) * 255
     mult = segmenter.input_multiple
@@ -187,8 +249,21 @@ def whole_image(
         r = torch.softmax(refiner(fine, torch.from_numpy(up)[None]).float(), dim=1)[0, :, a:b, c:d].numpy()
         r = r.astype(np.float16).astype(np.float32)
         up = up[:, a:b, c:d]
-        e = error_block(r, up).astype(np.float16).astype(np.float32)
+        covered, share = np.ones((h, w), bool), 1.0
+        if cfg.patches is not None and cfg.tile_count(len(grids[s])) < len(grids[s]):
+            grid = grids[s]
+            scores = np.array([[mean_uncertainty(prev[:, f.y0 : f.y1, f.x0 : f.x1])
+                                for f in (footprint(grid.window(iy, ix), (h, w)) for ix in range(grid.nx))]
+                               for iy in range(grid.ny)])
+            chosen = select_tiles(scores, cfg.tile_count(len(grid)))
+            covered = np.zeros((h, w), bool)
+            for iy, ix in chosen:
+                win = grid.window(iy, ix).clip(h, w)
+                covered[win.y0 : win.y1, win.x0 : win.x1] = True
+            share = len(chosen) / len(grid)
+            r = np.where(covered[None], r, up)
+        e = np.where(covered, error_block(r, up), 0.0).astype(np.float16).astype(np.float32)
         e = mg.median_filter(e, cfg.median).astype(np.float16).astype(np.float32)
-        t = mg.topk_threshold(e, cfg.count(h, w))
+        t = mg.topk_threshold(e, cfg.count(h, w, share))
         y = np.where((e >= t)[None], r, up).astype(np.float16)
     return y

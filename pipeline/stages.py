@@ -64,11 +64,27 @@ def _context_plan(cfg, pyramid: Pyramid) -> ContextPlan:
     return ContextPlan(tuple(cfg.contexts), refs)
 
 
-def blend_plan(cfg, stage: StagePlan) -> blend.BlendPlan:
+def blend_plan(cfg, stage: StagePlan, tiles=None) -> blend.BlendPlan:
     return blend.BlendPlan(
         grid=stage.grid, tiles_url=stage.tiles_url, num_classes=stage.num_classes, window=cfg.blend_window,
         sigma_scale=cfg.sigma_scale, chunk=cfg.chunk, storage_options=cfg.output_storage_options,
+        tiles=None if tiles is None else frozenset(tiles),
     )
+
+
+def selected_tiles(cfg, out: ImageOutput, stages: list[StagePlan], s: int) -> tuple[tuple[int, int], ...] | None:
+    """MagNet-Fast: the tiles stage ``s`` runs, the most uncertain footprints of stage ``s − 1``'s (complete)
+    map; None when every tile runs. The same map always gives the same tiles, so a resumed job agrees."""
+    stage = stages[s]
+    if stage.previous is None or cfg.magnet is None or cfg.magnet.patches is None:
+        return None
+    n = cfg.magnet.tile_count(len(stage.grid))
+    if n >= len(stage.grid):
+        return None
+    prev = stage.previous
+    previous = zarr.open_array(store=zarr_store(prev.group_url, prev.storage_options, read_only=True),
+                               path=prev.path, mode="r")
+    return magnet.select_tiles(magnet.tile_uncertainty(previous, stage.grid, cfg.scheduler), n)
 
 
 def _maps_group(out: ImageOutput, stage: int) -> zarr.Group:
@@ -81,13 +97,14 @@ def _array(group: zarr.Group, name: str, shape, chunk: int, dtype: str) -> zarr.
                               compressors=zarr.codecs.BloscCodec(cname="lz4", clevel=3, shuffle="shuffle"))
 
 
-def stage_probabilities(cfg, out: ImageOutput, stages: list[StagePlan], s: int) -> da.Array:
+def stage_probabilities(cfg, out: ImageOutput, stages: list[StagePlan], s: int, tiles=None) -> da.Array:
     """Lazy ``(C, H, W)`` float32 result of stage ``s``: the blend, or MagNet's merge for ``s ≥ 1``.
 
-    For MagNet this runs the refinement pass and the threshold reduction (``pipeline.magnet``) first.
+    For MagNet this runs the refinement pass and the threshold reduction (``pipeline.magnet``) first;
+    ``tiles`` are the tiles that ran (``selected_tiles``; None: all).
     """
     stage = stages[s]
-    plan = blend_plan(cfg, stage)
+    plan = blend_plan(cfg, stage, tiles)
     blend.check_complete(plan)
     if stage.previous is None:
         return blend.blended_probabilities(plan)
@@ -102,14 +119,15 @@ def stage_probabilities(cfg, out: ImageOutput, stages: list[StagePlan], s: int) 
     previous = zarr.open_array(store=zarr_store(prev.group_url, prev.storage_options, read_only=True),
                                path=prev.path, mode="r")
     magnet.refine_pass(plan, previous, maps, cfg.magnet.median, cfg.scheduler)
-    t = magnet.stage_threshold(maps, cfg.magnet.count(h, w), cfg.scheduler)
+    share = 1.0 if tiles is None else len(tiles) / len(stage.grid)
+    t = magnet.stage_threshold(maps, cfg.magnet.count(h, w, share), cfg.scheduler)
     return magnet.merged(maps, previous, t)
 
 
-def store_stage_map(cfg, out: ImageOutput, stages: list[StagePlan], s: int) -> None:
+def store_stage_map(cfg, out: ImageOutput, stages: list[StagePlan], s: int, tiles=None) -> None:
     """Blend stage ``s`` (not the last) into the map the next stage reads; marked complete last."""
     stage = stages[s]
-    probs = stage_probabilities(cfg, out, stages, s)
+    probs = stage_probabilities(cfg, out, stages, s, tiles)
     group = _maps_group(out, s)
     target = _array(group, "map", (stage.num_classes, stage.grid.height, stage.grid.width), cfg.chunk, "float16")
     da.store(probs.astype(np.float16), target, lock=False, scheduler=cfg.scheduler)
