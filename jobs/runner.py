@@ -18,7 +18,7 @@ from models.info import CheckpointInfo
 from models.magnet import load_refiner, seeded_refiner
 from pipeline.cluster import start_ray
 from pipeline.dask_cluster import start_dask
-from pipeline.dispatch import PoolConfig, WorkerPool
+from pipeline.dispatch import PoolConfig, WorkerPool, placement_for
 from pipeline.engine import ImageResult, JobConfig, list_images, run_job
 from pipeline.magnet import MagnetConfig
 from pipeline.errors import CheckpointError
@@ -157,6 +157,7 @@ def job_config(spec: JobSpec, model: ResolvedModel, audit_dir: str | None = None
             in_flight_per_worker=r.in_flight_per_worker,
             predictor=PredictorConfig(precision=spec.model.precision, torch_threads=r.torch_threads),
             audit_dir=audit_dir,
+            placement=placement_for([spec.inputs.url, spec.output.url]),
         ),
         fail_fast=spec.failure.mode == "fail_fast",
         tile_retries=spec.failure.tile_retries,

@@ -34,6 +34,7 @@ class PoolConfig:
     predictor: PredictorConfig = PredictorConfig()
     audit_dir: str | None = None
     unavailable_timeout_s: float = 600.0
+    placement: str = "anywhere"  # "anywhere" (spread over nodes) | "driver" (prefer the driver's node)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,27 @@ class StageOutcome:
     failed: tuple[tuple[tuple[int, int], ...], ...]
     error: str | None
     retried_tiles: int
+
+
+def placement_for(urls: Iterable[str]) -> str:
+    """Where actors should start: ``"driver"`` when the job's data lives in the driver's filesystem (local
+    paths: the node that holds them reads them cheapest, and on a cluster without a shared filesystem it is
+    the only one that can), else ``"anywhere"`` (object stores serve every node alike)."""
+    from pipeline.storage import is_local
+
+    return "driver" if all(is_local(u) for u in urls) else "anywhere"
+
+
+def scheduling_strategy(placement: str):
+    """Ray's scheduling strategy for ``placement``: a soft affinity to the driver's node (actors go elsewhere
+    once its GPUs are taken), or SPREAD over the nodes."""
+    if placement == "driver":
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    if placement == "anywhere":
+        return "SPREAD"
+    raise ValueError(f"placement must be 'driver' or 'anywhere', got {placement!r}")
 
 
 def batches(stage: StagePlan, tiles: Iterable[tuple[int, int]], size: int, per_call: int | None = None) -> list[TileBatch]:
@@ -143,6 +165,7 @@ class WorkerPool:
             num_cpus=config.cpus_per_worker,
             max_restarts=-1,  # Ray restarts a dead actor (on another node if its node is gone) ...
             max_task_retries=0,  # ... and run() re-queues its lost calls to the other actors at once
+            scheduling_strategy=scheduling_strategy(config.placement),
         )
         self.actors = [
             remote.remote(checkpoint_url, storage_options, config.predictor, config.audit_dir, refiner_url)

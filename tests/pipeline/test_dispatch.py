@@ -59,3 +59,21 @@ def test_a_call_streamed_in_model_batches_writes_what_one_big_batch_writes(tmp_p
         stores[name] = zarr.open_array(url, mode="r")[:]
     assert not np.isnan(stores["whole"].astype(np.float32)).any()
     np.testing.assert_allclose(stores["streamed"].astype(np.float32), stores["whole"].astype(np.float32), atol=2e-3)
+
+
+def test_actors_go_where_the_data_is_cheapest_to_read():
+    from pipeline.dispatch import placement_for
+
+    assert placement_for(["/data/in", "file:///data/out"]) == "driver"  # only this machine's disk holds them
+    assert placement_for(["s3://bucket/in", "/data/out"]) == "anywhere"
+    assert placement_for(["s3://bucket/in", "gs://bucket/out"]) == "anywhere"
+
+
+def test_scheduling_strategies(ray_cluster):
+    from pipeline.dispatch import scheduling_strategy
+
+    near = scheduling_strategy("driver")
+    assert near.node_id == ray_cluster.get_runtime_context().get_node_id() and near.soft is True
+    assert scheduling_strategy("anywhere") == "SPREAD"
+    with pytest.raises(ValueError, match="placement"):
+        scheduling_strategy("rack-7")
