@@ -232,7 +232,13 @@ def fused_trainee(spec: TrainSpec, plan: Plan, rank: int, device, weights: bytes
     dataset, crop_config, tiles = _fctl_parts(spec, plan)
     sampler = FctlSampler(dataset, plan.train_names, crop_config, config.contexts, seed=spec.seed, rank=rank)
     to_input = normalizer(plan.normalization, device)
-    has_aux = bool(getattr(model.local.decoder, "aux_outputs", ()))
+    has_aux = bool(getattr(model.segmenter.decoder, "aux_outputs", ())) and not config.local.refine
+    loss_terms = None
+    if config.local.refine:  # PointRend local model: coarse loss + point CE, as task segmenter trains it
+        from jobs.train_loop import spec_loss
+        from jobs.train_pointrend import pointrend_loss_terms
+
+        loss_terms = pointrend_loss_terms(spec_loss(spec, plan), plan.ignore_index)
 
     def forward(m, batch):
         images, contexts, masks = batch
@@ -253,7 +259,7 @@ def fused_trainee(spec: TrainSpec, plan: Plan, rank: int, device, weights: bytes
 
     return Trainee(model, sampler.batches, forward,
                    lambda m: save_fctl(None, m, config, plan.class_names, plan.class_colors, plan.normalization),
-                   validation)
+                   validation, loss_terms=loss_terms)
 
 
 __all__ = ["context_trainee", "fctl_plan", "fctl_trainee", "fused_trainee"]

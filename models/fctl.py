@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from models import ModelConfig, build_model
+from models.pointrend import PointRend
 from models.segmenter import Segmenter, _upsample
 
 MAX_CONTEXTS = 2  # medium and large, as the reference
@@ -113,21 +114,19 @@ class FCtL(nn.Module):
     """
 
     def __init__(
-        self, local: Segmenter, num_contexts: int = 2, key_channels: int | None = None
+        self, local: Segmenter | PointRend, num_contexts: int = 2, key_channels: int | None = None
     ) -> None:
         super().__init__()
-        if not isinstance(local, Segmenter):
-            raise ValueError(
-                f"FCtL wraps a Segmenter, got {type(local).__name__}; build the local model "
-                "without refine (FCtL and PointRend do not combine)"
-            )
+        if not isinstance(local, (Segmenter, PointRend)):
+            raise ValueError(f"FCtL wraps a Segmenter or a PointRend, got {type(local).__name__}")
         if not 1 <= num_contexts <= MAX_CONTEXTS:
             raise ValueError(f"FCtL takes 1 or {MAX_CONTEXTS} contexts, got {num_contexts}")
-        channels = local.encoder.out_channels[-1]
+        seg = local.segmenter if isinstance(local, PointRend) else local
+        channels = seg.encoder.out_channels[-1]
         key_channels = max(1, channels // 8) if key_channels is None else key_channels
         self.local = local
         self.context_encoders = nn.ModuleList(
-            copy.deepcopy(local.encoder) for _ in range(num_contexts)
+            copy.deepcopy(seg.encoder) for _ in range(num_contexts)
         )
         self.correlations = nn.ModuleList(
             Correlation(channels, key_channels) for _ in range(1 + num_contexts)
@@ -139,9 +138,14 @@ class FCtL(nn.Module):
         self.input_multiple = local.input_multiple
         self.context_frozen = False
 
+    @property
+    def segmenter(self) -> Segmenter:
+        """The local segmenter (inside its PointRend when the local model has one)."""
+        return self.local.segmenter if isinstance(self.local, PointRend) else self.local
+
     @classmethod
     def from_local(
-        cls, segmenter: Segmenter, num_contexts: int = 2, key_channels: int | None = None
+        cls, segmenter: Segmenter | PointRend, num_contexts: int = 2, key_channels: int | None = None
     ) -> FCtL:
         """An FCtL around a copy of a trained local segmenter (the argument is left untouched);
         the context encoders start as copies of its encoder, every γ at 0."""
@@ -154,8 +158,9 @@ class FCtL(nn.Module):
                 f"context index {index} is out of range: this FCtL has {self.num_contexts} "
                 f"contexts (0 = medium{', 1 = large' if self.num_contexts > 1 else ''})"
             )
+        encoder = (segmenter.segmenter if isinstance(segmenter, PointRend) else segmenter).encoder
         try:
-            self.context_encoders[index].load_state_dict(segmenter.encoder.state_dict())
+            self.context_encoders[index].load_state_dict(encoder.state_dict())
         except RuntimeError as e:
             raise ValueError(
                 f"the segmenter's encoder does not fit context encoder {index}: {e}\n"
@@ -199,16 +204,30 @@ class FCtL(nn.Module):
         # exact when every γ is 0: the fused sum is then 0.0 and deep + 0.0 == deep
         return deep + self.fusion(outs).to(deep.dtype)
 
+    def _features(self, x: torch.Tensor, contexts: torch.Tensor):
+        """The local encoder's maps with the deepest one correlated with the contexts, and the stem."""
+        self.check_input(x, contexts)
+        seg = self.segmenter
+        features, stem = seg.encoder.forward_with_stem(x) if seg.uses_stem else (seg.encoder(x), None)
+        return [*features[:-1], self.correlate(features[-1], contexts)], stem
+
+    def forward_coarse(self, x: torch.Tensor, contexts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(coarse logits (B, K, H/s, W/s), fine features (B, D, H/s, W/s)) of the fused features, as
+        ``Segmenter.forward_coarse`` (the pair PointRend refines)."""
+        seg = self.segmenter
+        out = seg.decoder(*self._features(x, contexts))
+        return seg.classifier(out), out
+
     def forward(self, x: torch.Tensor, contexts: torch.Tensor, aux: bool = False) -> Any:
         """Logits as ``Segmenter.forward``; ``aux=True`` also returns the head's auxiliary logits
-        ({name: (B, K, H, W)}), as ``Segmenter.forward_aux``."""
-        self.check_input(x, contexts)
-        local = self.local
-        features, stem = (
-            local.encoder.forward_with_stem(x) if local.uses_stem else (local.encoder(x), None)
-        )
-        features = [*features[:-1], self.correlate(features[-1], contexts)]
+        ({name: (B, K, H, W)}), as ``Segmenter.forward_aux``. With a PointRend local model: its
+        ``PointRendOutput`` in train mode, its subdivided logits in eval mode."""
         size = x.shape[-2:]
+        if isinstance(self.local, PointRend):
+            coarse, fine = self.forward_coarse(x, contexts)
+            return self.local.train_outputs(coarse, fine) if self.training else self.local.infer(coarse, fine, size)
+        local = self.local
+        features, stem = self._features(x, contexts)
         if not aux:
             return _upsample(local.classifier(local.decoder(features, stem)), size)
         out, extra = local.decoder.forward_aux(features, stem)
@@ -233,11 +252,6 @@ class FctlConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.local, ModelConfig):
             raise ValueError(f"FctlConfig.local must be a ModelConfig, got {self.local!r}")
-        if self.local.refine is not None:
-            raise ValueError(
-                f"FctlConfig.local has refine={self.local.refine!r}; FCtL wraps a plain segmenter: "
-                "drop refine"
-            )
         factors = self.contexts
         if isinstance(factors, (str, bytes)) or not isinstance(factors, Sequence):
             raise ValueError(f"FctlConfig.contexts must be a list of factors, got {factors!r}")

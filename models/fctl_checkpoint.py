@@ -164,13 +164,14 @@ def seeded_fctl(
     seed: int = 0,
     width: int = 64,
     gamma: float | None = None,
+    refine: str | None = None,
 ) -> bytes:
     """FCtL checkpoint bytes with seeded random weights; same arguments -> same bytes.
 
     ``gamma`` sets every correlation's γ (None keeps 0, where the model equals its local segmenter),
-    so tests can make the contexts matter.
+    so tests can make the contexts matter; ``refine="pointrend"`` gives the local model a point head.
     """
-    config = FctlConfig(ModelConfig(name, num_classes, width=width), tuple(contexts))
+    config = FctlConfig(ModelConfig(name, num_classes, width=width, refine=refine), tuple(contexts))
     model = build_fctl(config, seed=seed).eval()
     if gamma is not None:
         with torch.no_grad():

@@ -216,6 +216,12 @@ class PointRend(nn.Module):
     ) -> PointRendOutput:
         """(B, C, H, W) -> coarse logits and point logits at ``train_points`` sampled points."""
         coarse, features = self.segmenter.forward_coarse(x)
+        return self.train_outputs(coarse, features, generator)
+
+    def train_outputs(
+        self, coarse: torch.Tensor, features: torch.Tensor, generator: torch.Generator | None = None
+    ) -> PointRendOutput:
+        """Training points sampled on ``coarse`` (B, K, h, w) and their point logits from ``features``."""
         points = sample_training_points(
             coarse, self.train_points, self.oversample, self.importance, generator
         )
@@ -245,14 +251,20 @@ class PointRend(nn.Module):
         if self.training:
             return self.forward_train(x)
         coarse, features = self.segmenter.forward_coarse(x)
+        return self.infer(coarse, features, x.shape[-2:])
+
+    def infer(self, coarse: torch.Tensor, features: torch.Tensor, size: torch.Size) -> torch.Tensor:
+        """Subdivision from ``coarse`` (B, K, h, w) with ``features`` to float32 logits (B, K, *size).
+
+        Any model that yields the (coarse logits, fine features) pair of this PointRend's segmenter can
+        be refined with it (FCtL computes them from its fused features)."""
         logits = coarse
         for _ in range(self.subdivision_steps):
             logits, _ = self.subdivision_step(logits, coarse, features)
         with _fp32(logits):
             logits = logits.float()
-            if logits.shape[-2:] != x.shape[-2:]:
-                logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear",
-                                       align_corners=False)
+            if logits.shape[-2:] != size:
+                logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         return logits
 
 

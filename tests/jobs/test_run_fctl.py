@@ -123,3 +123,26 @@ def test_checkpoint_kind_must_match_the_framework(tmp_path):
 def test_bad_context_factors_name_the_field(contexts):
     with pytest.raises(SpecError, match="model.fctl.contexts"):
         _fctl_spec("in", "out", model__fctl={"contexts": contexts})
+
+
+@pytest.mark.integration
+def test_fctl_with_pointrend_runs_and_equals_its_local_pointrend_at_gamma_zero(tmp_path, ray_cluster):
+    """FCtL around a PointRend local model: its tiles are subdivided by the point head after the fused
+    features; with every γ at 0 the job's mask is the plain PointRend job's, bit for bit."""
+    from models.checkpoint import save_checkpoint
+    from models.fctl_checkpoint import load_fctl
+
+    _archive(tmp_path / "in")
+    data = seeded_fctl("fpn_resnet10", 3, ["a", "b", "c"], width=8, refine="pointrend")
+    (tmp_path / "fctl.safetensors").write_bytes(data)
+    model, info, config = load_fctl(data)
+    save_checkpoint(tmp_path / "pointrend.safetensors", model.local, config.local, list(info.class_names))
+    common = {"model__classes": None, "model__name": None}
+    fctl = run_spec(parse_spec(spec_dict(str(tmp_path / "in"), str(tmp_path / "fctl"), model__framework="fctl",
+                                         model__checkpoint=str(tmp_path / "fctl.safetensors"), **common)))
+    plain = run_spec(parse_spec(spec_dict(str(tmp_path / "in"), str(tmp_path / "plain"),
+                                          model__checkpoint=str(tmp_path / "pointrend.safetensors"), **common)))
+    assert fctl[0].status == plain[0].status == "ok", (fctl[0].error, plain[0].error)
+    a = zarr.open_array(str(tmp_path / "fctl" / "scene.zarr" / "labels" / "segmentation" / "0"), mode="r")[:]
+    b = zarr.open_array(str(tmp_path / "plain" / "scene.zarr" / "labels" / "segmentation" / "0"), mode="r")[:]
+    assert np.array_equal(a, b) and len(np.unique(a)) >= 2

@@ -136,10 +136,6 @@ def test_plan_checks_the_checkpoints_each_stage_starts_from(tmp_path, dataset, s
         assert re.match(r"fctl\.context_checkpoints\[0\]: .*" + message, err.value.problems[0]), err.value.problems
     with pytest.raises(SpecError, match="fctl.local: .* is an FCtL checkpoint"):
         make_plan(parse_train_spec(fctl_spec(dataset, "out", stage="context", local=str(fctl), factor=2)))
-    refined = ModelConfig("fpn_resnet10", num_classes=3, width=8, refine="pointrend")
-    pointrend = save_checkpoint_at(tmp_path / "pointrend.safetensors", refined)
-    with pytest.raises(SpecError, match="fctl.local: .* FCtL wraps a plain segmenter: drop refine"):
-        make_plan(parse_train_spec(fctl_spec(dataset, "out", stage="context", local=pointrend, factor=2)))
 
 
 @one_thread()
@@ -228,3 +224,35 @@ def test_context_then_fused_stages_train_and_resume(tmp_path, dataset, segmenter
     swapped = {**spec, "fctl": {**spec["fctl"], "context_checkpoints": [retrained, stage2[1]]}, "epochs": 4}
     with pytest.raises(OutputConflictError, match="another model"):
         train(parse_train_spec(swapped), progress=False)
+
+
+def test_fused_stage_with_a_pointrend_local_model(tmp_path, dataset, segmenter):  # noqa: F811
+    """A PointRend local model (trained with ``model.refine: pointrend``): the fused FCtL keeps its point head,
+    trains on coarse loss + point CE and, with every γ at 0, predicts exactly what the local PointRend does."""
+    from models.pointrend import PointRendOutput
+
+    _, info = load_checkpoint(Path(segmenter).read_bytes())
+    norm = info.normalization.to_dict()
+    local_config = ModelConfig("fpn_resnet10", num_classes=len(CLASSES), width=8, refine="pointrend",
+                               point_channels=16, subdivision_points=256)
+    local_url = save_checkpoint_at(tmp_path / "pr.safetensors", local_config, seed=3, normalization=norm)
+    ctx = [seeded_segmenter(tmp_path / f"c{i}.safetensors", seed=i, normalization=norm) for i in (2, 4)]
+    spec = parse_train_spec(fctl_spec(dataset, "o", stage="fused", local=local_url, context_checkpoints=ctx))
+    plan = make_plan(spec)
+    assert plan.model["config"]["local"]["refine"] == "pointrend"
+    trainee = fused_trainee(spec, plan, 0, "cpu", None)
+    model = trainee.model
+    batch = next(trainee.batches(1, 1))
+    local, _ = load_checkpoint(Path(local_url).read_bytes())
+    model.eval()
+    with torch.no_grad():  # γ = 0: exactly the local PointRend, subdivision included
+        logits, _ = trainee.forward(model, batch)
+        assert torch.equal(logits, local(normalizer(norm, "cpu")(batch[0])))
+    model.train()
+    out, target = trainee.forward(model, batch)
+    assert isinstance(out, PointRendOutput)
+    terms = trainee.loss_terms(out, target)
+    assert set(terms) == {"coarse_loss", "point_loss"}
+    sum(terms.values()).backward()
+    assert all(p.grad is not None for p in model.local.point_head.parameters())
+    assert all(p.grad is None for p in model.context_encoders.parameters())

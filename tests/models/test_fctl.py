@@ -262,10 +262,9 @@ def test_config_rejects_bad_contexts(contexts, match: str) -> None:
         FctlConfig(ModelConfig("fpn_resnet10", 3), contexts)
 
 
-def test_config_rejects_refine_bad_keys_and_key_channels() -> None:
+def test_config_takes_a_pointrend_local_and_rejects_bad_keys_and_key_channels() -> None:
     refined = ModelConfig("fpn_resnet10", 3, refine="pointrend")
-    with pytest.raises(ValueError, match="drop refine"):
-        FctlConfig(refined)
+    assert FctlConfig.from_dict(FctlConfig(refined).to_dict()).local.refine == "pointrend"
     with pytest.raises(ValueError, match="key_channels"):
         FctlConfig(ModelConfig("fpn_resnet10", 3), key_channels=0)
     with pytest.raises(ValueError, match=r"unknown FctlConfig keys \['factors'\]"):
@@ -323,3 +322,18 @@ def test_save_with_the_wrong_config_is_refused() -> None:
     model = build_fctl(_config(), seed=0)
     with pytest.raises(CheckpointError, match="not the FCtL its config describes"):
         save_fctl(None, model, _config(contexts=(2.0,)), NAMES)
+
+
+def test_pointrend_local_model_round_trips_and_equals_its_local_at_gamma_zero():
+    from models.fctl_checkpoint import load_fctl, seeded_fctl
+    from models.pointrend import PointRend, PointRendOutput
+
+    data = seeded_fctl("fpn_resnet10", 3, ["a", "b", "c"], width=8, refine="pointrend")
+    model, _, config = load_fctl(data)
+    assert isinstance(model.local, PointRend) and config.local.refine == "pointrend"
+    x, ctx = torch.randn(2, 3, 64, 64), torch.randn(2, 2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x, ctx), model.local(x))
+    model.train()
+    out = model(x, ctx)
+    assert isinstance(out, PointRendOutput) and out.point_logits.shape[:2] == (2, 3)
