@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="generate a small archive and run the main job on it")
     d.add_argument("--output", default="demo-output", help="directory for the archive, spec and masks")
-    d.add_argument("--large", type=int, default=8192, help="side of the largest demo image (default 8192)")
+    d.add_argument("--large", type=int, default=8192, help="side of the largest demo image (default 8192; > 1024)")
     d.set_defaults(func=cmd_demo)
 
     g = sub.add_parser("synth", help="write a seeded synthetic land-cover archive with ground truth and a "

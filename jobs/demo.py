@@ -1,16 +1,24 @@
-"""``gigaseg demo``: generate a small mixed archive, write its spec, run it on local Ray, print results.
+"""``gigaseg demo``: generate a small synthetic archive with ground truth, run MagNet with PointRend on it
+with the checkpoints shipped in ``jobs/checkpoints/``, print each image's mIoU, write a preview.
 
-The archive exercises every input path: a chunked Zarr v3 array (the large one, generated chunk by chunk
-with Dask so it never sits in memory), a tiled BigTIFF, a grayscale uint16 TIFF, a PNG with alpha and a
-JPEG. Pixels are a deterministic function of global coordinates (so chunking never shows), drawn to
-look like land cover: smooth fields, a few "roads" and noise.
+The archive (``pipeline.synth`` scenes, each with its own seed, never one the checkpoints were trained on)
+exercises every input path: a chunked Zarr v3 array (the large one, generated chunk by chunk with Dask; only
+its uint8 truth is held whole, to write the PNG), a tiled BigTIFF, a grayscale uint16 TIFF, a PNG with alpha
+and a JPEG. The ground truth of each goes to ``<output>/truth/<name>.png`` (class ids), the scores to
+``<output>/scores.json``, and ``<output>/preview/index.html`` shows image | truth | mask of each, downscaled
+(one PNG per image).
+
+``land_cover`` below is the older, simpler scene generator (four smooth regions and roads) that many tests
+still use as an input: it is not part of the demo any more.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import dask.array as da
@@ -66,88 +74,196 @@ def land_cover(y0: int, x0: int, h: int, w: int, seed: int = 0) -> np.ndarray:
     return np.clip(rgb, 0, 255).astype(np.uint8)
 
 
-def _scene_dask(size: tuple[int, int], chunk: int, seed: int) -> da.Array:
-    h, w = size
-    template = da.zeros((h, w, 3), dtype=np.uint8, chunks=(chunk, chunk, 3))
+# ---------------------------------------------------------------- the demo archive (synthetic, with ground truth)
 
-    def block(_, block_info=None):
-        (ya, yb), (xa, xb), _c = block_info[None]["array-location"]
-        return land_cover(ya, xa, yb - ya, xb - xa, seed)
+CHECKPOINTS = Path(__file__).with_name("checkpoints")
+SEGMENTER = CHECKPOINTS / "magnet-pointrend-segmenter.safetensors"
+REFINER = CHECKPOINTS / "magnet-pointrend-refiner.safetensors"
+MAGNET_SCALES = 4
+DEMO_SEED = 9000  # the checkpoints were trained on split_seed(0, "train", i): other scenes
+PREVIEW_SIDE = 512
 
-    return template.map_blocks(block, dtype=np.uint8)
+
+@dataclass(frozen=True)
+class DemoImage:
+    name: str  # pipeline.discover's name of the file
+    path: Path
+    height: int
+    width: int
+    seed: int
+    kind: str  # how it is stored, for the table
 
 
-def make_archive(root: Path, large: int = 8192) -> list[Path]:
-    """Write the demo archive under ``root/archive``; returns the image paths."""
+def _configs(large: int) -> list[tuple[str, str, int, int, str]]:
+    """(relative path, kind, height, width, how) per demo image; the Zarr one is ``large``². Every long side is
+    over 1024 px: the pyramid stops at 256 px, and MagNet's ``MAGNET_SCALES`` = 4 stages need 4 levels."""
+    return [
+        ("large.zarr", "Zarr v3, chunked", large, large, "zarr"),
+        ("tiles/survey.tif", "tiled BigTIFF", 1280, 2048, "bigtiff"),
+        ("tiles/thermal.tif", "grayscale uint16 TIFF", 1088, 1088, "gray"),
+        ("overview.png", "RGBA PNG", 1152, 1280, "png"),
+        ("aerial.jpg", "JPEG q90", 1280, 1280, "jpeg"),
+    ]
+
+
+def _write_one(path: Path, how: str, cfg, truth: Path) -> None:
     import tifffile
     import zarr
     from PIL import Image
 
-    archive = root / "archive"
+    from pipeline.synth import image_and_labels, synth_dask
+
+    if how == "zarr":
+        image, labels = synth_dask(cfg)
+        arr = zarr.create_array(store=str(path), shape=image.shape, chunks=(3, 512, 512), dtype="uint8",
+                                dimension_names=("c", "y", "x"), overwrite=True)
+        gt = np.empty(labels.shape, np.uint8)
+        da.store([image, labels], [arr, gt], lock=False)
+        Image.fromarray(gt).save(truth)
+        return
+    image, labels = image_and_labels(cfg, 0, 0, cfg.height, cfg.width)
+    hwc = np.ascontiguousarray(np.moveaxis(image, 0, -1))
+    if how == "bigtiff":
+        tifffile.imwrite(path, hwc, bigtiff=True, tile=(256, 256), photometric="rgb", compression="zlib")
+    elif how == "gray":
+        gray = (hwc.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).round().astype(np.uint16)
+        tifffile.imwrite(path, gray * 257, tile=(256, 256), compression="zlib")
+    elif how == "png":
+        Image.fromarray(np.concatenate([hwc, np.full((*hwc.shape[:2], 1), 255, np.uint8)], -1), "RGBA").save(path)
+    else:
+        Image.fromarray(hwc).save(path, quality=90)
+    Image.fromarray(labels).save(truth)
+
+
+def make_archive(root: Path, large: int = 8192) -> list[DemoImage]:
+    """Write the demo archive under ``root/archive`` and its ground truth under ``root/truth``; images already
+    there with the same size and seed are kept (``root/archive.json`` records them)."""
+    from pipeline.discover import _safe_name
+    from pipeline.synth import SynthConfig
+
+    archive, truth = root / "archive", root / "truth"
     (archive / "tiles").mkdir(parents=True, exist_ok=True)
-    paths = []
-
-    big = archive / "large.zarr"
-    if not (big / "zarr.json").exists():
-        arr = zarr.create_array(store=str(big), shape=(large, large, 3), chunks=(1024, 1024, 3), dtype="uint8",
-                                dimension_names=("y", "x", "c"), overwrite=True)
-        da.store(_scene_dask((large, large), 1024, seed=1), arr, lock=False)
-    paths.append(big)
-
-    tif = archive / "tiles" / "survey.tif"
-    if not tif.exists():
-        tifffile.imwrite(tif, land_cover(0, 0, 3000, 4096, seed=2), bigtiff=True, tile=(256, 256),
-                         photometric="rgb", compression="zlib")
-    paths.append(tif)
-
-    gray = archive / "tiles" / "thermal.tif"
-    if not gray.exists():
-        g = land_cover(0, 0, 2048, 2048, seed=3).mean(-1).astype(np.uint16) * 257
-        tifffile.imwrite(gray, g, tile=(256, 256), compression="zlib")
-    paths.append(gray)
-
-    png = archive / "overview.png"
-    if not png.exists():
-        rgba = np.concatenate([land_cover(0, 0, 1536, 2048, seed=4), np.full((1536, 2048, 1), 255, np.uint8)], -1)
-        Image.fromarray(rgba, "RGBA").save(png)
-    paths.append(png)
-
-    jpg = archive / "aerial.jpg"
-    if not jpg.exists():
-        Image.fromarray(land_cover(0, 0, 2448, 2448, seed=5)).save(jpg, quality=90)
-    paths.append(jpg)
-    return paths
+    truth.mkdir(parents=True, exist_ok=True)
+    record = root / "archive.json"
+    known = json.loads(record.read_text()) if record.exists() else {}
+    images = []
+    for i, (rel, kind, h, w, how) in enumerate(_configs(large)):
+        seed = DEMO_SEED + i
+        name = _safe_name(rel.rsplit(".", 1)[0])
+        path, gt = archive / rel, truth / f"{name}.png"
+        if known.get(rel) != [h, w, seed] or not gt.exists():
+            _write_one(path, how, SynthConfig(height=h, width=w, seed=seed), gt)
+            known[rel] = [h, w, seed]
+            record.write_text(json.dumps(known))
+        images.append(DemoImage(name, path, h, w, seed, kind))
+    return images
 
 
 def demo_spec(root: Path) -> dict:
     return {
         "inputs": {"url": str(root / "archive")},
-        "model": {"name": "fpn_resnet18", "width": 32, "classes": DEMO_CLASSES, "seed": 0},
-        "tiling": {"tile": 512, "overlap": 64, "batch": 4, "blend": "gaussian"},
+        "model": {"checkpoint": str(SEGMENTER), "framework": "magnet", "precision": "fp32",
+                  "magnet": {"scales": MAGNET_SCALES, "refiner": str(REFINER)}},
+        "tiling": {"tile": 256, "overlap": 64, "batch": 8, "blend": "gaussian"},
         "output": {"url": str(root / "masks"), "extras": ["confidence"]},
         "resources": {"workers": 2, "gpus_per_worker": 1, "cpus_per_worker": 1, "torch_threads": 1},
         "failure": {"mode": "continue", "tile_retries": 2},
     }
 
 
+# ---------------------------------------------------------------- scores and preview
+
+
+def score_images(root: Path, images: list[DemoImage], masks_url: str) -> dict:
+    """Per image and pooled: mIoU over the 7 synth classes, per-class IoU, boundary F1 (3 px) vs the truth."""
+    from jobs.evaluate import score_pair, scores
+    from pipeline.metrics import BoundaryCounts
+    from pipeline.synth import CLASSES
+
+    names = [n for n, _ in CLASSES]
+    out, cm_all, bc_all = {}, np.zeros((len(names),) * 2, np.int64), BoundaryCounts(0, 0, 0, 0)
+    for im in images:
+        cm, bc, _ = score_pair(f"{masks_url}/{im.name}.zarr", str(root / "truth" / f"{im.name}.png"),
+                               num_classes=len(names))
+        out[im.name] = scores(cm, bc, [], names)
+        cm_all, bc_all = cm_all + cm, bc_all + bc
+    out["all"] = scores(cm_all, bc_all, [], names)
+    return out
+
+
+def write_preview(root: Path, images: list[DemoImage], masks_url: str, table: dict) -> Path:
+    """``root/preview/<name>.png`` (image | truth | mask, each at most ``PREVIEW_SIDE`` px) and ``index.html``."""
+    import html
+
+    import zarr
+    from PIL import Image
+
+    from pipeline.masks import open_mask
+    from pipeline.synth import CLASSES
+
+    lut = np.zeros((256, 3), np.uint8)
+    lut[: len(CLASSES)] = [c for _, c in CLASSES]
+    preview = root / "preview"
+    preview.mkdir(exist_ok=True)
+    rows = []
+    for im in images:
+        step = max(1, -(-max(im.height, im.width) // PREVIEW_SIDE))
+        mask = np.asarray(open_mask(f"{masks_url}/{im.name}.zarr", {})[::step, ::step])
+        truth = np.asarray(Image.open(root / "truth" / f"{im.name}.png"))[::step, ::step]
+        if im.path.suffix == ".zarr":
+            rgb = np.moveaxis(np.asarray(zarr.open_array(str(im.path), mode="r")[:, ::step, ::step]), 0, -1)
+        else:
+            rgb = np.asarray(Image.open(im.path).convert("RGB"))[::step, ::step]
+        panels = [rgb, lut[truth], lut[mask]]
+        sheet = np.concatenate([np.pad(p, ((0, 0), (0, 6), (0, 0)), constant_values=255) for p in panels], 1)
+        Image.fromarray(sheet).save(preview / f"{im.name}.png")
+        s = table[im.name]
+        rows.append(f"<h3>{html.escape(im.name)} — {html.escape(im.kind)}, {im.height}×{im.width}: mIoU "
+                    f"{100 * (s['miou'] or 0):.1f} %</h3><img src='{html.escape(im.name)}.png'>")
+    legend = " ".join(f"<span style='background:rgb{tuple(c)};padding:0 8px'>&nbsp;</span> {n}" for n, c in CLASSES)
+    page = (f"<html><head><meta charset='utf-8'><title>gigaseg demo</title></head><body>"
+            f"<h2>MagNet + PointRend (shipped checkpoints): image | ground truth | mask</h2><p>{legend}</p>"
+            f"<p>all images pooled: mIoU {100 * (table['all']['miou'] or 0):.1f} %</p>{''.join(rows)}</body></html>")
+    (preview / "index.html").write_text(page)
+    return preview / "index.html"
+
+
 def run_demo(output: str, large: int = 8192) -> int:
-    from jobs.cli import EXIT_FAILED, EXIT_OK, print_table
+    from jobs.cli import EXIT_FAILED, EXIT_OK, EXIT_SPEC, print_table
     from jobs.runner import run_spec
     from jobs.spec import parse_spec
 
+    if large <= 1024:
+        print(f"--large {large}: must be over 1024 px (MagNet's {MAGNET_SCALES} scales need 4 pyramid levels, and the "
+              "pyramid stops at 256 px); try 2448")
+        return EXIT_SPEC
     root = Path(output).resolve()
     t0 = time.perf_counter()
     print(f"generating the demo archive under {root / 'archive'} (largest image {large}×{large}) ...")
-    make_archive(root, large)
+    images = make_archive(root, large)
     spec_path = root / "demo-spec.yaml"
     spec_path.write_text(yaml.safe_dump(demo_spec(root), sort_keys=False))
     print(f"archive ready in {time.perf_counter() - t0:.0f} s; spec: {spec_path}")
     spec = parse_spec(yaml.safe_load(spec_path.read_text()), str(spec_path))
-    print(f"running on a local Ray cluster: {spec.resources.workers} workers × "
-          f"{spec.resources.gpus_per_worker:g} logical GPU, {os.cpu_count()} CPU cores")
+    print(f"running MagNet ({MAGNET_SCALES} scales) with PointRend on a local Ray cluster: {spec.resources.workers} "
+          f"workers × {spec.resources.gpus_per_worker:g} logical GPU, {os.cpu_count()} CPU cores")
     results = run_spec(spec)
     print_table(results)
-    print(f"\nmasks:  {spec.output.url}/<name>.zarr/labels/segmentation/0   report: {spec.output.url}/report.json")
-    print(f"read:   python -c \"import zarr; m = zarr.open_array('{spec.output.url}/large.zarr/labels/segmentation/0'); print(m.shape, m[:4, :8])\"")
+    failed = any(r.status == "failed" for r in results)
+    done = {r.name for r in results if r.status in ("ok", "skipped")}
+    images = [im for im in images if im.name in done]
+    if images:
+        table = score_images(root, images, spec.output.url)
+        (root / "scores.json").write_text(json.dumps(table, indent=1))
+        print("\nagainst the generated ground truth (mIoU over the 7 classes; boundary F1, 3 px):")
+        for im in images:
+            s = table[im.name]
+            print(f"  {im.name:16} {im.kind:22} mIoU {100 * (s['miou'] or 0):5.1f} %   "
+                  f"boundary F1 {100 * (s['boundary_f1']['f1'] or 0):5.1f} %")
+        s = table["all"]
+        print(f"  {'all, pooled':16} {'':22} mIoU {100 * (s['miou'] or 0):5.1f} %   "
+              f"boundary F1 {100 * (s['boundary_f1']['f1'] or 0):5.1f} %")
+        print(f"\npreview: {write_preview(root, images, spec.output.url, table)}   scores: {root / 'scores.json'}")
+    print(f"masks:   {spec.output.url}/<name>.zarr/labels/segmentation/0   report: {spec.output.url}/report.json")
     print(f"total {time.perf_counter() - t0:.0f} s")
-    return EXIT_FAILED if any(r.status == "failed" for r in results) else EXIT_OK
+    return EXIT_FAILED if failed else EXIT_OK
