@@ -46,7 +46,10 @@ def model_config(m: TrainModelSpec, num_classes: int):
 
     from models import REFINE_FIELDS, ModelConfig, build_model
 
-    options = m.pointrend()
+    from jobs.train_spec import POINTREND_DEFAULTS, POINTREND_OPTIONS
+
+    # FCtL stages train a PointRend local model without a model section: the defaults then
+    options = m.pointrend() or {k: POINTREND_DEFAULTS[k] for k in POINTREND_OPTIONS}
     try:
         config = ModelConfig(m.name, num_classes, width=m.width, output_stride=m.output_stride, refine=m.refine,
                              **{k: options[k] for k in REFINE_FIELDS if k in options})
@@ -66,7 +69,10 @@ def model_config(m: TrainModelSpec, num_classes: int):
 def configure_training(model, m: TrainModelSpec) -> None:
     """Set a ``PointRend``'s training-point options from ``model.*`` (they are not part of its config: inference
     does not read them)."""
-    options = m.pointrend()
+    from jobs.train_spec import POINTREND_DEFAULTS, POINTREND_OPTIONS
+
+    # FCtL stages train a PointRend local model without a model section: the defaults then
+    options = m.pointrend() or {k: POINTREND_DEFAULTS[k] for k in POINTREND_OPTIONS}
     model.train_points = options["train_points"]
     model.oversample = options["oversample_ratio"]
     model.importance = options["importance_ratio"]

@@ -236,6 +236,10 @@ def test_fused_stage_with_a_pointrend_local_model(tmp_path, dataset, segmenter):
     local_config = ModelConfig("fpn_resnet10", num_classes=len(CLASSES), width=8, refine="pointrend",
                                point_channels=16, subdivision_points=256)
     local_url = save_checkpoint_at(tmp_path / "pr.safetensors", local_config, seed=3, normalization=norm)
+    context = context_trainee(parse_train_spec(fctl_spec(dataset, "o", stage="context", local=local_url, factor=2)),
+                              make_plan(parse_train_spec(fctl_spec(dataset, "o", stage="context", local=local_url,
+                                                                   factor=2))), 0, "cpu", None)
+    assert context.loss_terms is not None and context.model.train_points == 2048  # PointRend's training defaults
     ctx = [seeded_segmenter(tmp_path / f"c{i}.safetensors", seed=i, normalization=norm) for i in (2, 4)]
     spec = parse_train_spec(fctl_spec(dataset, "o", stage="fused", local=local_url, context_checkpoints=ctx))
     plan = make_plan(spec)
