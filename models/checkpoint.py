@@ -75,20 +75,27 @@ def save_checkpoint(
 def load_checkpoint(data: bytes) -> tuple[Segmenter, CheckpointInfo]:
     """Rebuild the model a checkpoint describes, load its weights and return it in eval mode."""
     info = read_info(data)
-    state = _load_tensors(data)
-    with torch.device("meta"):  # the weights are about to be replaced: skip allocating and init
-        model = build_model(info.config)
+    model = rebuild(lambda: build_model(info.config), _load_tensors(data), _describe_config(info.config),
+                    "save_checkpoint and the ModelConfig")
+    return model, info
+
+
+def rebuild(build, state: Mapping[str, torch.Tensor], described: str, saver: str) -> nn.Module:
+    """``build()`` on the meta device (its weights are about to be replaced: no allocation, no init), then
+    ``state`` loaded in place; eval mode. A state that does not fit raises CheckpointError naming the
+    tensors; ``described`` is the architecture, ``saver`` what re-saves it ("save_fctl and the FctlConfig")."""
+    with torch.device("meta"):
+        model = build()
     diff = diff_state(state, model.state_dict())
     if not diff.ok:
         raise CheckpointError(
-            f"checkpoint weights do not match the architecture in its own metadata "
-            f"({_describe_config(info.config)}):\n{diff.describe()}\n"
-            "Fix: the file was edited or saved with a wrong config; re-save it with "
-            "save_checkpoint and the ModelConfig the model was trained with."
+            f"checkpoint weights do not match the architecture in its own metadata ({described}):\n"
+            f"{diff.describe()}\nFix: the file was edited or saved with a wrong config; re-save it with "
+            f"{saver} the model was trained with."
         )
     model.load_state_dict(state, strict=True, assign=True)
     assert not any(t.is_meta for t in model.state_dict().values()), "tensor left on meta device"
-    return model.eval(), info
+    return model.eval()
 
 
 def load_state_into(

@@ -25,6 +25,7 @@ from models.checkpoint import (
     _load_tensors,
     _read_header,
     canonical_bytes,
+    rebuild,
 )
 from models.fctl import FCtL, FctlConfig, build_fctl
 from models.info import IMAGENET_NORMALIZATION, CheckpointInfo, Normalization
@@ -140,20 +141,9 @@ def load_fctl(data: bytes) -> tuple[FCtL, CheckpointInfo, FctlConfig]:
     ``info.config`` is the local model's config; ``config.contexts`` the factors the pipeline reads.
     """
     info, config = read_fctl_info(data)
-    state = _load_tensors(data)
-    with torch.device("meta"):  # the weights are about to be replaced: skip allocating and init
-        model = build_fctl(config)
-    diff = diff_state(state, model.state_dict())
-    if not diff.ok:
-        raise CheckpointError(
-            f"FCtL checkpoint weights do not match the architecture in its own metadata "
-            f"({_describe(config)}):\n{diff.describe()}\n"
-            "Fix: the file was edited or saved with a wrong config; re-save it with save_fctl and "
-            "the FctlConfig the model was trained with."
-        )
-    model.load_state_dict(state, strict=True, assign=True)
-    assert not any(t.is_meta for t in model.state_dict().values()), "tensor left on meta device"
-    return model.eval(), info, config
+    model = rebuild(lambda: build_fctl(config), _load_tensors(data), f"FCtL, {_describe(config)}",
+                    "save_fctl and the FctlConfig")
+    return model, info, config
 
 
 def seeded_fctl(
