@@ -15,22 +15,19 @@ a worker pulls from the store (what an object store bills and a network carries)
 
 from __future__ import annotations
 
-import argparse
-import os
+import functools
 import shutil
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 from benchmarks._common import (
-    append_results, check_ok, generate_scene, job_spec, machine, markdown_table, scene_path,
+    append_results, cost_arguments, generate_scene, interleaved_runs, job_spec, machine, markdown_table, scene_path,
 )
 
 CONTEXTS = [2, 4]
 
 
-def _spec(inputs: Path, output: Path, args, framework: str):
+def _spec(inputs: Path, output: Path, *, args, framework: str):
     spec = job_spec(inputs, output, width=args.width, precision="auto", classes=4, tile=512, overlap=128,
                     batch=4, workers=2, threads=1)
     if framework == "segment":
@@ -96,52 +93,24 @@ def bytes_read(spec, pyramid_url: str) -> tuple[int, int, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", type=int, default=4096)
-    parser.add_argument("--width", type=int, default=64, help="segmenter width (64 = the real default)")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="2048², one repeat")
-    parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--no-results", action="store_true")
-    args = parser.parse_args()
-    if args.quick:
-        args.size, args.repeats = 2048, 1
-    import ray
-
-    from jobs.progress import ProgressBar
-    from jobs.runner import run_spec
-
+    args = cost_arguments(__doc__.split("\n")[0])
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="gsb-fctl-"))
     scene = scene_path(workdir, args.size)
     scene.parent.mkdir(parents=True, exist_ok=True)
     generate_scene(scene, args.size)
-    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False,
-             _temp_dir=tempfile.mkdtemp(prefix="gsb-", dir="/tmp"), log_to_driver=False)
-    configs = [("patch-only", "segment"), (f"FCtL, contexts ×{CONTEXTS[0]} ×{CONTEXTS[1]}", "fctl")]
-    times: dict[str, list[float]] = {name: [] for name, _ in configs}
-    tiles: dict[str, int] = {}
-    loads = []
+    configs = {"patch-only": "segment", f"FCtL, contexts ×{CONTEXTS[0]} ×{CONTEXTS[1]}": "fctl"}
     out = workdir / "out"
-    for _ in range(args.repeats):
-        for name, framework in configs:
-            t0 = time.perf_counter()
-            results = run_spec(_spec(scene.parent, out, args, framework), progress=ProgressBar(enabled=False))
-            times[name].append(time.perf_counter() - t0)
-            check_ok(results)
-            tiles[name] = results[0].tiles
-            loads.append(os.getloadavg()[0])
-            print(f"{name}: {times[name][-1]:.1f} s", flush=True)
-    ray.shutdown()
+    runs = interleaved_runs({name: functools.partial(_spec, scene.parent, args=args, framework=fw)
+                             for name, fw in configs.items()}, args.repeats, out, keep_last=True)
     # the last run left the ingested pyramid in the output: count the reads against it
     pyramid_url = str(out / "scene.zarr")
-    read = {name: bytes_read(_spec(scene.parent, workdir / "unused", args, fw), pyramid_url) for name, fw in configs}
+    read = {name: bytes_read(_spec(scene.parent, workdir / "unused", args=args, framework=fw), pyramid_url)
+            for name, fw in configs.items()}
     shutil.rmtree(out, ignore_errors=True)
-    base = min(times["patch-only"])
     rows = []
-    for name, ts in times.items():
-        nbytes, n, mp = read[name]
-        rows.append((name, tiles[name], f"{min(ts):.1f}", f"{statistics.median(ts):.1f}", f"{min(ts) / base:.2f}",
-                     f"{nbytes / mp / 1e6:.2f}", f"{nbytes / read['patch-only'][0]:.2f}"))
+    for row in runs.rows():
+        nbytes, n, mp = read[row[0]]
+        rows.append([*row, f"{nbytes / mp / 1e6:.2f}", f"{nbytes / read['patch-only'][0]:.2f}"])
     table = markdown_table(["config", "tiles", "best s", "median s", "ratio to patch-only (best)",
                             "MB read per output MP", "bytes ratio"], rows)
     print(table)
@@ -149,7 +118,7 @@ def main() -> None:
         f"Scene {args.size}² (Zarr v3, ingested as a zstd pyramid with 512² chunks), seeded fpn_resnet18 width "
         f"{args.width}, precision auto, 4 classes, tile 512, overlap 128, batch 4, 2 workers × 1 thread; FCtL "
         f"contexts {CONTEXTS} (levels 1 and 2 read as they are), seeded γ = 0.5; {args.repeats} interleaved "
-        f"repeat(s); load average during runs {min(loads):.1f}–{max(loads):.1f}. Bytes: compressed image-chunk "
+        f"repeat(s); load average during runs {min(runs.loads):.1f}–{max(runs.loads):.1f}. Bytes: compressed image-chunk "
         f"bytes all tiles' reads pull from the pyramid (tile windows, plus context windows for FCtL), per "
         f"megapixel of the image.\n\n{table}\n"
     )

@@ -12,20 +12,17 @@ pyramid all count.
 
 from __future__ import annotations
 
-import argparse
-import os
+import functools
 import shutil
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 from benchmarks._common import (
-    append_results, check_ok, generate_scene, job_spec, machine, markdown_table, scene_path,
+    append_results, cost_arguments, generate_scene, interleaved_runs, job_spec, machine, markdown_table, scene_path,
 )
 
 
-def _spec(inputs: Path, output: Path, args, framework: str, refiner_width: int = 64, patches: float | None = None):
+def _spec(inputs: Path, output: Path, *, args, framework: str, refiner_width: int = 64, patches: float | None = None):
     spec = job_spec(inputs, output, width=args.width, precision="auto", classes=4, tile=512, overlap=128,
                     batch=4, workers=2, threads=1)
     if framework == "segment":
@@ -40,56 +37,24 @@ def _spec(inputs: Path, output: Path, args, framework: str, refiner_width: int =
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", type=int, default=4096)
-    parser.add_argument("--width", type=int, default=64, help="segmenter width (64 = the real default)")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="2048², one repeat")
-    parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--no-results", action="store_true")
-    args = parser.parse_args()
-    if args.quick:
-        args.size, args.repeats = 2048, 1
-    import ray
-
-    from jobs.runner import run_spec
-    from jobs.progress import ProgressBar
-
+    args = cost_arguments(__doc__.split("\n")[0])
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="gsb-magnet-"))
     scene = scene_path(workdir, args.size)
     scene.parent.mkdir(parents=True, exist_ok=True)
     generate_scene(scene, args.size)
-    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False,
-             _temp_dir=tempfile.mkdtemp(prefix="gsb-", dir="/tmp"), log_to_driver=False)
-    configs = [("patch-only", "segment", 64, None), ("MagNet 3 scales, refiner width 64", "magnet", 64, None),
-               ("MagNet 3 scales, refiner width 16", "magnet", 16, None),
-               ("MagNet-Fast 3 scales (patches 0.25), refiner width 64", "magnet", 64, 0.25),
-               ("MagNet-Fast 3 scales (patches 0.25), refiner width 16", "magnet", 16, 0.25)]
-    times: dict[str, list[float]] = {name: [] for name, *_ in configs}
-    tiles: dict[str, int] = {}
-    loads = []
-    for _ in range(args.repeats):
-        for name, framework, rw, patches in configs:
-            out = workdir / "out"
-            spec = _spec(scene.parent, out, args, framework, rw, patches)
-            t0 = time.perf_counter()
-            results = run_spec(spec, progress=ProgressBar(enabled=False))
-            times[name].append(time.perf_counter() - t0)
-            check_ok(results)
-            tiles[name] = results[0].tiles
-            loads.append(os.getloadavg()[0])
-            shutil.rmtree(out, ignore_errors=True)
-            print(f"{name}: {times[name][-1]:.1f} s", flush=True)
-    ray.shutdown()
-    base = min(times["patch-only"])
-    rows = [(name, tiles[name], f"{min(ts):.1f}", f"{statistics.median(ts):.1f}", f"{min(ts) / base:.2f}")
-            for name, ts in times.items()]
-    table = markdown_table(["config", "tiles", "best s", "median s", "ratio to patch-only (best)"], rows)
+    configs = {"patch-only": ("segment", 64, None), "MagNet 3 scales, refiner width 64": ("magnet", 64, None),
+               "MagNet 3 scales, refiner width 16": ("magnet", 16, None),
+               "MagNet-Fast 3 scales (patches 0.25), refiner width 64": ("magnet", 64, 0.25),
+               "MagNet-Fast 3 scales (patches 0.25), refiner width 16": ("magnet", 16, 0.25)}
+    runs = interleaved_runs({name: functools.partial(_spec, scene.parent, args=args, framework=fw, refiner_width=rw,
+                                                     patches=p) for name, (fw, rw, p) in configs.items()},
+                            args.repeats, workdir / "out")
+    table = markdown_table(["config", "tiles", "best s", "median s", "ratio to patch-only (best)"], runs.rows())
     print(table)
     body = (
         f"Scene {args.size}² (Zarr v3), seeded fpn_resnet18 width {args.width}, precision auto, 4 classes, tile 512, "
         f"overlap 128, batch 4, 2 workers × 1 thread; MagNet replace 0.75, median 5; {args.repeats} interleaved "
-        f"repeat(s); load average during runs {min(loads):.1f}–{max(loads):.1f}. Target: MagNet 3 scales ÷ "
+        f"repeat(s); load average during runs {min(runs.loads):.1f}–{max(runs.loads):.1f}. Target: MagNet 3 scales ÷ "
         f"patch-only ≤ 1.5.\n\n{table}\n"
     )
     if not args.no_results:
