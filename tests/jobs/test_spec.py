@@ -99,3 +99,13 @@ def test_model_name_defaults_to_the_checkpoint(tmp_path):
     with pytest.raises(SpecError, match="set model.name: unet_resnet10"):
         resolve_model(wrong)
     assert parse_spec(BASE).model.architecture == "fpn_resnet18"
+
+
+def test_the_readme_spec_example_is_valid():
+    """The spec shown in README.md (every field with its default or an example) parses as it stands."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme[readme.index("## Job spec"):].split("```yaml", 1)[1].split("```", 1)[0]
+    spec = parse_spec(yaml.safe_load(block), "README.md")
+    assert spec.model.framework == "segment" and spec.cluster.dask is None and spec.tiling.tiles_per_call == "auto"
