@@ -389,7 +389,7 @@ def _parse_classes(args) -> list:
 def cmd_import(args) -> int:
     import json
 
-    from pipeline.datasets import import_pairs
+    from pipeline.dataset_import import import_pairs
 
     try:
         classes = _parse_classes(args)

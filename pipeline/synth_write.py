@@ -8,7 +8,7 @@ Layout of ``write_split(url, …)`` (any fsspec URL)::
     <url>/<split>/masks/<name>.zarr         (H, W) uint8 class ids: ground truth for `gigaseg eval PRED <url>/val/masks`
     <url>/<split>/png/<name>_sat.png        (png=True, sides ≤ PNG_MAX_SIDE) RGB, and <name>_mask.png class ids
     <url>/dataset/                          (dataset=True) the training dataset `gigaseg train` reads
-                                            (pipeline.datasets.import_samples), train and val samples together
+                                            (pipeline.dataset_import.import_samples), train and val samples together
 
 ``<split>`` is ``train`` or ``val``; sample ``i`` of a split is named ``<split>-<i:03d>`` and drawn with its own
 seed, hashed from ``(base seed, split, i)``, so train and validation never share a scene. Each mask array
@@ -32,7 +32,7 @@ from dask.callbacks import Callback
 from PIL import Image
 from zarr.codecs import ZstdCodec
 
-from pipeline.datasets import Pair, import_samples
+from pipeline.dataset_import import Pair, import_samples
 from pipeline.discover import ImageRef
 from pipeline.output import remove
 from pipeline.storage import join, write_bytes, write_json, zarr_store

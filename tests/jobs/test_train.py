@@ -22,7 +22,7 @@ from jobs.train import CheckpointStore, add_train_parser, init_weights, lr_facto
 from jobs.train_spec import load_train_spec, parse_train_spec
 from models import ModelConfig, build_model
 from models.checkpoint import load_checkpoint, read_info, save_checkpoint
-from pipeline.datasets import import_pairs
+from pipeline.dataset_import import import_pairs
 from tests.pipeline.test_datasets import write_pairs
 
 CLASSES = ["background", "road", "building"]

@@ -1,6 +1,6 @@
 """FCtL training samples: local crop + contexts + labels, aligned, augmented together, seeded.
 
-The dataset is imported for real (``pipeline.datasets.import_pairs``, index masks, 32-px chunks) from PNGs
+The dataset is imported for real (``pipeline.dataset_import.import_pairs``, index masks, 32-px chunks) from PNGs
 whose image is one flat colour per class, classes in 16-px blocks on the level-0 grid. Every 2×2 and 4×4
 block of levels 1 and 2 then lies in one class block, so their image pixels are exactly their class colour
 (2×2 means of one colour) and their labels that class (``mode_2x2``): a ×2 or ×4 context and its target
@@ -21,7 +21,8 @@ from PIL import Image
 from pipeline.context import context_level, context_window, read_contexts
 from pipeline.crops import CropConfig, augment, read_crop, resize_nearest
 from pipeline.crops_fctl import FctlDraw, FctlSampler, read_context_masks, read_fctl_contexts, transform_views
-from pipeline.datasets import TrainingDataset, import_pairs
+from pipeline.dataset_import import import_pairs
+from pipeline.datasets import TrainingDataset
 from pipeline.tiling import Window
 
 IGNORE = 255

@@ -12,7 +12,8 @@ import zarr
 from PIL import Image
 
 from pipeline.blend import mode_2x2
-from pipeline.datasets import TrainingDataset, import_pairs, match_pairs, read_dataset
+from pipeline.dataset_import import import_pairs, match_pairs
+from pipeline.datasets import TrainingDataset, read_dataset
 from pipeline.errors import InputNotFoundError, OutputConflictError, UnsupportedImageError
 from pipeline.palette import DEEPGLOBE_CLASSES
 
@@ -101,7 +102,7 @@ def test_index_masks_add_to_a_dataset_and_rerun_keeps_it(tmp_path, caplog):
     assert info.images == ("s0", "t0", "t1")  # added to the dataset
     assert sum(info.class_pixels) == 64 * 80 + 40 * 40 + 48 * 30
 
-    caplog.set_level("INFO", "pipeline.datasets")
+    caplog.set_level("INFO", "pipeline.dataset_import")
     again = import_pairs(str(tmp_path / "a"), str(tmp_path / "ds"), image_pattern="{id}_sat.png",
                          mask_pattern="{id}_label.png", **index)
     assert "s0: already imported, kept" in caplog.text and again == info
