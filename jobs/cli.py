@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--storage-options", default=None, help="fsspec storage options of the output as JSON")
     g.set_defaults(func=cmd_synth)
 
-    from jobs.evaluate import add_eval_parser
+    from jobs.eval_cli import add_eval_parser
     from jobs.submit import add_submit_parsers
     from jobs.train import add_import_parser, add_train_parser
 

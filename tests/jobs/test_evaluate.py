@@ -11,7 +11,9 @@ import tifffile
 import zarr
 from PIL import Image
 
-from jobs.evaluate import add_eval_parser, cmd_eval, evaluate_job, evaluate_pair, format_table
+from jobs.eval_cli import add_eval_parser, cmd_eval
+from jobs.eval_report import format_table
+from jobs.evaluate import evaluate_job, evaluate_pair
 from pipeline.metrics import BoundaryCounts, boundary_counts
 from pipeline.output import create_outputs, image_output, mark
 from pipeline.palette import DEEPGLOBE_CLASSES
