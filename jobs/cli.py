@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from jobs.eval_cli import add_eval_parser
     from jobs.submit import add_submit_parsers
-    from jobs.train import add_import_parser, add_train_parser
+    from jobs.train_cli import add_import_parser, add_train_parser
 
     add_train_parser(sub)
     add_import_parser(sub)

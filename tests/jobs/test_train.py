@@ -18,7 +18,8 @@ import torch
 import yaml
 
 from jobs.spec import SpecError
-from jobs.train import CheckpointStore, add_train_parser, init_weights, lr_factor, make_plan, train
+from jobs.train import CheckpointStore, init_weights, lr_factor, make_plan, train
+from jobs.train_cli import add_train_parser
 from jobs.train_spec import load_train_spec, parse_train_spec
 from models import ModelConfig, build_model
 from models.checkpoint import load_checkpoint, read_info, save_checkpoint

@@ -19,7 +19,8 @@ import torch
 import yaml
 
 from jobs.spec import SpecError
-from jobs.train import add_train_parser, make_plan, train
+from jobs.train import make_plan, train
+from jobs.train_cli import add_train_parser
 from jobs.train_fctl import context_trainee, fused_trainee
 from jobs.train_loop import normalizer
 from jobs.train_spec import parse_train_spec

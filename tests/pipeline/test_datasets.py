@@ -145,7 +145,7 @@ def test_read_dataset_explains_a_missing_dataset(tmp_path):
 
 
 def test_cmd_import(tmp_path, capsys):
-    from jobs.train import add_import_parser
+    from jobs.train_cli import add_import_parser
 
     write_pairs(tmp_path / "src", [(24, 24)])
     parser = argparse.ArgumentParser()
