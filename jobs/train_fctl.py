@@ -54,7 +54,8 @@ from typing import Any
 
 import numpy as np
 
-from jobs.train_loop import Plan, Trainee, image_mask_trainee, normalizer, shard_batches
+from jobs.train_loop import Plan, normalizer, shard_batches
+from jobs.train_tasks import Trainee, image_mask_trainee
 from jobs.train_spec import TrainSpec
 from jobs.train_store import LATEST, read_url
 from pipeline.errors import CheckpointError
@@ -235,7 +236,7 @@ def fused_trainee(spec: TrainSpec, plan: Plan, rank: int, device, weights: bytes
     has_aux = bool(getattr(model.segmenter.decoder, "aux_outputs", ())) and not config.local.refine
     loss_terms = None
     if config.local.refine:  # PointRend local model: coarse loss + point CE, as task segmenter trains it
-        from jobs.train_loop import spec_loss
+        from jobs.train_tasks import spec_loss
         from jobs.train_pointrend import pointrend_loss_terms
 
         loss_terms = pointrend_loss_terms(spec_loss(spec, plan), plan.ignore_index)

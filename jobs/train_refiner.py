@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from jobs.train_loop import Plan, Trainee, normalizer
+from jobs.train_loop import Plan, normalizer
+from jobs.train_tasks import Trainee
 from jobs.train_spec import TrainSpec
 from jobs.train_store import read_url
 

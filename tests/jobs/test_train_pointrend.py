@@ -15,7 +15,7 @@ import yaml
 from jobs.spec import SpecError
 from jobs.train import make_plan, train
 from jobs.train_cli import add_train_parser
-from jobs.train_loop import segmenter_trainee
+from jobs.train_tasks import segmenter_trainee
 from jobs.train_pointrend import pointrend_loss_terms
 from jobs.train_spec import parse_train_spec
 from models import ModelConfig, build_model
