@@ -43,6 +43,30 @@ def save_checkpoint(
     ``normalization`` defaults to ImageNet's. Raises CheckpointError when ``model`` is not the
     architecture ``config`` describes, ValueError for bad metadata.
     """
+    return serialise(path, model, _expected_state(config), gigaseg_format=FORMAT_VERSION, config=config,
+                     what=f"the architecture its config describes ({_describe_config(config)})",
+                     fix="pass the ModelConfig the model was built from.", class_names=class_names,
+                     class_colors=class_colors, normalization=normalization)
+
+
+def serialise(
+    path: str | os.PathLike[str] | None,
+    model: nn.Module,
+    expected: Mapping[str, torch.Tensor],
+    *,
+    gigaseg_format: str,
+    config: ModelConfig,
+    what: str,
+    fix: str,
+    class_names: Sequence[str],
+    class_colors: Sequence[Sequence[int]] | None = None,
+    normalization: Normalization | Mapping[str, Sequence[float]] | None = None,
+    extra: Mapping[str, str] | None = None,
+) -> bytes:
+    """A checkpoint of any gigaseg format: ``model``'s weights, checked against ``expected`` (the state the
+    architecture has; ``what`` names it, ``fix`` says how to mend a mismatch), and the metadata every format
+    carries (``config``, class table, normalisation, ImageNet's by default) plus ``extra`` (JSON strings).
+    Written to ``path`` atomically when given."""
     if normalization is None:
         normalization = IMAGENET_NORMALIZATION
     elif not isinstance(normalization, Normalization):
@@ -52,19 +76,16 @@ def save_checkpoint(
 
     # contiguous + CPU: safetensors refuses strided views (e.g. a channels_last model's weights).
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    diff = diff_state(state, _expected_state(config))
+    diff = diff_state(state, expected)
     if not diff.ok:
-        raise CheckpointError(
-            f"cannot save: the model is not the architecture its config describes "
-            f"({_describe_config(config)}):\n{diff.describe()}\n"
-            "Fix: pass the ModelConfig the model was built from."
-        )
+        raise CheckpointError(f"cannot save: the model is not {what}:\n{diff.describe()}\nFix: {fix}")
     metadata = {
-        "gigaseg_format": FORMAT_VERSION,
+        "gigaseg_format": gigaseg_format,
         "config": json.dumps(config.to_dict(), sort_keys=True),
         "class_names": json.dumps(list(info.class_names)),
         "class_colors": json.dumps(None if colors is None else [list(c) for c in colors]),
         "normalization": json.dumps(normalization.to_dict()),
+        **(extra or {}),
     }
     data = canonical_bytes(st_save(state, metadata=metadata))
     if path is not None:

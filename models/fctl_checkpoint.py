@@ -11,25 +11,15 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import torch
-from safetensors.torch import save as st_save
 from torch import nn
 
 from models import ModelConfig
-# the plain checkpoint's header reader, tensor loader and atomic write: one implementation of each
-from models.checkpoint import (
-    FORMAT_VERSION,
-    _atomic_write,
-    _load_tensors,
-    _read_header,
-    canonical_bytes,
-    rebuild,
-)
+# the plain checkpoint's header reader, tensor loader, writer and loader: one implementation of each
+from models.checkpoint import FORMAT_VERSION, _load_tensors, _read_header, rebuild, serialise
 from models.fctl import FCtL, FctlConfig, build_fctl
-from models.info import IMAGENET_NORMALIZATION, CheckpointInfo, Normalization
-from models.state import diff_state
+from models.info import CheckpointInfo, Normalization
 from pipeline.errors import CheckpointError
 
 FCTL_FORMAT = "gigaseg-fctl-1"
@@ -53,35 +43,14 @@ def save_fctl(
     CheckpointError when ``model`` is not the FCtL ``config`` describes, ValueError for bad
     metadata.
     """
-    if normalization is None:
-        normalization = IMAGENET_NORMALIZATION
-    elif not isinstance(normalization, Normalization):
-        normalization = Normalization.from_dict(normalization)
-    colors = None if class_colors is None else tuple(tuple(int(v) for v in c) for c in class_colors)
-    CheckpointInfo(config.local, tuple(class_names), colors, normalization)  # validates
-
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     with torch.device("meta"):  # shapes only
         expected = build_fctl(config).state_dict()
-    diff = diff_state(state, expected)
-    if not diff.ok:
-        raise CheckpointError(
-            f"cannot save: the model is not the FCtL its config describes ({_describe(config)}):\n"
-            f"{diff.describe()}\nFix: pass the FctlConfig the model was built from."
-        )
-    metadata = {
-        "gigaseg_format": FCTL_FORMAT,
-        "config": json.dumps(config.local.to_dict(), sort_keys=True),
-        "contexts": json.dumps(list(config.contexts)),
-        "key_channels": json.dumps(config.key_channels),
-        "class_names": json.dumps(list(class_names)),
-        "class_colors": json.dumps(None if colors is None else [list(c) for c in colors]),
-        "normalization": json.dumps(normalization.to_dict()),
-    }
-    data = canonical_bytes(st_save(state, metadata=metadata))
-    if path is not None:
-        _atomic_write(Path(path), data)
-    return data
+    return serialise(path, model, expected, gigaseg_format=FCTL_FORMAT, config=config.local,
+                     what=f"the FCtL its config describes ({_describe(config)})",
+                     fix="pass the FctlConfig the model was built from.", class_names=class_names,
+                     class_colors=class_colors, normalization=normalization,
+                     extra={"contexts": json.dumps(list(config.contexts)),
+                            "key_channels": json.dumps(config.key_channels)})
 
 
 def is_fctl_checkpoint(data: bytes) -> bool:
