@@ -150,13 +150,16 @@ class TileWorker:
                 f"x {window.x0}:{window.x1}: {type(err).__name__}: {err}"
             ) from err
 
-    def _read_contexts(self, plan: ContextPlan, ref: ArrayRef, window) -> np.ndarray:
-        shapes = plan.shapes
-        arrays = {level: self._array(plan.levels[level].group_url, plan.levels[level].path,
-                                     plan.levels[level].storage_options, write=False)
-                  for level in context_levels(plan.factors, len(shapes))}
+    def _context_arrays(self, plan: ContextPlan) -> dict[int, zarr.Array]:
+        """The pyramid levels the contexts read, opened (once per actor, cached) for a batch."""
+        return {level: self._array(plan.levels[level].group_url, plan.levels[level].path,
+                                   plan.levels[level].storage_options, write=False)
+                for level in context_levels(plan.factors, len(plan.levels))}
+
+    @staticmethod
+    def _read_contexts(plan: ContextPlan, arrays: dict[int, zarr.Array], ref: ArrayRef, window) -> np.ndarray:
         try:
-            return read_contexts(arrays, shapes, ref.axes, window, plan.factors, window.h, ref.value_range)
+            return read_contexts(arrays, plan.shapes, ref.axes, window, plan.factors, window.h, ref.value_range)
         except Exception as err:  # name the image and the tile, as _read does
             raise ImageReadError(
                 f"{ref.group_url}: cannot read the FCtL contexts of tile y {window.y0}:{window.y1}, "
@@ -190,7 +193,8 @@ class TileWorker:
             prev_array = self._array(prev.group_url, prev.path, prev.storage_options, write=False)
             previous_up = np.stack([upsample2x_window(prev_array, prev.shape_yx, ref.shape_yx, w) for w in windows])
         if stage.context is not None:
-            contexts = np.stack([self._read_contexts(stage.context, ref, w) for w in windows])
+            arrays = self._context_arrays(stage.context)
+            contexts = np.stack([self._read_contexts(stage.context, arrays, ref, w) for w in windows])
         with self._model_lock:
             t1 = time.perf_counter()
             if previous_up is not None:
