@@ -4,15 +4,27 @@ Run as ``python -m tests.jobs.node_loss_job SPEC.json RESULT.json`` (by tests/jo
 process of its own, because ``ray.cluster_utils.Cluster`` needs a driver that no other Ray cluster holds.
 
 The cluster: a head node with no GPU and two worker nodes with one logical GPU each, so each of the two
-tile workers lands on its own node. Once 10 tiles are done, a spare GPU node joins (so Ray has somewhere
-to restart the lost actor) and the first worker node is killed without a graceful shutdown, as when a
-machine disappears. Health checks every 0.5 s with 2 misses allowed make Ray declare it dead in ~1 s
-instead of the default ~30 s (the settings a user can put in their cluster's ``_system_config``).
+tile workers lands on its own node. Once both workers have written tiles and 10 of the image's 169 tiles
+are done, the first worker node is killed without a graceful shutdown, as when a machine disappears, and
+only then a spare GPU node joins (so Ray has somewhere to restart the lost actor).
+
+Two conditions make the removal land on work in flight, whatever the machine's speed:
+- both workers have written tiles (their write logs, ``audit_dir``): a call queued to an actor that is
+  still starting is not lost when its node dies; Ray hands it to the restarted actor, and nothing counts
+  as re-run;
+- the node is killed before the spare one is added: adding a node takes seconds, in which the job could
+  run on until the doomed node had no call left.
+The image has 8 calls of 22 tiles, two in flight per worker, so when the later of the two workers writes
+its first tile, both still hold calls.
+
+Health checks every 0.5 s with 2 misses allowed make Ray declare the node dead in ~1 s instead of the
+default ~30 s (the settings a user can put in their cluster's ``_system_config``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -49,9 +61,11 @@ def main(spec_path: str, result_path: str) -> int:
     results: list = []
     errors: list[BaseException] = []
 
+    audit_dir = tempfile.mkdtemp(prefix="gs-nl-audit-", dir="/tmp")
+
     def job() -> None:  # the job in a thread: Cluster.add_node/remove_node use signals (main thread only)
         try:
-            results.extend(run_spec(spec))
+            results.extend(run_spec(spec, audit_dir=audit_dir))
         except BaseException as err:
             errors.append(err)
 
@@ -61,10 +75,11 @@ def main(spec_path: str, result_path: str) -> int:
         deadline = time.monotonic() + 300
         while runner.is_alive() and time.monotonic() < deadline:
             done = len(finished_tiles(tiles_url, {}))
-            if done >= REMOVE_AFTER_TILES:
-                cluster.add_node(num_cpus=1, num_gpus=1)
-                removed.update(node=nodes[0].unique_id, tiles_done=done)
+            writing = [p for p in os.listdir(audit_dir) if os.path.getsize(os.path.join(audit_dir, p))]
+            if done >= REMOVE_AFTER_TILES and len(writing) == 2:
                 cluster.remove_node(nodes[0], allow_graceful=False)
+                removed.update(node=nodes[0].unique_id, tiles_done=done)
+                cluster.add_node(num_cpus=1, num_gpus=1)
                 break
             time.sleep(0.02)
         runner.join(timeout=300)
