@@ -21,9 +21,9 @@ import zarr
 from pipeline.context import context_levels, read_contexts
 from pipeline.errors import ImageReadError
 from pipeline.predictor import PredictorConfig, TilePredictor
-from pipeline.reader import read_window, upsample2x_window
+from pipeline.reader import read_windows, upsample2x_window
 from pipeline.storage import AuditStore, filesystem, fs_path, join, zarr_store
-from pipeline.tiling import TileGrid
+from pipeline.tiling import TileGrid, Window
 
 
 @dataclass(frozen=True)
@@ -141,13 +141,16 @@ class TileWorker:
             return self._arrays[key]
 
     @staticmethod
-    def _read(src: zarr.Array, ref: ArrayRef, window) -> np.ndarray:
+    def _read(src: zarr.Array, ref: ArrayRef, windows: list[Window]) -> np.ndarray:
+        """The batch's tiles ``(N, 3, T, T)``, side-by-side tiles read as one window (``read_windows``)."""
         try:
-            return read_window(src, ref.axes, ref.shape_yx, window, value_range=ref.value_range)
-        except Exception as err:  # name the array and window: the decoder's own message says neither
+            return read_windows(src, ref.axes, ref.shape_yx, windows, value_range=ref.value_range)
+        except Exception as err:  # name the array and windows: the decoder's own message says neither
+            y0, y1 = min(w.y0 for w in windows), max(w.y1 for w in windows)
+            x0, x1 = min(w.x0 for w in windows), max(w.x1 for w in windows)
             raise ImageReadError(
-                f"{join(ref.group_url, ref.path)}: cannot read window y {window.y0}:{window.y1}, "
-                f"x {window.x0}:{window.x1}: {type(err).__name__}: {err}"
+                f"{join(ref.group_url, ref.path)}: cannot read window y {y0}:{y1}, x {x0}:{x1} "
+                f"({len(windows)} tile(s)): {type(err).__name__}: {err}"
             ) from err
 
     def _context_arrays(self, plan: ContextPlan) -> dict[int, zarr.Array]:
@@ -186,7 +189,7 @@ class TileWorker:
         ref = stage.image
         src = self._array(ref.group_url, ref.path, ref.storage_options, write=False)
         windows = [stage.grid.window(iy, ix) for iy, ix in indices]
-        tiles = np.stack([self._read(src, ref, w) for w in windows])
+        tiles = self._read(src, ref, windows)
         previous_up = contexts = None
         if stage.previous is not None:
             prev = stage.previous
