@@ -38,6 +38,7 @@ class Budget:
     image: int = 2448
     magnet_scales: int = 4
     point_channels: int = 64
+    fctl_contexts: tuple[float, ...] = (2.0, 4.0)
 
     @property
     def resize_scale(self) -> float:
@@ -98,7 +99,8 @@ def fctl_spec(budget: Budget, dataset: str, out: Path, local: str, exclude: list
     if factor is not None:
         spec["fctl"] = {"stage": "context", "local": local, "factor": factor}
     else:
-        spec["fctl"] = {"stage": "fused", "local": local, "contexts": [2.0, 4.0], "context_checkpoints": contexts}
+        spec["fctl"] = {"stage": "fused", "local": local, "contexts": list(budget.fctl_contexts),
+                        "context_checkpoints": contexts}
     spec["task"] = "fctl"
     return spec
 
@@ -154,8 +156,8 @@ def train_all(budget: Budget, dataset: str, work: Path, methods: list[str], excl
                                                                        exclude), work, commands, "refiner.safetensors")
     if "fctl" in need:
         local = t["patch"].url
-        ctx = [train(f"fctl-context-{f}", fctl_spec(budget, dataset, out / f"fctl-context-{f}", local, exclude,
-                                                    factor=float(f)), work, commands) for f in (2, 4)]
+        ctx = [train(f"fctl-context-{f:g}", fctl_spec(budget, dataset, out / f"fctl-context-{f:g}", local, exclude,
+                                                    factor=float(f)), work, commands) for f in budget.fctl_contexts]
         t.update({c.name: c for c in ctx})
         t["fctl"] = train("fctl-fused", fctl_spec(budget, dataset, out / "fctl-fused", local, exclude,
                                                   contexts=[c.url for c in ctx]), work, commands)
@@ -164,9 +166,9 @@ def train_all(budget: Budget, dataset: str, work: Path, methods: list[str], excl
                                                                        True, exclude), work, commands)
     if "fctl+pointrend" in need:  # FCtL around the PointRend local model: its point head refines the fused features
         local = t["patch+pointrend"].url
-        ctx = [train(f"fctl+pointrend-context-{f}", fctl_spec(budget, dataset, out / f"fctl+pointrend-context-{f}",
+        ctx = [train(f"fctl+pointrend-context-{f:g}", fctl_spec(budget, dataset, out / f"fctl+pointrend-context-{f:g}",
                                                               local, exclude, factor=float(f)), work, commands)
-               for f in (2, 4)]
+               for f in budget.fctl_contexts]
         t.update({c.name: c for c in ctx})
         t["fctl+pointrend"] = train("fctl+pointrend-fused", fctl_spec(budget, dataset, out / "fctl+pointrend-fused",
                                                                       local, exclude, contexts=[c.url for c in ctx]),
