@@ -1,5 +1,5 @@
 """The ``magnet_refiner`` task of ``gigaseg train``: MagNet's refiner with the segmenter of ``refiner.segmenter``
-frozen, on pairs (``pipeline.crops.RefinerSampler``). For a crop at level L the refiner sees
+frozen, on pairs (``pipeline.crops_refiner.RefinerSampler``). For a crop at level L the refiner sees
 ``O = softmax(segmenter(crop))`` and ``Y_up`` = the ×2 bilinear upsampling of
 ``softmax(segmenter(coarse view at L+1))`` over the crop — what ``pipeline/magnet.py`` feeds it at inference —
 and learns the mask; weights written with ``models.magnet.save_refiner``. The loop is ``jobs.train_loop``'s.
@@ -35,7 +35,7 @@ def augment_t(x, flip_y: bool, flip_x: bool, rot90: int):
 
 
 def refiner_inputs(segmenter, batch, to_input):
-    """A ``pipeline.crops.RefinerBatch`` → ``(fine (B, C, c, c), coarse_up (B, C, c, c), target (B, c, c))``:
+    """A ``pipeline.crops_refiner.RefinerBatch`` → ``(fine (B, C, c, c), coarse_up (B, C, c, c), target (B, c, c))``:
     ``fine = softmax(segmenter(crop))``, ``coarse_up`` = the upsampled ``softmax(segmenter(coarse view))`` over
     the crop, augmented like the crop; the frozen ``segmenter`` runs without gradients."""
     import torch
@@ -58,7 +58,8 @@ def refiner_trainee(spec: TrainSpec, plan: Plan, rank: int, device, weights: byt
 
     from models.checkpoint import load_checkpoint
     from models.magnet import Refiner, load_refiner, save_refiner
-    from pipeline.crops import CropConfig, RefinerSampler, read_pairs, refiner_validation_draws
+    from pipeline.crops import CropConfig
+    from pipeline.crops_refiner import RefinerSampler, read_pairs, refiner_validation_draws
     from pipeline.datasets import TrainingDataset
 
     r, k, c = spec.refiner, len(plan.class_names), spec.crops

@@ -20,8 +20,8 @@ from models import ModelConfig, build_model
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.losses import LossConfig, build_loss
 from models.magnet import load_refiner
-from pipeline.crops import (CropConfig, CropSampler, RefinerSampler, augment, coarse_footprint, read_crop, read_pairs,
-                            refiner_validation_draws)
+from pipeline.crops import CropConfig, CropSampler, augment, read_crop
+from pipeline.crops_refiner import RefinerSampler, coarse_footprint, read_pairs, refiner_validation_draws
 from pipeline.datasets import TrainingDataset
 from pipeline.errors import CheckpointError
 from pipeline.reader import read_window, upsample2x_window
