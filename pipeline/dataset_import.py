@@ -32,7 +32,8 @@ from pipeline.errors import InputNotFoundError, OutputConflictError, Unsupported
 from pipeline.output import default_colors, remove
 from pipeline.palette import DEEPGLOBE_CLASSES, decode_palette
 from pipeline.pyramid import ingest
-from pipeline.sources import ImageSource, _LazyLevel, open_source, source_to_dask
+from pipeline.source_pixels import LazyLevel, source_to_dask
+from pipeline.sources import ImageSource, open_source
 from pipeline.storage import filesystem, fs_path, join, write_json, zarr_store
 
 log = logging.getLogger(__name__)
@@ -240,7 +241,7 @@ def _mask_dask(source: ImageSource, chunk: int) -> da.Array:
         )
     tiff = source.ref.format == "tiff"
     url = source.ref.url if tiff else join(source.group_url or source.ref.url, source.levels[0].path)
-    reader = _LazyLevel(url, source.storage_options, 0 if tiff else None)
+    reader = LazyLevel(url, source.storage_options, 0 if tiff else None)
     meta = np.empty((0,) * reader.ndim, reader.dtype)
     raw = da.from_array(reader, chunks=reader.chunks, lock=False, asarray=False, meta=meta)
     raw = raw[tuple(slice(None) if a in "yx" else 0 for a in source.axes)]

@@ -21,7 +21,8 @@ from PIL import Image
 from pipeline import ome
 from pipeline.errors import UnsupportedImageError
 from pipeline.palette import decode_palette
-from pipeline.sources import MAX_DECODE_PIXELS, _LazyLevel, read_chunks_yx
+from pipeline.source_pixels import LazyLevel, read_chunks_yx
+from pipeline.sources import MAX_DECODE_PIXELS
 from pipeline.storage import filesystem, fs_path, join, zarr_store
 
 log = logging.getLogger(__name__)
@@ -48,9 +49,9 @@ def open_mask(
     if low.endswith((".png", ".jpg", ".jpeg")):
         return _open_pil(url, so, colors, unknown)
     if low.endswith((".tif", ".tiff", ".btf")):
-        reader = _LazyLevel(url, so, 0)
+        reader = LazyLevel(url, so, 0)
     else:
-        reader = _LazyLevel(_zarr_array_url(url, so, label_name), so, None)
+        reader = LazyLevel(_zarr_array_url(url, so, label_name), so, None)
     shape = tuple(reader.shape)
     spatial = _spatial_axes(shape, url)
     yx = read_chunks_yx(tuple(reader.chunks[i] for i in spatial), tuple(shape[i] for i in spatial),

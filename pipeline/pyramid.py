@@ -29,7 +29,8 @@ from zarr.codecs import ZstdCodec
 
 from pipeline import ome
 from pipeline.errors import ImageReadError, InputNotFoundError, OutputConflictError, UnsupportedImageError
-from pipeline.sources import ImageSource, source_to_dask
+from pipeline.source_pixels import source_to_dask
+from pipeline.sources import ImageSource
 from pipeline.storage import exists, join, zarr_store
 
 log = logging.getLogger(__name__)

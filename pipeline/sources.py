@@ -1,9 +1,8 @@
 """Find the images of an archive, describe them from metadata alone, and read them lazily as RGB uint8.
 
 Descriptors (``ImageRef``, ``ImageSource``) are frozen dataclasses holding URLs and ``storage_options`` only,
-never open handles, so they pickle to other processes. ``source_to_dask`` builds a lazy ``(3, H, W)`` uint8
-Dask array read chunk by chunk: memory stays flat however large the image, except for PNG/JPEG, which have
-no random access and are decoded whole, once (limit: ``MAX_DECODE_PIXELS``).
+never open handles, so they pickle to other processes. Their pixels are read by ``pipeline.source_pixels``.
+PNG/JPEG have no random access and are decoded whole, once, so they are refused over ``MAX_DECODE_PIXELS``.
 
 Axes are strings over ``"tczyx"`` in array order. ``t`` and ``z`` must have size 1 and are dropped (index 0);
 images with more than one time point or plane are rejected at open time.
@@ -11,26 +10,22 @@ images with more than one time point or plane are rejected at open time.
 
 from __future__ import annotations
 
-import io
 import logging
-import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import dask
-import dask.array as da
 import numpy as np
 import tifffile
 import zarr
 from PIL import Image
 
 from pipeline import ome
-from pipeline.convert import check_convertible, to_rgb8
+from pipeline.convert import check_convertible
 from pipeline.discover import ImageRef, _sample
 from pipeline.errors import GigasegError, ImageReadError, InputNotFoundError, UnsupportedImageError
-from pipeline.storage import filesystem, fs_path, is_local, join, zarr_store
+from pipeline.storage import filesystem, fs_path, is_local, zarr_store
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +35,6 @@ tiled TIFF or Zarr. PIL's own decompression-bomb limit is raised to this value o
 if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_DECODE_PIXELS:
     Image.MAX_IMAGE_PIXELS = MAX_DECODE_PIXELS
 
-_READ_BUDGET_BYTES = 64 * 2**20  # largest block read at once when storage chunks are strips
 # PIL mode → (mode converted to on decode or None, channels, dtype). 16-bit RGB PNGs decode as 8-bit in PIL.
 _PIL_MODES: dict[str, tuple[str | None, int, str]] = {
     "1": ("L", 1, "uint8"), "L": (None, 1, "uint8"), "LA": (None, 2, "uint8"), "La": ("LA", 2, "uint8"),
@@ -123,7 +117,7 @@ def open_source(
     return ImageSource(ref, group_url, levels, axes, channels, dtype, has_pyramid, so, value_range)
 
 
-def _native(dtype: Any) -> str:
+def native_dtype(dtype: Any) -> str:
     return np.dtype(dtype).newbyteorder("=").name
 
 
@@ -160,7 +154,7 @@ def _infer_axes(shape: Sequence[int], where: str) -> str:
     )
 
 
-def _yx(shape: Sequence[int], axes: str) -> tuple[int, int]:
+def spatial_shape(shape: Sequence[int], axes: str) -> tuple[int, int]:
     return int(shape[axes.index("y")]), int(shape[axes.index("x")])
 
 
@@ -168,8 +162,8 @@ def _zarr_meta(ref: ImageRef, so: dict) -> _Meta:
     node = zarr.open(store=zarr_store(ref.url, so, read_only=True), mode="r")
     if isinstance(node, zarr.Array):
         axes = _infer_axes(node.shape, ref.url)
-        level = ArrayLevel("", _yx(node.shape, axes), (1.0, 1.0))
-        return None, (level,), axes, _check_axes(axes, node.shape, ref.url), _native(node.dtype)
+        level = ArrayLevel("", spatial_shape(node.shape, axes), (1.0, 1.0))
+        return None, (level,), axes, _check_axes(axes, node.shape, ref.url), native_dtype(node.dtype)
     attrs = node.attrs.asdict()
     if not ome.is_multiscales(attrs):
         names = sorted(node.array_keys())
@@ -180,8 +174,8 @@ def _zarr_meta(ref: ImageRef, so: dict) -> _Meta:
             )
         arr = node[names[0]]
         axes = _infer_axes(arr.shape, ref.url)
-        level = ArrayLevel(names[0], _yx(arr.shape, axes), (1.0, 1.0))
-        return ref.url, (level,), axes, _check_axes(axes, arr.shape, ref.url), _native(arr.dtype)
+        level = ArrayLevel(names[0], spatial_shape(arr.shape, axes), (1.0, 1.0))
+        return ref.url, (level,), axes, _check_axes(axes, arr.shape, ref.url), native_dtype(arr.dtype)
     entries = ome.read_multiscales(attrs)
     arrays = [node[path] for path, _ in entries]
     shape0 = arrays[0].shape
@@ -195,10 +189,10 @@ def _zarr_meta(ref: ImageRef, so: dict) -> _Meta:
                 f"{ref.url}: dataset {path!r} has {arr.ndim} dimensions but axes are {axes!r}; fix the OME "
                 f"multiscales metadata."
             )
-        shape_yx = _yx(arr.shape, axes)
+        shape_yx = spatial_shape(arr.shape, axes)
         sy, sx = (scale[iy], scale[ix]) if scale else (shape0[iy] / shape_yx[0], shape0[ix] / shape_yx[1])
         levels.append(ArrayLevel(path, shape_yx, (float(sy), float(sx))))
-    return ref.url, tuple(levels), axes, channels, _native(arrays[0].dtype)
+    return ref.url, tuple(levels), axes, channels, native_dtype(arrays[0].dtype)
 
 
 def _tiff_axes(tiff_axes: str, shape: Sequence[int], where: str) -> str:
@@ -214,7 +208,7 @@ def _tiff_axes(tiff_axes: str, shape: Sequence[int], where: str) -> str:
     return "".join(mapping[a] for a in tiff_axes)
 
 
-def _open_tiff_file(url: str, so: Mapping[str, Any]) -> Any:
+def open_tiff_file(url: str, so: Mapping[str, Any]) -> Any:
     """Binary file handle for tifffile. Remote files get a 64 KiB read-ahead block, not fsspec's 5 MiB
     default: tile reads jump around the file, and each jump would otherwise fetch a whole block."""
     fs = filesystem(url, so)
@@ -224,19 +218,19 @@ def _open_tiff_file(url: str, so: Mapping[str, Any]) -> Any:
 
 
 def _tiff_meta(ref: ImageRef, so: dict) -> _Meta:
-    with _open_tiff_file(ref.url, so) as fh, tifffile.TiffFile(fh) as tif:
+    with open_tiff_file(ref.url, so) as fh, tifffile.TiffFile(fh) as tif:
         series = tif.series[0]
         axes = _tiff_axes(series.axes, series.shape, ref.url)
         channels = _check_axes(axes, series.shape, ref.url)
-        h0, w0 = _yx(series.shape, axes)
+        h0, w0 = spatial_shape(series.shape, axes)
         levels = []
         for i, lvl in enumerate(series.levels):
-            h, w = _yx(lvl.shape, axes)
+            h, w = spatial_shape(lvl.shape, axes)
             levels.append(ArrayLevel(str(i), (h, w), (h0 / h, w0 / w)))
-        return None, tuple(levels), axes, channels, _native(series.dtype)
+        return None, tuple(levels), axes, channels, native_dtype(series.dtype)
 
 
-def _pil_mode(mode: str, info: Mapping[str, Any], where: str) -> tuple[str | None, int, str]:
+def pil_mode(mode: str, info: Mapping[str, Any], where: str) -> tuple[str | None, int, str]:
     if mode == "P" and "transparency" in info:
         return "RGBA", 4, "uint8"
     if mode not in _PIL_MODES:
@@ -258,7 +252,7 @@ def _pil_meta(ref: ImageRef, so: dict) -> _Meta:
             raise _too_large(ref, f"over {2 * MAX_DECODE_PIXELS:,} px") from None
     if w * h > MAX_DECODE_PIXELS:
         raise _too_large(ref, f"{w}×{h} px")
-    _, channels, dtype = _pil_mode(mode, info, ref.url)
+    _, channels, dtype = pil_mode(mode, info, ref.url)
     return None, (ArrayLevel("0", (h, w), (1.0, 1.0)),), "cyx", channels, dtype
 
 
@@ -268,140 +262,3 @@ def _too_large(ref: ImageRef, size: str) -> UnsupportedImageError:
         f"have no random access and are decoded whole. Convert it to a tiled BigTIFF or Zarr "
         f"(e.g. `vips tiffsave in.png out.tif --tile --bigtiff --compression zstd`)."
     )
-
-
-# ---------------------------------------------------------------- lazy pixels
-
-
-class _LazyLevel:
-    """Array-like over one Zarr array or one TIFF pyramid level, opened on first use in each process.
-
-    It holds a URL and ``storage_options`` only, so Dask pickles it as it is; the open handle is per process
-    and shared by the scheduler's threads (zarr 3 arrays are thread-safe, and tifffile's Zarr store locks its
-    file handle around each seek + read).
-    """
-
-    def __init__(self, url: str, storage_options: dict, tiff_level: int | None) -> None:
-        self.url, self.storage_options, self.tiff_level = url, storage_options, tiff_level
-        self._lock = threading.Lock()
-        self._handle: tuple | None = None
-        arr = self.array()
-        self.shape, self.chunks = tuple(arr.shape), tuple(arr.chunks)
-        self.dtype, self.ndim = np.dtype(_native(arr.dtype)), len(arr.shape)
-
-    def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_handle")}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _lock=threading.Lock(), _handle=None)
-
-    def __dask_tokenize__(self) -> tuple:
-        return ("gigaseg-level", self.url, self.tiff_level, self.shape, self.dtype.str)
-
-    def array(self) -> Any:
-        with self._lock:
-            if self._handle is None:
-                if self.tiff_level is None:
-                    store = zarr_store(self.url, self.storage_options, read_only=True)
-                    self._handle = (zarr.open_array(store=store, mode="r"),)
-                else:
-                    fh = _open_tiff_file(self.url, self.storage_options)
-                    tif = tifffile.TiffFile(fh)
-                    store = tif.series[0].aszarr(level=self.tiff_level)
-                    self._handle = (fh, tif, zarr.open_array(store=store, mode="r"))
-            return self._handle[-1]
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        try:
-            block = self.array()[key]
-        except Exception as exc:  # noqa: BLE001 - reported with the image and window
-            parts = key if isinstance(key, tuple) else (key,)
-            window = ", ".join(f"{k.start}:{k.stop}" if isinstance(k, slice) else str(k) for k in parts)
-            raise ImageReadError(
-                f"{self.url}: reading window [{window}] failed ({type(exc).__name__}: {exc}); the image may be "
-                f"truncated or corrupt, or a codec may be missing (tifffile needs imagecodecs)."
-            ) from exc
-        return np.asarray(block, dtype=self.dtype)
-
-
-def read_chunks_yx(
-    storage_yx: tuple[int, int],
-    shape_yx: tuple[int, int],
-    chunk: int,
-    bytes_per_pixel: int,
-    budget: int = _READ_BUDGET_BYTES,
-) -> tuple[int, int]:
-    """Block (ry, rx) to read so that storage chunks (cy, cx) are decoded once.
-
-    Per axis ``r = min(n, c · max(1, chunk // c))``: a multiple of the storage chunk near ``chunk``, or the
-    storage chunk itself when larger (strips, whole-page TIFFs). If ``ry · rx · bytes_per_pixel > budget``,
-    the axis whose storage chunk is ≤ ``chunk`` is thinned to the largest multiple of it that fits; if still
-    over, both fall back to ``min(r, chunk)`` and an oversized storage chunk is decoded once per block.
-    """
-    r = [min(n, c * max(1, chunk // c)) for c, n in zip(storage_yx, shape_yx, strict=True)]
-    for a, o in ((0, 1), (1, 0)):
-        if r[0] * r[1] * bytes_per_pixel > budget and storage_yx[o] > chunk >= storage_yx[a]:
-            fit = budget // (r[o] * bytes_per_pixel) // storage_yx[a] * storage_yx[a]
-            r[a] = max(min(storage_yx[a], shape_yx[a]), min(r[a], fit))
-    if r[0] * r[1] * bytes_per_pixel > budget:
-        r = [min(x, chunk) for x in r]
-    return r[0], r[1]
-
-
-def _decode_pil(url: str, storage_options: dict) -> np.ndarray:
-    """Whole PNG/JPEG → ``(C, H, W)`` in the dtype ``_pil_meta`` announced (native byte order)."""
-    try:
-        data = filesystem(url, storage_options).cat_file(fs_path(url))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                target, _, dtype = _pil_mode(im.mode, im.info, url)
-                a = np.asarray(im.convert(target) if target else im)
-    except GigasegError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise ImageReadError(f"{url}: decoding failed ({type(exc).__name__}: {exc}); re-export the image.") from exc
-    a = a.astype(dtype, copy=False)
-    return a[None] if a.ndim == 2 else np.moveaxis(a, -1, 0)
-
-
-def source_to_dask(source: ImageSource, chunk: int = 512, *, level: int = 0) -> da.Array:
-    """Lazy ``(3, H, W)`` uint8 of one level of ``source``, chunks ``(3, chunk, chunk)``.
-
-    Zarr/TIFF blocks are read aligned to the storage chunks (``read_chunks_yx``), converted by
-    ``convert.to_rgb8`` block by block and rechunked; nothing is read until computed. PNG/JPEG are one task
-    decoding the whole file (``MAX_DECODE_PIXELS``), then split.
-    """
-    if chunk < 1:
-        raise ValueError(f"chunk must be ≥ 1, got {chunk}.")
-    url, so = source.ref.url, source.storage_options
-    if source.ref.format in ("png", "jpeg"):
-        h, w = source.shape_yx
-        decoded = dask.delayed(_decode_pil, pure=True)(url, so)
-        raw, axes = da.from_delayed(decoded, shape=(source.channels, h, w), dtype=source.dtype), "cyx"
-    else:
-        path = source.levels[level].path
-        if source.ref.format == "tiff":
-            reader = _LazyLevel(url, so, int(path))
-        else:
-            reader = _LazyLevel(join(source.group_url or url, path), so, None)
-        axes = source.axes
-        iy, ix = axes.index("y"), axes.index("x")
-        bpp = reader.dtype.itemsize * source.channels
-        ry, rx = read_chunks_yx((reader.chunks[iy], reader.chunks[ix]), _yx(reader.shape, axes), chunk, bpp)
-        read = tuple({"y": ry, "x": rx, "c": n}.get(a, 1) for a, n in zip(axes, reader.shape, strict=True))
-        meta = np.empty((0,) * reader.ndim, reader.dtype)
-        raw = da.from_array(reader, chunks=read, lock=False, asarray=False, meta=meta)
-    raw = raw[tuple(0 if a in "tz" else slice(None) for a in axes)]
-    kept = [a for a in axes if a not in "tz"]
-    if "c" not in kept:
-        raw, kept = raw[None], ["c", *kept]
-    cyx = raw.transpose([kept.index(a) for a in "cyx"]).rechunk({0: -1})
-    rgb = cyx.map_blocks(
-        to_rgb8,
-        value_range=source.value_range,
-        dtype=np.uint8,
-        chunks=((3,), *cyx.chunks[1:]),
-        meta=np.empty((0, 0, 0), np.uint8),
-    )
-    return rgb.rechunk((3, chunk, chunk))

@@ -8,7 +8,8 @@ import zarr
 from pipeline.convert import to_rgb8
 from pipeline.errors import ImageReadError, OutputConflictError, UnsupportedImageError
 from pipeline.pyramid import Pyramid, downsample_mean2, ingest, level_shapes, open_pyramid, pyramid_in_place
-from pipeline.sources import ImageRef, open_source, source_to_dask
+from pipeline.source_pixels import source_to_dask
+from pipeline.sources import ImageRef, open_source
 from tests.pipeline.fixtures_images import mean2_reference, pixels, write_image, write_ome_zarr, write_tiff, write_zarr
 
 

@@ -10,7 +10,8 @@ from pipeline import sources
 from pipeline.convert import to_rgb8
 from pipeline.errors import ImageReadError, InputNotFoundError, UnsupportedImageError
 from pipeline.discover import ImageRef, discover
-from pipeline.sources import open_source, read_chunks_yx, source_to_dask
+from pipeline.source_pixels import read_chunks_yx, source_to_dask
+from pipeline.sources import open_source
 from tests.pipeline.fixtures_images import (
     pixels,
     write_image,
