@@ -36,7 +36,8 @@ DEEPGLOBE = C.REPO.parent / "shared" / "data" / "deepglobe-sample"
 
 def synth_data(work: Path, image: int, n_train: int, n_val: int) -> tuple[str, list[tuple[str, str, str]], list[str]]:
     """The synthetic archive and a dataset of its training images; returns (dataset, [(name, image, mask)], classes)."""
-    from pipeline.dataset_import import Pair, import_samples
+    from pipeline.dataset_import import import_samples
+    from pipeline.dataset_pairs import Pair
     from pipeline.discover import ImageRef
     from pipeline.synth import CLASSES, SynthConfig
     from pipeline.synth_write import write_split

@@ -32,7 +32,8 @@ from dask.callbacks import Callback
 from PIL import Image
 from zarr.codecs import ZstdCodec
 
-from pipeline.dataset_import import Pair, import_samples
+from pipeline.dataset_import import import_samples
+from pipeline.dataset_pairs import Pair
 from pipeline.discover import ImageRef
 from pipeline.output import remove
 from pipeline.storage import join, write_bytes, write_json, zarr_store

@@ -12,7 +12,8 @@ import zarr
 from PIL import Image
 
 from pipeline.blend import mode_2x2
-from pipeline.dataset_import import import_pairs, match_pairs
+from pipeline.dataset_import import import_pairs
+from pipeline.dataset_pairs import match_pairs
 from pipeline.datasets import TrainingDataset, read_dataset
 from pipeline.errors import InputNotFoundError, OutputConflictError, UnsupportedImageError
 from pipeline.palette import DEEPGLOBE_CLASSES
