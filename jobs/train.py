@@ -69,6 +69,8 @@ def train(spec: TrainSpec, *, progress: bool = True) -> TrainResult:
     spec = _absolute(spec)
     out = CheckpointStore(spec.output.url, spec.output.storage_options, weights=weights_name(spec))
     plan = make_plan(spec)
+    if plan.class_weights:
+        log.info("class weights: %s", ", ".join(f"{n} {w:.2f}" for n, w in zip(plan.class_names, plan.class_weights)))
     if spec.output.if_exists == "overwrite":
         out.clear()
     latest = out.latest()
@@ -138,6 +140,7 @@ def make_plan(spec: TrainSpec) -> Plan:
         model, normalization = fctl_plan(spec, info, problems)
     else:
         model, normalization = _segmenter_model(spec, info, problems), info.normalization
+    weights = _class_weights(spec, info, problems)
     if problems:
         raise SpecError("spec", problems)
     return Plan(
@@ -145,8 +148,28 @@ def make_plan(spec: TrainSpec) -> Plan:
         class_colors=[list(c) for c in info.class_colors], normalization=normalization,
         ignore_index=info.ignore_index if spec.loss.ignore_index is None else spec.loss.ignore_index,
         train_names=train_names, val_names=val,
-        exclude_classes=[info.class_names.index(c) for c in v.exclude_classes],
+        exclude_classes=[info.class_names.index(c) for c in v.exclude_classes], class_weights=weights,
     )
+
+
+def _class_weights(spec: TrainSpec, info, problems: list[str]) -> list[float] | None:
+    """``loss.class_weights`` as one float per class of the dataset (None: unweighted)."""
+    from models.losses import median_frequency_weights
+
+    w = spec.loss.class_weights
+    if w == "none":
+        return None
+    if w == "median_frequency":
+        if not any(info.class_pixels):
+            problems.append(f"loss.class_weights: median_frequency needs class pixel counts and {info.url} has none; "
+                            "re-import the dataset or give one weight per class")
+            return None
+        return median_frequency_weights(info.class_pixels)
+    if len(w) != info.num_classes:
+        problems.append(f"loss.class_weights: {len(w)} weight(s) for {info.num_classes} classes "
+                        f"({list(info.class_names)}); give one per class, in that order")
+        return None
+    return [float(x) for x in w]
 
 
 def _segmenter_model(spec: TrainSpec, info, problems: list[str]) -> dict[str, Any]:

@@ -239,7 +239,7 @@ def fused_trainee(spec: TrainSpec, plan: Plan, rank: int, device, weights: bytes
         from jobs.train_tasks import spec_loss
         from jobs.train_pointrend import pointrend_loss_terms
 
-        loss_terms = pointrend_loss_terms(spec_loss(spec, plan), plan.ignore_index)
+        loss_terms = pointrend_loss_terms(spec_loss(spec, plan), plan.ignore_index, plan.class_weights)
 
     def forward(m, batch):
         images, contexts, masks = batch

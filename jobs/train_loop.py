@@ -49,6 +49,7 @@ class Plan:
     train_names: list[str]
     val_names: list[str]
     exclude_classes: list[int]
+    class_weights: list[float] | None = None  # loss.class_weights resolved against the dataset
 
 
 def weights_name(spec: TrainSpec) -> str:

@@ -33,7 +33,7 @@ pointrend`` trains ``models.pointrend.PointRend`` around the segmenter ``model.n
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from jobs.train_spec import TrainModelSpec
@@ -78,16 +78,21 @@ def configure_training(model, m: TrainModelSpec) -> None:
     model.importance = options["importance_ratio"]
 
 
-def pointrend_loss_terms(coarse_loss: Callable, ignore_index: int) -> Callable[[Any, Any], dict[str, Any]]:
+def pointrend_loss_terms(coarse_loss: Callable, ignore_index: int,
+                         weight: Sequence[float] | None = None) -> Callable[[Any, Any], dict[str, Any]]:
     """``(PointRendOutput, target (B, H, W)) → {"coarse_loss", "point_loss"}``, scalars to be summed: ``coarse_loss``
-    of the coarse logits (B, K, h, w) upsampled bilinearly to (H, W), and ``point_ce`` of the point logits."""
+    of the coarse logits (B, K, h, w) upsampled bilinearly to (H, W), and ``point_ce`` of the point logits
+    (with the same class ``weight`` as the coarse loss, if any)."""
+    import torch
     import torch.nn.functional as F
 
     from models.pointrend import point_ce
 
+    w = None if weight is None else torch.tensor(list(weight), dtype=torch.float32)
+
     def terms(out, target) -> dict[str, Any]:
         coarse = F.interpolate(out.coarse.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
-        return {"coarse_loss": coarse_loss(coarse, target), "point_loss": point_ce(out, target, ignore_index)}
+        return {"coarse_loss": coarse_loss(coarse, target), "point_loss": point_ce(out, target, ignore_index, w)}
 
     return terms
 

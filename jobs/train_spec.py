@@ -154,6 +154,18 @@ class LossSpec(Strict):
     gamma: float = Field(default=3.0, ge=0, description="focal: (1 − p)^γ")
     ignore_index: int | None = Field(default=None, ge=0, description="default: the dataset's")
     aux_weight: float = Field(default=0.4, ge=0, description="weight of auxiliary-head losses (OCRNet: 0.4)")
+    class_weights: Literal["none", "median_frequency"] | list[float] = Field(
+        default="none",
+        description="per-class loss weights: none; median_frequency (from the dataset's class pixel counts, "
+                    "w_c = median f / f_c: rare classes weigh more); or one number ≥ 0 per class",
+    )
+
+    @field_validator("class_weights")
+    @classmethod
+    def _class_weights(cls, v):
+        if isinstance(v, list) and (not v or min(v) < 0 or max(v) <= 0):
+            raise ValueError(f"give one weight ≥ 0 per class, not all 0, got {v}")
+        return v
 
 
 class OptimizerSpec(Strict):

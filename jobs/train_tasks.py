@@ -82,7 +82,7 @@ def image_mask_trainee(spec: TrainSpec, plan: Plan, config, rank: int, device, w
         from jobs.train_pointrend import configure_training, pointrend_loss_terms
 
         configure_training(model, spec.model)
-        loss_terms = pointrend_loss_terms(spec_loss(spec, plan), plan.ignore_index)
+        loss_terms = pointrend_loss_terms(spec_loss(spec, plan), plan.ignore_index, plan.class_weights)
     if weights is None and isinstance(segmenter.decoder, DUpsamplingHead):
         # DUpsampling's reconstruction W comes from PCA of training label blocks, not from gradients. The
         # same seeded crops on every rank give every worker the same basis; a resumed run loads it.
@@ -111,11 +111,11 @@ def image_mask_trainee(spec: TrainSpec, plan: Plan, config, rank: int, device, w
 
 
 def spec_loss(spec: TrainSpec, plan: Plan):
-    """The loss module ``loss.*`` names, with the plan's ignore index."""
+    """The loss module ``loss.*`` names, with the plan's ignore index and class weights."""
     from models.losses import LossConfig, build_loss
 
     c = spec.loss
-    return build_loss(LossConfig(c.name, plan.ignore_index, c.threshold, c.min_kept, c.gamma))
+    return build_loss(LossConfig(c.name, plan.ignore_index, c.threshold, c.min_kept, c.gamma, plan.class_weights))
 
 
 def score(items: Iterable, k: int, ignore: int, exclude: list[int], baseline: bool = False) -> dict:

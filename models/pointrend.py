@@ -268,10 +268,12 @@ class PointRend(nn.Module):
         return logits
 
 
-def point_ce(outputs: PointRendOutput, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """CE of the point logits against ``target`` (B, H, W) sampled nearest at the points."""
+def point_ce(outputs: PointRendOutput, target: torch.Tensor, ignore_index: int,
+             weight: torch.Tensor | None = None) -> torch.Tensor:
+    """CE of the point logits against ``target`` (B, H, W) sampled nearest at the points; with class
+    ``weight`` (K,), the weighted mean ``Σ w_y · CE / Σ w_y`` (``models.losses``)."""
     labels = point_sample(target.unsqueeze(1).float(), outputs.points, mode="nearest")
-    return _ce(outputs.point_logits, labels.squeeze(1).long(), ignore_index)
+    return _ce(outputs.point_logits, labels.squeeze(1).long(), ignore_index, weight)
 
 
 def point_rend_loss(outputs: PointRendOutput, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -282,10 +284,17 @@ def point_rend_loss(outputs: PointRendOutput, target: torch.Tensor, ignore_index
     return _ce(coarse, target, ignore_index) + point_ce(outputs, target, ignore_index)
 
 
-def _ce(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    # Mean over kept pixels; an all-ignored batch gives 0 still tied to the graph (DDP needs grads).
-    total = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum")
-    return total / (target != ignore_index).sum().clamp(min=1)
+def _ce(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
+        weight: torch.Tensor | None = None) -> torch.Tensor:
+    # Mean over kept pixels (weighted by class); an all-ignored batch gives 0 still tied to the graph (DDP
+    # needs grads).
+    kept = target != ignore_index
+    if weight is None:
+        total = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum")
+        return total / kept.sum().clamp(min=1)
+    weight = weight.to(logits.device, torch.float32)
+    total = F.cross_entropy(logits.float(), target, weight=weight, ignore_index=ignore_index, reduction="sum")
+    return total / weight[target[kept]].sum().clamp(min=torch.finfo(torch.float32).tiny)
 
 
 def _fp32(t: torch.Tensor) -> contextlib.AbstractContextManager:

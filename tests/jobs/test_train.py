@@ -61,7 +61,7 @@ def spec_dict(ds_url: str, out_url: str, /, **sections) -> dict:
         "output": {"url": out_url},
     }
     for key, value in sections.items():
-        base[key] = {**base[key], **value} if isinstance(value, dict) else value
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
     return base
 
 
@@ -101,6 +101,25 @@ def test_plan_splits_validation_and_resolves_classes(dataset):
         make_plan(parse_train_spec(spec_dict(dataset, "out", dataset={
             "url": dataset, "validation": {"names": ["s0", "s1", "s2", "zz"], "exclude_classes": ["sky"]}})))
     assert len(err.value.problems) == 3  # unknown name, nothing left to train, unknown class
+
+
+def test_plan_resolves_class_weights(dataset):
+    from models.losses import median_frequency_weights
+    from pipeline.datasets import read_dataset
+
+    assert make_plan(parse_train_spec(spec_dict(dataset, "out"))).class_weights is None
+    plan = make_plan(parse_train_spec(spec_dict(dataset, "out", loss={"class_weights": "median_frequency"})))
+    assert plan.class_weights == median_frequency_weights(read_dataset(dataset).class_pixels)
+    spec = parse_train_spec(spec_dict(dataset, "out", loss={"name": "focal", "class_weights": [1, 2, 0.5]}))
+    plan = make_plan(spec)
+    assert plan.class_weights == [1.0, 2.0, 0.5]
+    from jobs.train_tasks import spec_loss
+
+    assert spec_loss(spec, plan).weight.tolist() == [1.0, 2.0, 0.5]  # what the training workers build
+    with pytest.raises(SpecError, match=r"loss.class_weights: 2 weight\(s\) for 3 classes"):
+        make_plan(parse_train_spec(spec_dict(dataset, "out", loss={"class_weights": [1, 2]})))
+    with pytest.raises(SpecError, match="class_weights"):
+        parse_train_spec(spec_dict(dataset, "out", loss={"class_weights": [0, 0, 0]}))
 
 
 def test_fine_tuning_reinitialises_the_head_when_classes_differ(tmp_path, dataset):

@@ -78,3 +78,44 @@ def test_build_loss_registry_and_errors():
         build_loss({"name": "focal", "gama": 2})
     with pytest.raises(ValueError, match="threshold"):
         build_loss({"name": "ohem", "threshold": 1.5})
+
+
+def test_class_weighted_ce_matches_torch_weighted_mean():
+    logits, target = batch(seed=2)
+    target[1, :3] = 255
+    weight = [0.5, 2.0, 1.0, 4.0]
+    loss = CrossEntropyLoss(ignore_index=255, weight=weight)(logits, target)
+    expected = F.cross_entropy(logits, target, weight=torch.tensor(weight), ignore_index=255)
+    torch.testing.assert_close(loss, expected)
+    # focal at γ = 0 is the same weighted CE; unit weights change nothing
+    torch.testing.assert_close(FocalLoss(gamma=0.0, weight=weight)(logits, target), expected)
+    torch.testing.assert_close(CrossEntropyLoss(weight=[1.0] * 4)(logits, target), CrossEntropyLoss()(logits, target))
+
+
+def test_a_zero_weight_class_gets_no_gradient():
+    logits, target = batch(seed=3, k=3)
+    loss = build_loss(LossConfig("ohem", min_kept=10**6, weight=(1.0, 0.0, 1.0)))(logits, target)
+    loss.backward()
+    of_class_1 = (target == 1).unsqueeze(1).expand_as(logits)
+    assert logits.grad[of_class_1].abs().sum() == 0 and logits.grad[~of_class_1].abs().sum() > 0
+
+
+def test_ohem_picks_pixels_unweighted_then_averages_weighted():
+    # 2 classes; pixels 0, 1 of class 0 (sure, unsure), 2, 3 of class 1 (sure, unsure)
+    margins = torch.tensor([4.0, -1.0, -4.0, 1.0])  # p_true ≈ 0.98, 0.27, 0.98, 0.27
+    logits = torch.stack([margins, torch.zeros(4)]).view(1, 2, 1, 4)
+    target = torch.tensor([0, 0, 1, 1]).view(1, 1, 4)
+    per_pixel = F.cross_entropy(logits, target, reduction="none").view(-1)
+    loss = OhemCrossEntropyLoss(threshold=0.7, min_kept=1, weight=[1.0, 3.0])(logits, target)
+    torch.testing.assert_close(loss, (per_pixel[1] + 3 * per_pixel[3]) / 4)
+
+
+def test_median_frequency_weights():
+    from models.losses import median_frequency_weights
+
+    # shares 0.1, 0.2, 0.3, 0.4 → median 0.25; a class with no pixel gets 1
+    assert median_frequency_weights([10, 20, 30, 40, 0]) == pytest.approx([2.5, 1.25, 0.25 / 0.3, 0.625, 1.0])
+    with pytest.raises(ValueError, match="pixel counts"):
+        median_frequency_weights([0, 0])
+    with pytest.raises(ValueError, match="one weight per class"):
+        CrossEntropyLoss(weight=[1.0, 1.0])(*batch(k=4))

@@ -13,6 +13,7 @@ from models.checkpoint import load_checkpoint, save_checkpoint
 from models.pointrend import (
     PointHead,
     PointRend,
+    PointRendOutput,
     point_ce,
     point_rend_loss,
     point_sample,
@@ -261,3 +262,16 @@ def test_bases_without_fine_features_are_an_error_naming_the_head(name: str, hea
 def test_config_rejects_bad_refine_options(kw: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         _config(**kw)
+
+
+def test_point_ce_with_class_weights_is_torch_weighted_ce_at_the_points():
+    g = torch.Generator().manual_seed(5)
+    target = torch.randint(0, 3, (2, 8, 8), generator=g)
+    target[0, :2] = 255
+    points = torch.rand(2, 20, 2, generator=g)
+    out = PointRendOutput(torch.zeros(2, 3, 2, 2), torch.randn(2, 3, 20, generator=g), points)
+    weight = torch.tensor([1.0, 0.5, 3.0])
+    labels = point_sample(target.unsqueeze(1).float(), points, mode="nearest").squeeze(1).long()
+    expected = F.cross_entropy(out.point_logits, labels, weight=weight, ignore_index=255)
+    torch.testing.assert_close(point_ce(out, target, 255, weight), expected)
+    torch.testing.assert_close(point_ce(out, target, 255), F.cross_entropy(out.point_logits, labels, ignore_index=255))
