@@ -25,9 +25,6 @@ LABELS = {
     "patch+pointrend": "patch-only + PointRend", "magnet+pointrend": "MagNet + PointRend",
     "fctl+pointrend": "FCtL + PointRend",
 }
-MISSING: dict[str, str] = {}
-
-
 # ---------------------------------------------------------------- data
 
 
@@ -293,7 +290,9 @@ def report(args, budget: Budget, methods: list[str], trained: dict[str, Trained]
              "ImageNet-pretrained ResNet-50 FPN); read the ranking, not the absolute numbers")
     body = "\n".join([
         f"{where}. {budget.model} width {budget.width}, crop {budget.crop}, batch {budget.batch}, AdamW lr "
-        f"{budget.lr}, poly schedule, seed 0, 1 Ray Train worker × 2 threads. **Same budget**: every segmenter "
+        f"{budget.lr}, poly schedule, seed 0, 1 Ray Train worker × 2 threads; loss CE (segmenters), OHEM (MagNet's "
+        f"refiner), focal γ 3 (FCtL's stages), class weights {budget.class_weights.replace('_', ' ')}. "
+        f"**Same budget**: every segmenter "
         f"(resize-only, patch-only = FCtL's local model, MagNet's, the PointRend variants) takes {budget.steps} "
         f"steps × {budget.batch} crops of {budget.crop}² px; they differ only in the windows the crops cover "
         f"(resize-only: the whole {budget.image}² image, scale {budget.resize_scale:.3g}; patch-only: scale 1; "
@@ -305,7 +304,7 @@ def report(args, budget: Budget, methods: list[str], trained: dict[str, Trained]
         f"pass, bilinear upsampling). Boundary F1: {BOUNDARY_TOL} px tolerance. s / MP over {megapixels:.1f} MP: "
         f"end to end = the whole `gigaseg run` (Ray start included), job = report.json's image seconds; peak "
         f"ΣRSS over the process tree (resize-only: this benchmark's own process).",
-        "", text, "", *(f"- {g}" for g in goals), *(f"- {v}" for v in MISSING.values()), "",
+        "", text, "", *(f"- {g}" for g in goals), "",
         "Figures (the same region of one validation image): " + ", ".join(
             f"[{p.stem}](figures/{p.name})" for p in figures),
         "", "Training (seconds = `gigaseg train` wall clock, Ray start included):", "",

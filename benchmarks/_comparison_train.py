@@ -39,6 +39,7 @@ class Budget:
     magnet_scales: int = 4
     point_channels: int = 64
     fctl_contexts: tuple[float, ...] = (2.0, 4.0)
+    class_weights: str = "median_frequency"  # loss.class_weights of every run ("none": unweighted)
 
     @property
     def resize_scale(self) -> float:
@@ -71,6 +72,7 @@ def _common(budget: Budget, dataset: str, out: Path, steps: int, classes_exclude
         "epochs": max(1, steps // per_epoch),
         "workers": {"num_workers": 1, "use_gpu": False, "cpus_per_worker": 2, "torch_threads": 2},
         "output": {"url": str(out), "if_exists": "overwrite", "keep_last": 1},
+        "loss": {"class_weights": budget.class_weights},  # the name: each task's default (CE, OHEM, focal)
         "seed": 0,
     }
 
@@ -82,7 +84,7 @@ def segmenter_spec(budget: Budget, dataset: str, out: Path, scales: list[float],
     if pointrend:
         spec["model"].update(refine="pointrend", point_channels=budget.point_channels)
     spec["crops"]["scales"] = scales
-    spec["loss"] = {"name": "ce"}
+    spec["loss"]["name"] = "ce"
     return spec
 
 

@@ -63,6 +63,8 @@ def main() -> None:
     p.add_argument("--stage-steps", type=int, default=Budget.stage_steps,
                    help="steps of each extra stage (MagNet refiner, FCtL contexts and fused)")
     p.add_argument("--width", type=int, default=Budget.width)
+    p.add_argument("--class-weights", default=Budget.class_weights, choices=["none", "median_frequency"],
+                   help="loss.class_weights of every training run")
     p.add_argument("--fctl-contexts", default=",".join(f"{f:g}" for f in Budget.fctl_contexts),
                    help="FCtL's context factors, comma-separated (each reads pyramid level ⌊log2 f⌋)")
     p.add_argument("--image", type=int, default=2448, help="synth: image side")
@@ -80,7 +82,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     budget = Budget(steps=args.steps, stage_steps=args.stage_steps, width=args.width,
                     image=args.image if args.dataset == "synth" else 2448,
-                    fctl_contexts=tuple(float(f) for f in args.fctl_contexts.split(",")))
+                    fctl_contexts=tuple(float(f) for f in args.fctl_contexts.split(",")),
+                    class_weights=args.class_weights)
     commands: list[str] = []
     if args.dataset == "synth":
         dataset, val, classes = synth_data(work, args.image, args.train, args.val)
