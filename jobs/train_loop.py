@@ -33,6 +33,8 @@ from pipeline.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
+PRECISE_BN_STREAM = 1_000_000  # sampler epoch key offset of the batches that recalibrate BatchNorm
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -202,6 +204,7 @@ def train_worker(config: dict[str, Any]) -> None:
     latest = store.latest()
     weights, state = store.load_epoch(latest) if latest else (None, None)
     from jobs.train_tasks import score, segmenter_trainee, spec_loss
+    from models.precise_bn import recalibrate_batchnorm
 
     if spec.task == "fctl":
         from jobs.train_fctl import fctl_trainee as make
@@ -256,6 +259,9 @@ def train_worker(config: dict[str, Any]) -> None:
                 _send(events, {"kind": "step", "epoch": epoch, "step": step, "steps": steps,
                                "loss": loss_sum / step, "elapsed": now - t0,
                                "crops_per_s": step * batch * world / (now - t0)})
+        if spec.precise_bn_batches:  # a stream of its own: the training draws stay as they were
+            recalibrate_batchnorm(module, trainee.batches(PRECISE_BN_STREAM + epoch, spec.precise_bn_batches),
+                                  trainee.forward)
         seconds = time.monotonic() - t0
         loss_total, n, *term_totals = _all_sum([loss_sum, steps, *term_sums.values()])
         metrics = {"epoch": epoch, "train_loss": loss_total / n,

@@ -218,6 +218,11 @@ class TrainSpec(Strict):
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     epochs: int = Field(default=10, ge=1, le=100_000)
+    precise_bn_batches: int = Field(
+        default=16, ge=0, le=100_000,
+        description="batches that recompute BatchNorm's running statistics after every epoch, before validation "
+                    "and the checkpoint (models.precise_bn; 0: off)",
+    )
     workers: WorkersSpec = Field(default_factory=WorkersSpec)
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
     output: TrainOutputSpec

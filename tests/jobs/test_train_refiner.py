@@ -185,6 +185,9 @@ def test_two_worker_refiner_run_lowers_the_ohem_loss(tmp_path, dataset, segmente
     data = (out / "refiner.safetensors").read_bytes()
     refiner = load_refiner(data, len(CLASSES))  # what `gigaseg run` does with model.magnet.refiner
     assert refiner.num_classes == 3 and refiner.net[1].out_channels == 8
+    # precise BatchNorm (spec default): the input BN's statistics are those of probabilities (variance < 1/4),
+    # not the start values (0, 1) that 18 steps at momentum 0.01 would still mostly hold (0.99^18 = 0.83)
+    assert float(refiner.net[0].running_var.max()) < 0.25, refiner.net[0].running_var
     assert load_refiner((out / "epoch-003" / "refiner.safetensors").read_bytes(), 3) is not None
     with pytest.raises(CheckpointError, match="trained for 3 classes"):
         load_refiner(data, 4)
