@@ -75,13 +75,14 @@ def row_runs(windows: list[Window]) -> list[list[int]]:
         by_row.setdefault((w.y0, w.h), []).append(k)
     for ks in by_row.values():
         ks.sort(key=lambda k: windows[k].x0)
-        run = [ks[0]]
+        run, end = [ks[0]], windows[ks[0]].x1
         for k in ks[1:]:
-            if windows[k].x0 <= max(windows[j].x1 for j in run):
+            if windows[k].x0 <= end:
                 run.append(k)
+                end = max(end, windows[k].x1)
             else:
                 runs.append(run)
-                run = [k]
+                run, end = [k], windows[k].x1
         runs.append(run)
     return runs
 
