@@ -67,7 +67,7 @@ def refiner_trainee(spec: TrainSpec, plan: Plan, rank: int, device, weights: byt
     segmenter = segmenter.to(device).eval().requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        model = Refiner(k, width=r.width)
+        model = Refiner(k, width=r.width, residual=r.residual)
     if weights is not None:
         model.load_state_dict(load_refiner(weights, k).state_dict())
     to_input = normalizer(plan.normalization, device)

@@ -13,6 +13,11 @@ from jobs.spec import Strict
 class RefinerSpec(Strict):
     segmenter: str = Field(description="model.safetensors of a finished segmenter training (frozen here)")
     width: int = Field(default=64, ge=4, le=256, description="refiner width (MagNet's: 64)")
+    residual: bool = Field(
+        default=True,
+        description="add log O to the refiner's output, its last conv starting at zero: an untrained refiner "
+                    "returns the fine prediction (false: the reference's plain refiner)",
+    )
     scales: int = Field(
         default=3, ge=2, le=12,
         description="model.magnet.scales of the jobs that will use it: pairs (crop at level L, coarse view at "

@@ -97,9 +97,14 @@ class Refiner(nn.Module):
     ``cat(O, Yp)`` (the fine prediction first, in training and inference alike) → BN → conv3×3 2C→64 →
     BN-ReLU → conv3×3 64→64 → BN-ReLU → bottlenecks 64→128, 128→128 → conv1×1 → C. BN momentum 0.01 as
     in the reference; ~0.1 M parameters. All layers are local, so tiles equal the whole map inside.
+
+    ``residual=True`` (gigaseg's default for training; the reference has none) adds ``log O`` to the output
+    and starts the last conv at zero, so an untrained refiner returns the fine prediction exactly and
+    training learns only where the coarse map should overrule it. A briefly trained plain refiner instead
+    starts from noise and spreads its bias over every pixel MagNet replaces.
     """
 
-    def __init__(self, num_classes: int, width: int = 64):
+    def __init__(self, num_classes: int, width: int = 64, residual: bool = False):
         super().__init__()
         c = num_classes
         self.net = nn.Sequential(
@@ -111,12 +116,22 @@ class Refiner(nn.Module):
             nn.Conv2d(2 * width, c, 1),
         )
         self.num_classes = c
+        self.residual = residual
+        if residual:
+            nn.init.zeros_(self.net[-1].weight)
+            nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
         x = torch.cat([fine, coarse], dim=1)
         if coarse.is_contiguous(memory_format=torch.channels_last):  # full-resolution convs: ~2× faster on CPU
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.net(x)
+        out = self.net(x)
+        if self.residual:
+            out = out + torch.log(fine.float().clamp_min(_LOG_FLOOR))
+        return out
+
+
+_LOG_FLOOR = 1e-6  # log O of a softmax is at least log(1e-6) ≈ −13.8: far below any logit that matters
 
 
 def refine_step(
@@ -140,7 +155,8 @@ def save_refiner(refiner: Refiner, width: int = 64) -> bytes:
     from models.checkpoint import canonical_bytes
 
     state = {k: v.detach().cpu().contiguous() for k, v in refiner.state_dict().items()}
-    meta = {"format": REFINER_FORMAT, "num_classes": str(refiner.num_classes), "width": str(width)}
+    meta = {"format": REFINER_FORMAT, "num_classes": str(refiner.num_classes), "width": str(width),
+            "residual": str(int(refiner.residual))}
     return canonical_bytes(save(state, metadata=meta))
 
 
@@ -168,7 +184,7 @@ def load_refiner(data: bytes, num_classes: int) -> Refiner:
             f"the refiner was trained for {meta['num_classes']} classes but the segmenter predicts {num_classes}; "
             "train a refiner for this segmenter or use the matching pair"
         )
-    refiner = Refiner(num_classes, width=int(meta["width"]))
+    refiner = Refiner(num_classes, width=int(meta["width"]), residual=meta.get("residual", "0") == "1")
     refiner.load_state_dict(state, strict=True)
     return refiner.eval()
 

@@ -174,6 +174,7 @@ def test_two_worker_refiner_run_lowers_the_ohem_loss(tmp_path, dataset, segmente
     out = tmp_path / "out"
     spec = refiner_spec(dataset, segmenter, str(out), epochs=2,
                         dataset={"url": dataset, "validation": {"names": ["s2"]}})
+    spec["refiner"] = {**spec["refiner"], "residual": False}  # the reference's refiner, starting from noise
     first = train(parse_train_spec(spec), progress=False)
     assert (first.start_epoch, first.last_epoch) == (1, 2)
     result = train(parse_train_spec({**spec, "epochs": 3}), progress=False)  # resumes from epoch 2
@@ -184,7 +185,7 @@ def test_two_worker_refiner_run_lowers_the_ohem_loss(tmp_path, dataset, segmente
     assert result.model_url.endswith("refiner.safetensors")
     data = (out / "refiner.safetensors").read_bytes()
     refiner = load_refiner(data, len(CLASSES))  # what `gigaseg run` does with model.magnet.refiner
-    assert refiner.num_classes == 3 and refiner.net[1].out_channels == 8
+    assert refiner.num_classes == 3 and refiner.net[1].out_channels == 8 and not refiner.residual
     # precise BatchNorm (spec default): the input BN's statistics are those of probabilities (variance < 1/4),
     # not the start values (0, 1) that 18 steps at momentum 0.01 would still mostly hold (0.99^18 = 0.83)
     assert float(refiner.net[0].running_var.max()) < 0.25, refiner.net[0].running_var
@@ -193,3 +194,18 @@ def test_two_worker_refiner_run_lowers_the_ohem_loss(tmp_path, dataset, segmente
         load_refiner(data, 4)
     assert json.loads((out / "latest.json").read_text())["model"]["task"] == "magnet_refiner"
     assert not (out / "model.safetensors").exists()
+
+
+def test_residual_refiner_starts_from_the_segmenter_and_keeps_its_score(tmp_path, dataset, segmenter,  # noqa: F811
+                                                                          ray_cluster, fast_ray_train):  # noqa: F811
+    """The default refiner adds ``log O``, its last conv starting at zero: its first steps already predict what the
+    segmenter does, so its first epoch's loss is below the plain refiner's (trained from noise) and its validation
+    mIoU does not fall below the segmenter's."""
+    spec = refiner_spec(dataset, segmenter, str(tmp_path / "res"), epochs=2,
+                        dataset={"url": dataset, "validation": {"names": ["s2"]}})
+    residual = train(parse_train_spec(spec), progress=False).history
+    plain = train(parse_train_spec({**spec, "epochs": 1, "output": {"url": str(tmp_path / "plain")},
+                                    "refiner": {**spec["refiner"], "residual": False}}), progress=False).history
+    assert residual["train_loss"][0] < plain["train_loss"][0], (residual, plain)
+    assert min(residual["miou"]) >= residual["segmenter_miou"][0] - 0.02, residual
+    assert load_refiner((tmp_path / "res" / "refiner.safetensors").read_bytes(), len(CLASSES)).residual

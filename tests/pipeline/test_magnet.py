@@ -73,6 +73,28 @@ def test_refiner_shapes_and_checkpoint_round_trip():
         mg.load_refiner(b"garbage-bytes-not-safetensors", 3)
 
 
+def test_residual_refiner_starts_as_the_fine_prediction_and_keeps_its_kind_in_the_checkpoint():
+    torch.manual_seed(0)
+    fine = torch.softmax(3 * torch.randn(2, 4, 24, 24), dim=1)
+    coarse = torch.softmax(torch.randn(2, 4, 24, 24), dim=1)
+    residual = mg.Refiner(4, width=8, residual=True).eval()
+    np.testing.assert_allclose(torch.softmax(residual(fine, coarse), dim=1).detach(), fine, atol=1e-5)
+    plain = mg.Refiner(4, width=8).eval()
+    assert (torch.softmax(plain(fine, coarse), dim=1) - fine).abs().max() > 0.05  # the reference's: from noise
+
+    with torch.no_grad():  # a trained residual refiner: its correction survives the checkpoint
+        residual.net[-1].weight.normal_()
+    again = mg.load_refiner(mg.save_refiner(residual, width=8), 4)
+    assert again.residual and not mg.load_refiner(mg.save_refiner(plain, width=8), 4).residual
+    torch.testing.assert_close(again(fine, coarse), residual(fine, coarse))
+
+    from safetensors.torch import save  # a checkpoint written before the flag existed is a plain refiner
+
+    state = {k: v.contiguous() for k, v in plain.state_dict().items()}
+    old = save(state, metadata={"format": mg.REFINER_FORMAT, "num_classes": "4", "width": "8"})
+    assert not mg.load_refiner(old, 4).residual
+
+
 def test_config_counts_and_levels():
     cfg = MagnetConfig(scales=3, replace=0.5, median=3)
     assert cfg.levels() == (2, 1, 0) and cfg.count(10, 10) == 50
