@@ -291,8 +291,8 @@ def report(args, budget: Budget, methods: list[str], trained: dict[str, Trained]
     body = "\n".join([
         f"{where}. {budget.model} width {budget.width}, crop {budget.crop}, batch {budget.batch}, AdamW lr "
         f"{budget.lr}, poly schedule, seed 0, 1 Ray Train worker × 2 threads; loss CE (segmenters), OHEM (MagNet's "
-        f"refiner), focal γ 3 (FCtL's stages), class weights {budget.class_weights.replace('_', ' ')} (not for "
-        f"the refiner: OHEM), BatchNorm statistics recomputed on {budget.precise_bn_batches} batches after every "
+        f"{'residual' if budget.refiner_residual else 'plain'} refiner), focal γ 3 (FCtL's stages), class weights "
+        f"{budget.class_weights.replace('_', ' ')} (not for the refiner: OHEM), BatchNorm statistics recomputed on {budget.precise_bn_batches} batches after every "
         f"epoch. "
         f"**Same budget**: every segmenter "
         f"(resize-only, patch-only = FCtL's local model, MagNet's, the PointRend variants) takes {budget.steps} "

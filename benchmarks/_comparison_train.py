@@ -41,6 +41,7 @@ class Budget:
     fctl_contexts: tuple[float, ...] = (2.0, 4.0)
     class_weights: str = "median_frequency"  # loss.class_weights of every run but the refiner's ("none": unweighted)
     precise_bn_batches: int = 16  # BatchNorm statistics recomputed after every epoch (models.precise_bn)
+    refiner_residual: bool = True  # MagNet's refiner adds log O and starts as the fine prediction (False: reference's)
 
     @property
     def resize_scale(self) -> float:
@@ -93,7 +94,7 @@ def segmenter_spec(budget: Budget, dataset: str, out: Path, scales: list[float],
 def refiner_spec(budget: Budget, dataset: str, out: Path, segmenter: str, exclude: list[str]) -> dict[str, Any]:
     spec = _common(budget, dataset, out, budget.stage_steps, exclude)
     spec.update(task="magnet_refiner", refiner={"segmenter": segmenter, "width": budget.width,
-                                                "scales": budget.magnet_scales})
+                                                "scales": budget.magnet_scales, "residual": budget.refiner_residual})
     # OHEM already trains on the hard pixels; class weights on top made the 50-step refiner paint buildings
     # and field-open everywhere (MagNet 25.3 against 34.7 mIoU unweighted, RESULTS.md)
     spec["loss"] = {"class_weights": "none"}

@@ -67,6 +67,8 @@ def main() -> None:
                    help="loss.class_weights of every training run")
     p.add_argument("--fctl-contexts", default=",".join(f"{f:g}" for f in Budget.fctl_contexts),
                    help="FCtL's context factors, comma-separated (each reads pyramid level ⌊log2 f⌋)")
+    p.add_argument("--plain-refiner", action="store_true",
+                   help="MagNet's refiner as in the reference (no log O skip, trained from noise)")
     p.add_argument("--image", type=int, default=2448, help="synth: image side")
     p.add_argument("--train", type=int, default=4, help="synth: training images")
     p.add_argument("--val", type=int, default=2, help="synth: validation images")
@@ -83,7 +85,7 @@ def main() -> None:
     budget = Budget(steps=args.steps, stage_steps=args.stage_steps, width=args.width,
                     image=args.image if args.dataset == "synth" else 2448,
                     fctl_contexts=tuple(float(f) for f in args.fctl_contexts.split(",")),
-                    class_weights=args.class_weights)
+                    class_weights=args.class_weights, refiner_residual=not args.plain_refiner)
     commands: list[str] = []
     if args.dataset == "synth":
         dataset, val, classes = synth_data(work, args.image, args.train, args.val)
