@@ -28,8 +28,8 @@ FAST_RAY_TRAIN = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_
 class Budget:
     """What every trained model gets; ``image`` is the training images' side (the resize-only crop covers it)."""
 
-    steps: int = 100
-    stage_steps: int = 50
+    steps: int = 400
+    stage_steps: int = 200
     batch: int = 8
     crop: int = 256
     width: int = 16
