@@ -196,7 +196,8 @@ def _refiner_model(spec: TrainSpec, info, problems: list[str]) -> tuple[dict[str
     from models.checkpoint import read_info
 
     r = spec.refiner
-    model = {"task": "magnet_refiner", "num_classes": info.num_classes, "width": r.width, "scales": r.scales}
+    model = {"task": "magnet_refiner", "num_classes": info.num_classes, "width": r.width, "scales": r.scales,
+             "residual": r.residual}
     try:
         data = read_url(r.segmenter, spec.dataset.storage_options)
         seg = read_info(data)

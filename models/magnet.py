@@ -73,6 +73,9 @@ def replace_where(previous: torch.Tensor, refined: torch.Tensor, mask: torch.Ten
     return torch.where(mask.unsqueeze(1), refined, previous)
 
 
+_LOG_FLOOR = 1e-6  # log O of a softmax is at least log(1e-6) ≈ −13.8: far below any logit that matters
+
+
 class _Bottleneck(nn.Module):
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
@@ -129,9 +132,6 @@ class Refiner(nn.Module):
         if self.residual:
             out = out + torch.log(fine.float().clamp_min(_LOG_FLOOR))
         return out
-
-
-_LOG_FLOOR = 1e-6  # log O of a softmax is at least log(1e-6) ≈ −13.8: far below any logit that matters
 
 
 def refine_step(

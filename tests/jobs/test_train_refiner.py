@@ -23,7 +23,7 @@ from models.magnet import load_refiner
 from pipeline.crops import CropConfig, CropSampler, augment, read_crop
 from pipeline.crops_refiner import RefinerSampler, coarse_footprint, read_pairs, refiner_validation_draws
 from pipeline.datasets import TrainingDataset
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, OutputConflictError
 from pipeline.reader import read_window, upsample2x_window
 from tests.jobs.test_train import CLASSES, dataset, fast_ray_train  # noqa: F401 - fixtures
 
@@ -98,7 +98,7 @@ def test_refiner_spec_defaults_and_task_rules():
 
 def test_refiner_plan_checks_the_segmenter(tmp_path, dataset, segmenter):  # noqa: F811
     plan = make_plan(parse_train_spec(refiner_spec(dataset, segmenter, "out")))
-    assert plan.model["task"] == "magnet_refiner" and plan.model["num_classes"] == 3
+    assert plan.model["task"] == "magnet_refiner" and plan.model["num_classes"] == 3 and plan.model["residual"]
     assert len(plan.model["segmenter_sha256"]) == 64
     assert plan.normalization == load_checkpoint(Path(segmenter).read_bytes())[1].normalization.to_dict()
     other = ModelConfig("fpn_resnet10", num_classes=3, width=8)
@@ -209,3 +209,6 @@ def test_residual_refiner_starts_from_the_segmenter_and_keeps_its_score(tmp_path
     assert residual["train_loss"][0] < plain["train_loss"][0], (residual, plain)
     assert min(residual["miou"]) >= residual["segmenter_miou"][0] - 0.02, residual
     assert load_refiner((tmp_path / "res" / "refiner.safetensors").read_bytes(), len(CLASSES)).residual
+    with pytest.raises(OutputConflictError, match="another model"):  # resuming it as a plain refiner is refused
+        train(parse_train_spec({**spec, "epochs": 3, "refiner": {**spec["refiner"], "residual": False}}),
+              progress=False)
