@@ -145,8 +145,11 @@ def report(args, bare_runs: list[dict], runs: list[dict], n_tiles: int) -> str:
             f"benchmark's whole process tree (driver, Ray, workers) per tile MP; CPU ratio = bare ÷ pipeline, less "
             f"sensitive to a busy machine than wall time. CPU used by others = busy CPU time of processes outside "
             f"the tree ÷ (wall × cores): the machine is shared, so read each ratio next to it.\n\n{main}\n\n"
-            f"Where the time goes: wall seconds (CPU-seconds of the tree) per phase of `run_spec`; steady = tiles "
-            f"after the first batch ÷ (first → last tile); read+write = worker batch time outside the model call:"
+            f"Where the time goes: wall seconds (CPU-seconds of the tree) per phase of `run_spec`. Phases overlap "
+            f"(Ray starts while the first image is ingested; the actors and Ray stop while the last image is "
+            f"blended), so they can sum to more than the total and `other` (total − their sum) can be negative; "
+            f"CPU-seconds sampled during overlapping phases count in both. Steady = tiles after the first batch ÷ "
+            f"(first → last tile); read+write = worker batch time outside the model call:"
             f"\n\n{breakdown}\n\n" + "\n".join(lines)
             + f"\n\nMedian ratios: {'; '.join(verdicts)}.\n\n**Target end-to-end ratio ≥ {TARGET} ({first}, the "
             f"bare model's threads): {ratio:.3f}, {'met' if ratio >= TARGET else 'NOT met'}.**")

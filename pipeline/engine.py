@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -92,16 +94,23 @@ def list_images(cfg: JobConfig) -> list[ImageRef]:
 def run_job(
     cfg: JobConfig,
     refs: list[ImageRef],
-    pool: WorkerPool,
+    pool: WorkerPool | Callable[[], WorkerPool],
     progress: Progress,
     on_image: Callable[[ImageResult], None] = lambda r: None,
+    on_tiles_done: Callable[[], None] = lambda: None,
 ) -> list[ImageResult]:
     """Run every image through prepare → tiles → finish, overlapping the stages of neighbours.
 
-    While image k's tiles run on the workers, image k+1 is prepared (opened, ingested) and image k−1 is
-    blended, each in one driver thread, so the driver's CPU work hides behind the workers' (on a GPU
-    cluster it would otherwise leave the GPUs idle). Results are reported in input order. With
-    ``fail_fast`` images run one at a time, so nothing starts after the first failure.
+    While image k's tiles run on the workers, image k+1 is prepared (opened, ingested), image k−1 is
+    blended, and image k's finished bands are blended (``blend.BandBlend``), each in one driver thread, so
+    the driver's CPU work hides behind the workers' (on a GPU cluster it would otherwise leave the GPUs
+    idle). Results are reported in input order. With ``fail_fast`` images run one at a time, so nothing
+    starts after the first failure.
+
+    ``pool`` may be a function that starts the pool: it is called once the first image's preparation is
+    under way, so starting the cluster overlaps it (if it raises, the error surfaces once that preparation
+    ends). ``on_tiles_done`` is called once no tile is left to
+    run, before the last blends are waited for, so the caller can release the workers meanwhile.
     """
     results: list[ImageResult] = []
     stop = False
@@ -118,24 +127,41 @@ def run_job(
     upcoming = deque(refs)
     finishing: deque[Future] = deque()
     with ThreadPoolExecutor(1, thread_name_prefix="gigaseg-prepare") as prep, \
-            ThreadPoolExecutor(1, thread_name_prefix="gigaseg-finish") as fin:
+            ThreadPoolExecutor(1, thread_name_prefix="gigaseg-finish") as fin, \
+            ThreadPoolExecutor(1, thread_name_prefix="gigaseg-bands", initializer=_background_priority) as bands:
         next_work = prep.submit(prepare_image, cfg, upcoming.popleft()) if upcoming else None
+        if callable(pool):
+            pool = pool()
         while next_work is not None and not stop:
             work = next_work.result()
             overlap = not cfg.fail_fast
             next_work = prep.submit(prepare_image, cfg, upcoming.popleft()) if upcoming and overlap else None
             if work.result.status == "ok":
-                run_tiles(cfg, work, pool, progress)
+                run_tiles(cfg, work, pool, progress, bands)
             finishing.append(fin.submit(finish_image, cfg, work))
             while finishing and (finishing[0].done() or not overlap):
                 emit(finishing.popleft().result())
             if next_work is None and upcoming and not stop:
                 next_work = prep.submit(prepare_image, cfg, upcoming.popleft())
+        on_tiles_done()
         while finishing:
             emit(finishing.popleft().result())
         if next_work is not None:
             next_work.result()  # prepared but not run: resumable later
     return results
+
+
+def _background_priority() -> None:
+    """Lower the calling thread's CPU priority (Linux: nice 19 for this thread and the threads it starts).
+
+    The bands blended while tiles run then use only CPU the workers leave idle, and never slow a worker
+    sharing the machine (this driver's node, or a laptop). Elsewhere a no-op.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except OSError as err:  # not permitted in some sandboxes: run at normal priority
+            log.debug("could not lower the band blend's priority: %s", err)
 
 
 @dataclass
@@ -151,6 +177,8 @@ class _Work:
     megapixels: float = 0.0
     run_seconds: float = 0.0
     selected: dict[int, tuple | None] = field(default_factory=dict)  # MagNet-Fast: the tiles each stage ran
+    arrays: dict[str, Any] | None = None  # the masks and extras, once created
+    bands: blend.BandBlend | None = None  # the last stage's blend, band by band as its tiles run
 
     def fail(self, err: Exception) -> None:
         """One bad image never stops the others; the report says why."""
@@ -186,9 +214,11 @@ def prepare_image(cfg: JobConfig, ref: ImageRef) -> _Work:
     return work
 
 
-def run_tiles(cfg: JobConfig, work: _Work, pool: WorkerPool, progress: Progress) -> None:
+def run_tiles(cfg: JobConfig, work: _Work, pool: WorkerPool, progress: Progress, band_executor=None) -> None:
     """Run every stage's unfinished tiles on the pool, blending each stage before the next (a barrier:
-    stage s+1 reads the map of stage s). The last stage is blended by ``finish_image``."""
+    stage s+1 reads the map of stage s). The last stage is blended band by band as its tiles finish when
+    its map is its own blend (one stage, FCtL) and ``band_executor`` is given; ``finish_image`` blends
+    what is left (all of it for MagNet, whose last merge needs a threshold over the whole image)."""
     try:
         last = len(work.stages) - 1
         for s, stage in enumerate(work.stages):
@@ -197,7 +227,8 @@ def run_tiles(cfg: JobConfig, work: _Work, pool: WorkerPool, progress: Progress)
             work.selected[s] = stages.selected_tiles(cfg, work.out, work.stages, s)
             if work.selected[s] is not None:  # planned with every tile: count the ones that run
                 work.result.tiles -= len(stage.grid) - len(work.selected[s])
-            _run_stage(cfg, work, pool, progress, s, stage, work.selected[s])
+            streams = s == last and stage.previous is None and band_executor is not None
+            _run_stage(cfg, work, pool, progress, s, stage, work.selected[s], band_executor if streams else None)
             if s < last:
                 stages.store_stage_map(cfg, work.out, work.stages, s, work.selected[s])
     except Exception as err:
@@ -205,7 +236,7 @@ def run_tiles(cfg: JobConfig, work: _Work, pool: WorkerPool, progress: Progress)
 
 
 def _run_stage(cfg: JobConfig, work: _Work, pool: WorkerPool, progress: Progress, s: int, stage: StagePlan,
-               tiles=None) -> None:
+               tiles=None, band_executor=None) -> None:
     """Run the stage's unfinished tiles (of ``tiles``, MagNet-Fast's choice; None: every tile)."""
     grid = stage.grid
     output.create_tile_store(stage.tiles_url, cfg.output_storage_options,
@@ -215,10 +246,15 @@ def _run_stage(cfg: JobConfig, work: _Work, pool: WorkerPool, progress: Progress
     todo = [t for t in wanted if t not in done]
     label = work.ref.name if len(work.stages) == 1 else f"{work.ref.name} [stage {s + 1}/{len(work.stages)}]"
     progress.start_image(label, len(wanted), len(wanted) - len(todo))
+    if band_executor is not None:
+        plan = stages.blend_plan(cfg, stage, tiles)
+        work.bands = blend.BandBlend(plan, _targets(cfg, work), cfg.scheduler, band_executor, done)
 
     def on_result(r: BatchResult) -> None:
         work.megapixels += r.megapixels
         progress.advance(len(r.tiles), r.megapixels)
+        if work.bands is not None:
+            work.bands.tiles_done(r.tiles)
 
     t0 = time.perf_counter()
     per_call = cfg.tiles_per_call or call_size(len(todo), cfg.batch, pool.config.workers)
@@ -240,8 +276,12 @@ def finish_image(cfg: JobConfig, work: _Work) -> ImageResult:
             output.mark(work.out, complete=True)
             output.safe_remove_work(work.out)
             result.megapixels_per_s = work.megapixels / work.run_seconds if work.megapixels else 0.0
+        elif work.bands is not None:
+            work.bands.settle()
     except Exception as err:
         work.fail(err)
+        if work.bands is not None:
+            work.bands.settle()
     result.seconds = time.perf_counter() - work.t0
     return result
 
@@ -254,8 +294,9 @@ def _prepare_pyramid(cfg: JobConfig, ref: ImageRef, out: output.ImageOutput) -> 
                   scheduler=cfg.scheduler)
 
 
-def _blend(cfg: JobConfig, work: _Work) -> None:
-    """The last stage's probabilities into the masks, extras and label pyramid."""
+def _targets(cfg: JobConfig, work: _Work) -> dict[str, zarr.Array]:
+    """Create the masks and extras (recreated: no stale chunks of an interrupted blend survive); the
+    level-0 arrays the blend writes."""
     out, pyramid = work.out, work.pyramid
     n = len(cfg.class_names)
     arrays = output.create_outputs(
@@ -270,13 +311,25 @@ def _blend(cfg: JobConfig, work: _Work) -> None:
     )
     if cfg.pool.audit_dir:
         arrays = {k: _audited(out, v, cfg.pool.audit_dir) for k, v in arrays.items()}
+    work.arrays = arrays
     targets = {"labels": arrays["labels"][0]}
     targets.update({k: arrays[k] for k in ("confidence", "probabilities") if k in arrays})
-    last = len(work.stages) - 1
-    probs = stages.stage_probabilities(cfg, out, work.stages, last, work.selected.get(last))
-    blend.store_outputs(probs, targets, n, cfg.scheduler)
-    for level in range(1, len(arrays["labels"])):
-        blend.downsample_labels(arrays["labels"][level - 1], arrays["labels"][level], n, cfg.scheduler)
+    return targets
+
+
+def _blend(cfg: JobConfig, work: _Work) -> None:
+    """The last stage's probabilities into the masks, extras and label pyramid."""
+    n = len(cfg.class_names)
+    if work.bands is not None:
+        work.bands.finish()
+    else:
+        targets = _targets(cfg, work)
+        last = len(work.stages) - 1
+        probs = stages.stage_probabilities(cfg, work.out, work.stages, last, work.selected.get(last))
+        blend.store_outputs(probs, targets, n, cfg.scheduler)
+    labels = work.arrays["labels"]
+    for level in range(1, len(labels)):
+        blend.downsample_labels(labels[level - 1], labels[level], n, cfg.scheduler)
 
 
 def _audited(out: output.ImageOutput, arrays, audit_dir: str):

@@ -33,7 +33,7 @@ import torch
 import zarr
 
 from models import magnet as mg
-from pipeline.blend import BlendPlan, _TileSource, blend_region
+from pipeline.blend import BlendPlan, _TileSource, blend_region, chunk_uses
 from pipeline.reader import read_window, upsample2x_window
 from pipeline.tiling import Window
 
@@ -112,7 +112,7 @@ def refine_pass(
 ) -> None:
     """Steps 1–2: blended ``R`` and ``E`` (stored), then the median-filtered ``E`` (stored)."""
     h, w, c = plan.grid.height, plan.grid.width, plan.chunk
-    source = _TileSource(plan.tiles_url, plan.storage_options)
+    source = _TileSource(plan.tiles_url, plan.storage_options, chunk_uses(plan.grid, c))
     prev_shape = previous.shape[1:]
 
     def block(block_info=None):

@@ -1,10 +1,15 @@
 import numpy as np
 import pytest
 import zarr
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from pipeline.blend import BlendPlan, blended_probabilities, downsample_labels, mode_2x2, store_blend
+from pipeline.blend import (
+    BlendPlan, _TileSource, argmax_classes, blend_region, blended_probabilities, chunk_uses, downsample_labels,
+    mode_2x2, store_blend,
+)
 from pipeline.output import create_tile_store
-from pipeline.tiling import TileGrid, window_2d
+from pipeline.tiling import TileGrid, Window, window_2d
 
 
 def _fill_tiles(tmp_path, grid, c, seed=0):
@@ -101,3 +106,62 @@ def test_downsample_labels_chunked_equals_whole(tmp_path):
     dst = root.create_array("1", shape=(151, 129), chunks=(64, 64), dtype="uint8")
     downsample_labels(src, dst, 5)
     np.testing.assert_array_equal(dst[:], mode_2x2(labels, 5))
+
+
+@settings(max_examples=60, deadline=None)
+@given(c=st.integers(1, 6), h=st.integers(1, 9), w=st.integers(1, 9), levels=st.integers(1, 4), seed=st.integers(0, 99))
+def test_argmax_classes_is_numpy_argmax_ties_included(c, h, w, levels, seed):
+    """Few distinct values, so ties between classes are common: the lower class wins, as in NumPy."""
+    probs = np.random.default_rng(seed).integers(0, levels, (c, h, w)).astype(np.float32) / levels
+    got = argmax_classes(probs, np.uint8)
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, probs.argmax(0))
+
+
+class _CountingArray:
+    """A tile store that counts the tiles read from it."""
+
+    def __init__(self, arr):
+        self.arr, self.reads = arr, 0
+
+    def __getitem__(self, key):
+        self.reads += 1
+        return self.arr[key]
+
+
+@pytest.mark.parametrize("cache_bytes", [1 << 30, 3 * 4 * 64 * 64 * 2, 0])
+def test_tile_cache_reads_each_tile_once_when_it_fits_and_stays_bounded(tmp_path, cache_bytes):
+    grid = TileGrid(203, 171, tile=64, overlap=16)
+    url, data = _fill_tiles(tmp_path, grid, c=4)
+    plan = BlendPlan(grid=grid, tiles_url=url, num_classes=4, chunk=50)
+    uses = chunk_uses(grid, plan.chunk)
+    assert sum(uses.values()) > len(grid)  # tiles straddle chunks, or the cache would have nothing to do
+    source = _TileSource(url, None, uses, cache_bytes=cache_bytes)
+    counter = source._array = _CountingArray(source.array)
+    peak = 0
+    whole = np.zeros((4, 203, 171), np.float32)
+    for y in range(0, 203, 50):
+        for x in range(0, 171, 50):
+            region = Window(y, x, min(50, 203 - y), min(50, 171 - x))
+            whole[:, y : y + region.h, x : x + region.w] = blend_region(plan, source, region)
+            peak = max(peak, source._cached)
+    np.testing.assert_allclose(whole, _brute_force(grid, data, "gaussian"), rtol=1e-5, atol=1e-6)
+    assert peak <= cache_bytes
+    assert source._cached == 0  # every tile left once its last chunk read it
+    if cache_bytes >= data.nbytes:
+        assert counter.reads == len(grid)
+    elif cache_bytes == 0:
+        assert counter.reads == sum(uses.values())
+    else:  # three tiles fit: fewer reads than without a cache, more than with an unbounded one
+        assert len(grid) < counter.reads < sum(uses.values())
+
+
+def test_chunk_uses_counts_the_chunks_each_tile_overlaps():
+    grid = TileGrid(203, 171, tile=64, overlap=16)
+    uses = chunk_uses(grid, 50)
+    for iy, ix in grid.indices():
+        win = grid.window(iy, ix)
+        mask = np.zeros((203, 171), bool)
+        mask[max(win.y0, 0) : win.y0 + win.h, max(win.x0, 0) : win.x0 + win.w] = True
+        chunks = {(y // 50, x // 50) for y, x in zip(*np.nonzero(mask))}
+        assert uses[iy, ix] == len(chunks)

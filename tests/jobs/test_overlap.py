@@ -1,0 +1,131 @@
+"""What the driver overlaps: bands blended while tiles run, Ray started during the first ingest and released
+during the last blend. Each test would hang (and then fail on its timeout) or fail outright if the overlap
+were serial again."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+
+import pytest
+import zarr
+
+import jobs.runner as runner
+import pipeline.engine as engine
+from jobs.demo import land_cover
+from jobs.runner import job_config, resolve_model, run_spec
+from jobs.spec import SpecError, parse_spec
+from pipeline import blend
+from tests.archive import spec_dict
+from tests.jobs.test_run_local import reference_labels
+
+pytestmark = pytest.mark.integration
+
+WAIT_S = 60.0
+
+
+def _one_scene(root, h=520, w=610):
+    root.mkdir(parents=True)
+    arr = zarr.create_array(store=str(root / "scene.zarr"), shape=(h, w, 3), chunks=(256, 256, 3), dtype="uint8")
+    arr[:] = land_cover(0, 0, h, w, seed=11)
+
+
+class _Count:
+    """A progress sink that counts the tiles reported so far."""
+
+    def __init__(self):
+        self.tiles = self.total = 0
+
+    def start_image(self, name, total_tiles, done_tiles):
+        self.total, self.tiles = total_tiles, done_tiles
+
+    def advance(self, tiles, megapixels):
+        self.tiles += tiles
+
+    def end_image(self, result):
+        pass
+
+
+def test_bands_are_blended_while_the_tiles_run_and_give_the_same_masks(tmp_path, ray_cluster, monkeypatch):
+    _one_scene(tmp_path / "in")
+    spec = parse_spec(spec_dict(str(tmp_path / "in"), str(tmp_path / "out"), tiling__chunk=64,
+                                tiling__tiles_per_call=1, tiling__batch=1))
+    progress, calls = _Count(), []
+    original = blend.store_outputs
+
+    def recording(probs, targets, num_classes, scheduler=None, rows=None):
+        calls.append((rows, progress.tiles, progress.total))
+        return original(probs, targets, num_classes, scheduler, rows)
+
+    monkeypatch.setattr(blend, "store_outputs", recording)
+    [result] = run_spec(spec, progress=progress)
+    assert result.status == "ok"
+
+    bands = sorted(rows for rows, _, _ in calls)
+    assert bands == [(y, min(y + 64, 520)) for y in range(0, 520, 64)]  # every band once: one writer per chunk
+    early = [rows for rows, done, total in calls if done < total]
+    assert len(early) >= 3, f"bands blended before the last tile: {early}"
+
+    group = str(tmp_path / "out" / "scene.zarr")
+    labels = zarr.open_array(f"{group}/labels/segmentation/0", mode="r")[:]
+    agree = (labels == reference_labels(spec, group)).mean()
+    assert agree > 0.999, agree  # float32 blend vs the float64 reference: exact ties only
+
+
+def test_the_pool_starts_while_the_first_image_is_prepared(tmp_path, ray_cluster, monkeypatch):
+    _one_scene(tmp_path / "in", 200, 230)
+    spec = parse_spec(spec_dict(str(tmp_path / "in"), str(tmp_path / "out")))
+    pool_started, seen = threading.Event(), []
+    prepare, start = engine.prepare_image, runner.JobWorkers.start
+
+    def slow_prepare(cfg, ref):
+        seen.append(pool_started.wait(WAIT_S))  # the pool must start without waiting for this
+        return prepare(cfg, ref)
+
+    def recording_start(self):
+        pool_started.set()
+        return start(self)
+
+    monkeypatch.setattr(engine, "prepare_image", slow_prepare)
+    monkeypatch.setattr(runner.JobWorkers, "start", recording_start)
+    [result] = run_spec(spec)
+    assert result.status == "ok" and seen == [True]
+
+
+def test_the_workers_are_released_before_the_last_image_is_blended(tmp_path, ray_cluster, monkeypatch):
+    root = tmp_path / "in"
+    root.mkdir()
+    for i, (h, w) in enumerate([(200, 230), (150, 170)]):
+        arr = zarr.create_array(store=str(root / f"s{i}.zarr"), shape=(h, w, 3), chunks=(128, 128, 3), dtype="uint8")
+        arr[:] = land_cover(0, 0, h, w, seed=i)
+    spec = parse_spec(spec_dict(str(root), str(tmp_path / "out")))
+    released, seen = threading.Event(), Counter()
+    finish, release = engine.finish_image, runner.JobWorkers.release
+
+    def waiting_finish(cfg, work):
+        if work.ref.name == "s1":  # the last image: its blend waits until the workers are gone
+            seen["released first"] += released.wait(WAIT_S)
+        return finish(cfg, work)
+
+    def recording_release(self):
+        release(self)
+        released.set()
+
+    monkeypatch.setattr(engine, "finish_image", waiting_finish)
+    monkeypatch.setattr(runner.JobWorkers, "release", recording_release)
+    results = run_spec(spec)
+    assert [r.status for r in results] == ["ok", "ok"]
+    assert seen["released first"] == 1
+    report = (tmp_path / "out" / "report.json").read_text()
+    assert '"workers"' in report and "worker-" in report  # where they ran was asked before they stopped
+
+
+def test_the_embedded_cluster_is_sized_before_ray_starts(tmp_path, monkeypatch):
+    spec = parse_spec(spec_dict(str(tmp_path / "in"), str(tmp_path / "out"), resources__workers=3,
+                                cluster__local_gpus=2))
+    cfg = job_config(spec, resolve_model(spec), None)
+    monkeypatch.setattr(runner.ray, "is_initialized", lambda: False)  # as in a fresh `gigaseg run`
+    monkeypatch.setattr(runner, "start_ray", lambda *a, **k: pytest.fail("Ray started before the check"))
+    with pytest.raises(SpecError) as err:
+        runner.JobWorkers(spec, cfg)
+    assert "3 workers × gpus_per_worker 1 = 3 GPUs but the Ray cluster has 2" in str(err.value)
