@@ -7,8 +7,10 @@ For an output chunk ``Q`` the blended probabilities are
 with ``w_t`` the tile's blend window (``tiling.window_2d``) placed at the tile's origin. Each output
 chunk is one Dask task that reads only the tiles overlapping it, so memory per task is one chunk's
 probabilities plus one tile, whatever the image size, and each output chunk has exactly one writer.
-The argmax, the confidence (max probability) and the probabilities are stored from the same graph, so
-the blend is computed once for all of them.
+Decoded tiles that straddle chunks are kept in a bounded per-process cache (``_TileSource``) until the
+last chunk that needs them has read them. The argmax, the confidence (max probability) and the
+probabilities are stored from the same graph, so the blend is computed once for all of them.
+``BandBlend`` stores a stage row of chunks at a time, as soon as its tiles have run.
 """
 
 from __future__ import annotations
