@@ -26,6 +26,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.pipeline_efficiency
+	$(BIN)/python -m benchmarks.pipeline_efficiency --size 8192 --images 4 --threads 1
 	$(BIN)/python -m benchmarks.memory_scaling
 
 clean:

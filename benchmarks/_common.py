@@ -93,6 +93,24 @@ def scene_path(workdir: Path, size: int) -> Path:
     return workdir / "inputs" / f"scene-{size}" / "scene.zarr"
 
 
+def archive_path(workdir: Path, size: int, images: int) -> Path:
+    """An archive of ``images`` copies of the ``size``² scene (``scene_path``), hard-linked (``archive``)."""
+    return workdir / "inputs" / f"archive-{size}x{images}"
+
+
+def archive(scene: Path, folder: Path, images: int) -> Path:
+    """``folder`` holding ``scene-000.zarr`` … : ``images`` copies of ``scene`` whose files are hard links
+    (no extra disk, and the same bytes to read as ``images`` separate files). Returns ``folder``."""
+    for i in range(images):
+        dst = folder / f"scene-{i:03d}.zarr"
+        if not dst.exists():
+            tmp = folder / f".partial-{i:03d}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(scene, tmp, copy_function=os.link)
+            tmp.rename(dst)
+    return folder
+
+
 def scene_ready(path: Path, size: int) -> bool:
     import zarr
 
@@ -131,8 +149,11 @@ def generate_scene(path: Path, size: int, chunk: int = 1024) -> float:
 
 
 def job_spec(inputs: Path, output: Path, *, width: int, precision: str, classes: int, tile: int, overlap: int,
-             batch: int, workers: int, threads: int, chunk: int = 1024):
-    """The benchmark's job: seeded ``fpn_resnet18``, ``workers`` actors × 1 logical GPU × ``threads``."""
+             batch: int, workers: int, threads: int, chunk: int = 1024, failure: str = "fail_fast"):
+    """The benchmark's job: seeded ``fpn_resnet18``, ``workers`` actors × 1 logical GPU × ``threads``.
+
+    ``failure`` is the spec's ``failure.mode``: ``fail_fast`` (a benchmark stops at once when something is
+    wrong) runs images one at a time; ``continue`` (the users' default) overlaps neighbouring images."""
     from jobs.spec import parse_spec
 
     return parse_spec({
@@ -143,7 +164,7 @@ def job_spec(inputs: Path, output: Path, *, width: int, precision: str, classes:
         "output": {"url": str(output), "if_exists": "overwrite"},
         "resources": {"workers": workers, "gpus_per_worker": 1, "cpus_per_worker": threads, "torch_threads": threads},
         "cluster": {"local_gpus": workers},
-        "failure": {"mode": "fail_fast", "tile_retries": 0},
+        "failure": {"mode": failure, "tile_retries": 0},
     }, "benchmark spec")
 
 
@@ -244,7 +265,8 @@ class Phases:
 
 
 class TileClock:
-    """A ``pipeline.engine.Progress`` that records when the tile phase starts and when tiles finish."""
+    """A ``pipeline.engine.Progress`` that records when the tile phase starts (the first image's first
+    tiles are dispatched) and when tiles finish; over an archive the tile phase spans every image."""
 
     def __init__(self) -> None:
         self.t_start = self.t_first = self.t_last = self.t_end = None
@@ -252,7 +274,8 @@ class TileClock:
         self.megapixels = 0.0
 
     def start_image(self, name: str, total_tiles: int, done_tiles: int) -> None:
-        self.t_start = time.perf_counter()
+        if self.t_start is None:
+            self.t_start = time.perf_counter()
 
     def advance(self, tiles: int, megapixels: float) -> None:
         now = time.perf_counter()
