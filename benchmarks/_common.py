@@ -288,6 +288,11 @@ class TileClock:
     def end_image(self, result) -> None:
         self.t_end = time.perf_counter()
 
+    @property
+    def tile_seconds(self) -> float:
+        """The tile phase: the first image's dispatch → the last tile."""
+        return self.t_last - self.t_start
+
 
 def check_ok(results) -> None:
     bad = [r for r in results if r.status != "ok"]

@@ -88,8 +88,8 @@ def pipeline_run(args, workers: int, threads: int) -> dict:
         shutil.rmtree(out, ignore_errors=True)
     C.check_ok(results)
     return {"seconds": wall, "cpu": sampler.own_cpu, "other_load": sampler.other_load, "phases": dict(phases.seconds),
-            "phase_cpu": dict(phases.cpu), "clock": clock, "batches": batches, "tiles": sum(r.tiles_run for r in results),
-            "workers": workers, "threads": threads}
+            "phase_cpu": dict(phases.cpu), "clock": clock, "batches": batches,
+            "tiles": sum(r.tiles_run for r in results), "workers": workers, "threads": threads}
 
 
 def config_name(workers: int, threads: int) -> str:
@@ -106,8 +106,7 @@ def report(args, bare_runs: list[dict], runs: list[dict], n_tiles: int) -> str:
     best = min(bare_runs, key=lambda b: b["seconds"])
     for r in runs:
         r["bare"] = best
-        c = r["clock"]
-        tile_s = c.t_last - c.t_start
+        tile_s = r["clock"].tile_seconds
         rows.append([f"pipeline {r['name']}, end to end", r["tiles"], f"{mp:.1f}", f"{r['seconds']:.1f}",
                      f"{mp / r['seconds']:.2f}", f"**{r['bare']['seconds'] / r['seconds']:.3f}**",
                      f"{r['cpu'] / mp:.2f}", f"{r['bare']['cpu'] / r['cpu']:.3f}", pct(r["other_load"])])
@@ -124,10 +123,9 @@ def report(args, bare_runs: list[dict], runs: list[dict], n_tiles: int) -> str:
         other_cpu = r["cpu"] - sum(pc.get(p, 0.0) for p in PHASES)
         steady = (c.tiles - c.first_tiles) * args.tile**2 / 1e6 / (c.t_last - c.t_first) if c.tiles > c.first_tiles else 0
         model = sum(b.model_seconds for b in r["batches"])
-        tile_s = c.t_last - c.t_start
         prow.append([r["name"], *(f"{ph.get(p, 0.0):.1f} ({pc.get(p, 0.0):.1f})" for p in PHASES),
                      f"{other:.1f} ({other_cpu:.1f})", f"{r['seconds']:.1f} ({r['cpu']:.1f})", f"{steady:.2f}",
-                     pct(model / (r["workers"] * tile_s)), pct(model / (r["workers"] * r["seconds"]))])
+                     pct(model / (r["workers"] * c.tile_seconds)), pct(model / (r["workers"] * r["seconds"]))])
         outside = r["seconds"] - ph.get("tiles", 0.0)
         lines.append(f"- {r['name']}: {r['seconds']:.1f} s against {r['bare']['seconds']:.1f} s bare "
                      f"(+{r['seconds'] - r['bare']['seconds']:.1f} s): {outside:.1f} s outside the tile phase "
@@ -147,7 +145,8 @@ def report(args, bare_runs: list[dict], runs: list[dict], n_tiles: int) -> str:
             f"Archive of {args.images} images, each the {args.size}² RGB uint8 scene")
     return (f"{what} (Zarr v3, 1024² chunks); fpn_resnet18 width {args.width}, precision "
             f"{args.precision}, {args.classes} classes; tile {args.tile}, overlap {args.overlap}, batch {args.batch}; "
-            f"{n_tiles} tiles; failure mode continue (the default). Runs in order: bare #1, pipeline, bare #2, pipeline, …; ratio to bare = seconds of the "
+            f"{n_tiles} tiles; failure mode continue (the default). Runs in order: bare #1, pipeline, bare #2, "
+            f"pipeline, …; ratio to bare = seconds of the "
             f"fastest bare run (#{bare_runs.index(best) + 1}) ÷ seconds. CPU s / MP = CPU-seconds of this "
             f"benchmark's whole process tree (driver, Ray, workers) per tile MP; CPU ratio = bare ÷ pipeline, less "
             f"sensitive to a busy machine than wall time. CPU used by others = busy CPU time of processes outside "

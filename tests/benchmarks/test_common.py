@@ -43,4 +43,5 @@ def test_tile_clock_spans_every_image():
     clock.advance(2, 0.5)
     clock.advance(2, 0.5)
     assert clock.t_start == t_start and clock.t_last >= clock.t_first >= t_start
+    assert clock.tile_seconds == clock.t_last - t_start
     assert (clock.tiles, clock.first_tiles, clock.megapixels) == (8, 4, 2.0)
