@@ -13,6 +13,21 @@ import ray
 log = logging.getLogger(__name__)
 
 
+#: Ray puts Unix sockets at ``<temp_dir>/session_<date>_<time>_<µs>_<pid>/sockets/plasma_store``, about 63
+#: bytes after the temp dir, and a socket path must stay under 108 bytes.
+_MAX_RAY_TEMP_DIR = 44
+
+
+def ray_temp_dir(prefix: str = "gs-ray-", *, nested: str = "") -> str:
+    """A new, empty directory for one Ray start (the caller removes it): under ``$TMPDIR``
+    (``tempfile.gettempdir()``) when the resulting path, plus ``nested`` (a sub-path Ray's temp dir will
+    sit at, e.g. ``"/ray"``), leaves Ray's socket paths short enough, else under ``/tmp``."""
+    base = tempfile.gettempdir()
+    if len(os.path.join(base, prefix + "x" * 8)) + len(nested) > _MAX_RAY_TEMP_DIR and os.path.isdir("/tmp"):
+        base = "/tmp"
+    return tempfile.mkdtemp(prefix=prefix, dir=base)
+
+
 @dataclass(frozen=True)
 class RaySession:
     """What ``start_ray`` did, so ``stop`` undoes exactly that."""
@@ -42,14 +57,14 @@ def start_ray(address: str | None, *, num_cpus: float, num_gpus: float, object_s
         ray.init(address=address, log_to_driver=False)
         return RaySession(started=True)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    temp_dir = tempfile.mkdtemp(prefix="gigaseg-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    temp_dir = ray_temp_dir("gigaseg-ray-")
     ray.init(
         address="local",
         include_dashboard=False,
         num_cpus=max(1, int(round(num_cpus))),
         num_gpus=num_gpus,
         object_store_memory=object_store_mb * 1024 * 1024,
-        _temp_dir=temp_dir,  # short: Ray's socket paths must stay under 107 bytes
+        _temp_dir=temp_dir,
         log_to_driver=False,
         configure_logging=False,
     )

@@ -247,7 +247,6 @@ def whole_image(
         prev = y.astype(np.float32)
         up = upsample2x_window(prev, prev.shape[1:], (h, w), Window(-margin, -margin, ph, pw))
         r = torch.softmax(refiner(fine, torch.from_numpy(up)[None]).float(), dim=1)[0, :, a:b, c:d].numpy()
-        r = r.astype(np.float16).astype(np.float32)
         up = up[:, a:b, c:d]
         covered, share = np.ones((h, w), bool), 1.0
         if cfg.patches is not None and cfg.tile_count(len(grids[s])) < len(grids[s]):
@@ -262,7 +261,9 @@ def whole_image(
                 covered[win.y0 : win.y1, win.x0 : win.x1] = True
             share = len(chosen) / len(grid)
             r = np.where(covered[None], r, up)
+        # as the tiled run: E from the blend's float32 R, the merge from R as stored (float16)
         e = np.where(covered, error_block(r, up), 0.0).astype(np.float16).astype(np.float32)
+        r = r.astype(np.float16).astype(np.float32)
         e = mg.median_filter(e, cfg.median).astype(np.float16).astype(np.float32)
         t = mg.topk_threshold(e, cfg.count(h, w, share))
         y = np.where((e >= t)[None], r, up).astype(np.float16)

@@ -35,6 +35,11 @@ def resolve_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN has native bf16 kernels on this CPU (avx512_bf16 or AMX): the probe ``auto`` asks."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for fp32.
 
@@ -50,7 +55,7 @@ def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype
         return torch.float16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    return torch.bfloat16 if cpu_has_bf16() else None
 
 
 class TilePredictor:

@@ -1,7 +1,9 @@
 """Shared fixtures: a real S3-compatible server (moto) on 127.0.0.1 and a real local Ray cluster.
 
 Fake credentials go into the environment before Ray starts, so Ray's worker processes inherit them the
-way cluster workers inherit an instance role; specs never carry them.
+way cluster workers inherit an instance role; specs never carry them. The suite sets, rather than
+defaults, everything it depends on in the environment: whatever the machine's environment holds (real
+credentials, a profile, an endpoint override, a Ray address) never reaches a test.
 """
 
 from __future__ import annotations
@@ -10,11 +12,19 @@ import os
 
 import pytest
 
-os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
-os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
-os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+for _name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL",
+              "AWS_ENDPOINT_URL_S3", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE", "RAY_ADDRESS",
+              "RAY_API_SERVER_ADDRESS"):
+    os.environ.pop(_name, None)
+os.environ.update({
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_CONFIG_FILE": os.devnull,  # no ~/.aws profile, region or endpoint of this machine's
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+})
 
 
 @pytest.fixture(scope="session")
@@ -54,15 +64,19 @@ def s3_bucket(s3_endpoint, request):
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real local Ray cluster with 2 CPUs and 2 logical GPUs, shared by the integration tests."""
-    import tempfile
+    import shutil
 
     import ray
 
+    from pipeline.cluster import ray_temp_dir
+
+    temp_dir = ray_temp_dir()
     if not ray.is_initialized():
         ray.init(
             address="local", num_cpus=2, num_gpus=2, include_dashboard=False,
-            object_store_memory=512 * 1024 * 1024, _temp_dir=tempfile.mkdtemp(prefix="gs-ray-"),
+            object_store_memory=512 * 1024 * 1024, _temp_dir=temp_dir,
             log_to_driver=False, configure_logging=False,
         )
     yield ray
     ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)

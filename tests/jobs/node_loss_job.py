@@ -1,7 +1,11 @@
 """Run a job on a multi-node Ray cluster simulated on this machine and remove a worker node mid-job.
 
-Run as ``python -m tests.jobs.node_loss_job SPEC.json RESULT.json`` (by tests/jobs/test_node_loss.py): a
-process of its own, because ``ray.cluster_utils.Cluster`` needs a driver that no other Ray cluster holds.
+Run as ``python -m tests.jobs.node_loss_job SPEC.json RESULT.json TEMP_DIR`` (by tests/jobs/test_node_loss.py):
+a process of its own, because ``ray.cluster_utils.Cluster`` needs a driver that no other Ray cluster holds.
+``TEMP_DIR`` is a directory the test created and removes afterwards; every file Ray writes goes under it.
+``Cluster`` writes its address file to ``$RAY_TMPDIR/ray/ray_current_cluster`` (``/tmp/ray`` without
+``RAY_TMPDIR``, which a new machine does not have), so the job points ``RAY_TMPDIR`` there and creates
+``ray/`` itself: nothing depends on what an earlier run left on the machine.
 
 The cluster: a head node with no GPU and two worker nodes with one logical GPU each, so each of the two
 tile workers lands on its own node. Once both workers have written tiles and 10 of the image's 169 tiles
@@ -26,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import threading
 import time
 
@@ -45,11 +48,14 @@ HEALTH_CHECKS = {
 REMOVE_AFTER_TILES = 10
 
 
-def main(spec_path: str, result_path: str) -> int:
+def main(spec_path: str, result_path: str, temp_dir: str) -> int:
     spec_data = json.loads(open(spec_path).read())
+    os.environ["RAY_TMPDIR"] = temp_dir
+    ray_dir = os.path.join(temp_dir, "ray")
+    os.makedirs(ray_dir, exist_ok=True)
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "num_gpus": 0, "include_dashboard": False, "_system_config": HEALTH_CHECKS,
-        "temp_dir": tempfile.mkdtemp(prefix="gs-nl-", dir="/tmp"),
+        "temp_dir": ray_dir,
     })
     nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
@@ -61,7 +67,8 @@ def main(spec_path: str, result_path: str) -> int:
     results: list = []
     errors: list[BaseException] = []
 
-    audit_dir = tempfile.mkdtemp(prefix="gs-nl-audit-", dir="/tmp")
+    audit_dir = os.path.join(temp_dir, "audit")
+    os.makedirs(audit_dir)
 
     def job() -> None:  # the job in a thread: Cluster.add_node/remove_node use signals (main thread only)
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import zarr
 from jobs.demo import land_cover
 from jobs.runner import run_spec
 from jobs.spec import parse_spec
+from pipeline.cluster import ray_temp_dir
 from tests.archive import spec_dict
 
 pytestmark = pytest.mark.integration
@@ -34,9 +36,15 @@ def test_node_removed_mid_job(tmp_path, ray_cluster):
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps({**spec, "_image": "big"}))
     result_path = tmp_path / "result.json"
-    proc = subprocess.run([sys.executable, "-m", "tests.jobs.node_loss_job", str(spec_path), str(result_path)],
-                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
-                          timeout=400)
+    # Ray's own directory, created here and removed afterwards; not under tmp_path, whose path is too long
+    # for Ray's socket paths
+    ray_tmp = ray_temp_dir("gs-nl-", nested="/ray")
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "tests.jobs.node_loss_job", str(spec_path), str(result_path), ray_tmp],
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=400)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     outcome = json.loads(result_path.read_text())
     assert outcome["removed"], "the job finished before a node could be removed"

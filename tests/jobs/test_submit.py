@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -25,6 +24,7 @@ import pytest
 import yaml
 
 from jobs import submit
+from pipeline.cluster import ray_temp_dir
 from tests.archive import spec_dict
 
 
@@ -169,7 +169,7 @@ def ray_head():
     """``http://127.0.0.1:PORT`` of a Ray head with 1 CPU and 1 logical GPU, its Jobs API on 127.0.0.1."""
     import psutil
 
-    temp_dir = tempfile.mkdtemp(prefix="gss-", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
+    temp_dir = ray_temp_dir("gss-")  # short: Ray's socket paths must stay < 108 bytes
     dashboard = _free_port()
     bin_dir = str(Path(sys.executable).parent)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
