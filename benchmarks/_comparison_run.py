@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 import yaml
 
-from benchmarks import _common as C
 from benchmarks._comparison_train import Budget, Trained
+from benchmarks._results import REPO, append_results, machine, markdown_table
 from benchmarks._sampler import TreeSampler
 
-FIGURES = C.REPO / "benchmarks" / "figures"
+FIGURES = REPO / "benchmarks" / "figures"
 BOUNDARY_TOL = 3
 LABELS = {
     "resize": "resize-only", "patch": "patch-only", "magnet": "MagNet", "fctl": "FCtL",
@@ -54,12 +54,12 @@ def read_image(url: str) -> np.ndarray:
 
 def resize_only(checkpoint: str, image: np.ndarray, crop: int) -> np.ndarray:
     """The resize-only baseline: the whole image → ``crop``² as training saw it (2×2 means down the pyramid
-    to the level ``pipeline.crops.pyramid_level`` picks, then bilinear to ``crop``), one forward pass,
+    to the level ``pipeline.training.crops.pyramid_level`` picks, then bilinear to ``crop``), one forward pass,
     probabilities bilinear back to full size, argmax → ``(H, W)`` uint8."""
     import torch
 
-    from pipeline.crops import resize_image
-    from pipeline.predictor import PredictorConfig, TilePredictor
+    from pipeline.reader import resize_image
+    from pipeline.workers.predictor import PredictorConfig, TilePredictor
 
     predictor = TilePredictor(Path(checkpoint).read_bytes(), PredictorConfig(precision="fp32", torch_threads=2),
                               device="cpu")
@@ -134,7 +134,7 @@ def score(masks: dict[str, str], val: list[tuple[str, str, str]], classes: list[
           colors) -> dict[str, Any]:
     """Scores pooled over the validation images (one confusion matrix, summed boundary counts)."""
     from jobs.evaluate import score_pair, scores
-    from pipeline.metrics import BoundaryCounts
+    from pipeline.evaluation.metrics import BoundaryCounts
 
     cm, bc = np.zeros((len(classes), len(classes)), np.int64), BoundaryCounts(0, 0, 0, 0)
     for name, _, gt in val:
@@ -179,7 +179,7 @@ def write_figures(tag: str, val: list[tuple[str, str, str]], masks: dict[str, di
     """``benchmarks/figures/<tag>-<method>.png`` (image | truth | mask) per method and ``<tag>-all.png``, all of
     the same region (the window of a validation image showing the most ``focus`` classes); palette PNGs
     (256 colours) to stay small."""
-    from pipeline.masks import open_mask
+    from pipeline.evaluation.masks import open_mask
 
     def region(item):
         gt = np.asarray(open_mask(item[2], {}, colors=colors, unknown=255))
@@ -236,7 +236,7 @@ def table(methods: list[str], rows: dict[str, dict], costs: dict[str, dict], cla
         body.append([LABELS[m], f"**{_pct(r['miou'])}**", *(_pct(iou[c]) for c in shown),
                      _pct(r["boundary_f1"]["f1"]), f"{k['wall_s'] / megapixels:.2f}", f"{k['job_s'] / megapixels:.2f}",
                      f"{k['peak_rss'] / 2**30:.2f} GiB"])
-    return C.markdown_table(headers, body)
+    return markdown_table(headers, body)
 
 
 def targets(rows: dict[str, dict]) -> list[str]:
@@ -259,7 +259,7 @@ def targets(rows: dict[str, dict]) -> list[str]:
 
 def report(args, budget: Budget, methods: list[str], trained: dict[str, Trained], val, classes: list[str],
            exclude_names: list[str], work: Path, commands: list[str]) -> None:
-    from pipeline.palette import PALETTES
+    from pipeline.evaluation.palette import PALETTES
     from pipeline.synth import CLASSES
 
     synth = args.dataset == "synth"
@@ -313,4 +313,4 @@ def report(args, budget: Budget, methods: list[str], trained: dict[str, Trained]
         "| run | steps | seconds |", "|---|---|---|", *train_lines,
         "", "Commands:", "", "```", *commands, "```",
     ])
-    C.append_results(f"Context comparison, {args.dataset}", body, C.machine())
+    append_results(f"Context comparison, {args.dataset}", body, machine())

@@ -26,21 +26,21 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks import _common as C
 from benchmarks._comparison_train import Budget, train_all
+from benchmarks._results import REPO
 
 METHODS = ("resize", "patch", "magnet", "fctl", "patch+pointrend", "magnet+pointrend", "fctl+pointrend")
 SYNTH_SEED = 0
-DEEPGLOBE = C.REPO.parent / "shared" / "data" / "deepglobe-sample"
+DEEPGLOBE = REPO.parent / "shared" / "data" / "deepglobe-sample"
 
 
 def synth_data(work: Path, image: int, n_train: int, n_val: int) -> tuple[str, list[tuple[str, str, str]], list[str]]:
     """The synthetic archive and a dataset of its training images; returns (dataset, [(name, image, mask)], classes)."""
-    from pipeline.dataset_import import import_samples
-    from pipeline.dataset_pairs import Pair
-    from pipeline.discover import ImageRef
+    from pipeline.sources.discover import ImageRef
     from pipeline.synth import CLASSES, SynthConfig
-    from pipeline.synth_write import write_split
+    from pipeline.synth.write import write_split
+    from pipeline.training.dataset_import import import_samples
+    from pipeline.training.dataset_pairs import Pair
 
     split = write_split(str(work / "synth"), SynthConfig(height=image, width=image, seed=SYNTH_SEED),
                         train=n_train, val=n_val, dataset=False)

@@ -39,10 +39,10 @@ from typing import Any
 
 import yaml
 
-from benchmarks import _common as C
+from benchmarks._results import REPO, append_results, machine, markdown_table
 
 HEADS = ("fcn", "unet", "segnet", "deeplabv3", "ocrnet", "dupsampling", "fpn")
-DEFAULT_DATA = C.REPO.parent / "shared" / "data" / "deepglobe-sample"
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "deepglobe-sample"
 CLASS_NAMES = ("unknown", "urban", "agriculture", "rangeland", "forest", "water", "barren")
 N_EVAL = 2
 
@@ -69,7 +69,7 @@ def call(args: list[str], log_path: Path, commands: list[str]) -> float:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with log_path.open("w") as f:
-        rc = subprocess.call([*gigaseg(), *args], stdout=f, stderr=subprocess.STDOUT, cwd=C.REPO)
+        rc = subprocess.call([*gigaseg(), *args], stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
     seconds = time.perf_counter() - t0
     if rc:
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-15:])
@@ -183,7 +183,7 @@ def table(rows: list[dict]) -> str:
         body.append([head, r["output_stride"], f"{r['params_m']:.2f}", f"{r['train_s']:.0f}", f"{r['step_s']:.0f}",
                      f"{r['load'][0]:.1f} / {r['load'][1]:.1f}", r["steps"], f"{r['train_loss']:.3f}",
                      f"**{_pct(r['miou'])}**", _pct(r["pixel_accuracy"]), *(_pct(r["iou"][c]) for c in range(1, 7))])
-    return C.markdown_table(headers, body)
+    return markdown_table(headers, body)
 
 
 def main() -> None:
@@ -208,13 +208,13 @@ def main() -> None:
     args.steps = args.steps or (8 if args.quick else 160)
     args.epochs = min(args.epochs or (1 if args.quick else 4), args.steps)
     args.data, args.workdir = args.data.resolve(), args.workdir.resolve()
-    if args.workdir == C.REPO or C.REPO in args.workdir.parents:
+    if args.workdir == REPO or REPO in args.workdir.parents:
         p.error(f"--workdir {args.workdir} is inside the repository; DeepGlobe data must stay out of it")
 
     train_ids, eval_ids = split_ids(args.data)
     if args.quick:
         eval_ids = eval_ids[:1]
-    m = C.machine()
+    m = machine()
     commands: list[str] = []
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
     print(f"train ids: {' '.join(train_ids)}\neval ids: {' '.join(eval_ids)}\nimporting ...", flush=True)
@@ -282,7 +282,7 @@ Commands, in order (from the repository root):
     if a.no_results:
         return
     title = f"DeepGlobe heads{' (quick)' if a.quick else ''}, {a.encoder} width {a.width}, {rows[0]['steps']} steps"
-    C.append_results(title, body, m)
+    append_results(title, body, m)
 
 
 if __name__ == "__main__":

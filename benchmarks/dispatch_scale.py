@@ -31,8 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import _common as C
-from pipeline.worker import TileWorker
+from benchmarks._inputs import generate_scene, ray_temp_dir, scene_path
+from benchmarks._results import append_results, machine, markdown_table
+from pipeline.workers.worker import TileWorker
 
 
 class NullPredictor:
@@ -42,7 +43,7 @@ class NullPredictor:
         self.num_classes = num_classes
         self.device = "null"
 
-    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+    def __call__(self, stage: int, tiles: np.ndarray, inputs) -> np.ndarray:
         b, _, t, _ = tiles.shape
         return np.full((b, self.num_classes, t, t), 1.0 / self.num_classes, np.float16)
 
@@ -50,11 +51,11 @@ class NullPredictor:
 class NullWorker(TileWorker):
     """``TileWorker`` with its reads, writes and bookkeeping, and the null model."""
 
-    def __init__(self, checkpoint_url, storage_options, config, audit_dir=None, refiner_url=None):
+    def __init__(self, framework, storage_options, device=None, audit_dir=None):
         import os
         import threading
 
-        self.predictor = NullPredictor(4)
+        self.model = NullPredictor(4)
         self._model_lock = threading.Lock()
         self._arrays_lock = threading.Lock()
         self.audit_dir = None
@@ -66,16 +67,17 @@ class NoIOWorker(NullWorker):
     """Answers a call at once, without reading or writing: what is left is Ray and the driver's loop."""
 
     def run(self, batch):
-        from pipeline.worker import BatchResult
+        from pipeline.workers.worker import BatchResult
 
         return BatchResult(tiles=batch.tiles, seconds=0.0, model_seconds=0.0, megapixels=0.0, worker=self.name)
 
 
 def driver_ceiling(stage, per_call: int, workers: int, calls: int) -> dict:
     """Calls per second and driver CPU per call when workers answer at once (the driver is the bottleneck)."""
-    from pipeline.dispatch import PoolConfig, WorkerPool, batches
+    from pipeline.plan import PoolPlan
+    from pipeline.workers.dispatch import WorkerPool, batches
 
-    pool = WorkerPool("", {}, PoolConfig(workers=workers, gpus_per_worker=1, cpus_per_worker=0.5,
+    pool = WorkerPool(None, {}, PoolPlan(workers=workers, gpus_per_worker=1, cpus_per_worker=0.5,
                                          in_flight_per_worker=8), worker_cls=NoIOWorker)
     try:
         pool.info(timeout=120)
@@ -93,17 +95,17 @@ def driver_ceiling(stage, per_call: int, workers: int, calls: int) -> dict:
 def plan(scene: Path, work: Path, tile: int, overlap: int, classes: int):
     import zarr
 
-    from pipeline.output import create_tile_store
+    from pipeline.frameworks.base import ArrayRef, StagePlan
+    from pipeline.output.arrays import create_tile_store
     from pipeline.tiling import TileGrid
-    from pipeline.worker import ArrayRef, StagePlan
 
     arr = zarr.open_array(store=str(scene), mode="r")
     h, w = arr.shape[:2]
     grid = TileGrid(h, w, tile, overlap, margin=64)
     tiles_url = str(work / "tiles")
     create_tile_store(tiles_url, {}, (grid.ny, grid.nx, classes, tile, tile))
-    return StagePlan(image=ArrayRef(str(scene), "", "yxc", (h, w)), grid=grid, tiles_url=tiles_url,
-                     num_classes=classes)
+    return StagePlan(index=0, image=ArrayRef(str(scene), "", "yxc", (h, w)), grid=grid, tiles_url=tiles_url,
+                     maps_url=str(work / "maps"), num_classes=classes)
 
 
 def model_gflop(tile: int) -> float:
@@ -121,8 +123,8 @@ def model_gflop(tile: int) -> float:
 
 def plain_process(stage, batch: int, per_call: int) -> dict:
     """The same reads and writes in one process, no Ray: tiles/s."""
-    worker = NullWorker("", {}, None)
-    from pipeline.dispatch import batches
+    worker = NullWorker(None, {})
+    from pipeline.workers.dispatch import batches
 
     calls = batches(stage, stage.grid.indices(), batch, per_call)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -132,9 +134,10 @@ def plain_process(stage, batch: int, per_call: int) -> dict:
 
 
 def through_ray(stage, batch: int, per_call: int, workers: int) -> dict:
-    from pipeline.dispatch import PoolConfig, WorkerPool, batches
+    from pipeline.plan import PoolPlan
+    from pipeline.workers.dispatch import WorkerPool, batches
 
-    pool = WorkerPool("", {}, PoolConfig(workers=workers, gpus_per_worker=1, cpus_per_worker=0.5,
+    pool = WorkerPool(None, {}, PoolPlan(workers=workers, gpus_per_worker=1, cpus_per_worker=0.5,
                                          in_flight_per_worker=2), worker_cls=NullWorker)
     try:
         pool.info(timeout=120)  # actors up before the clock starts
@@ -166,13 +169,13 @@ def main() -> None:
 
     import ray
 
-    m = C.machine()
+    m = machine()
     gflop = model_gflop(args.tile)
     gpu_ms = gflop / args.gpu_tflops  # GFLOP / (TFLOP/s) = ms
-    scene = C.scene_path(args.workdir, args.size)
-    C.generate_scene(scene, args.size, chunk=512)
+    scene = scene_path(args.workdir, args.size)
+    generate_scene(scene, args.size, chunk=512)
     rows = []
-    with C.ray_temp_dir() as tmp:
+    with ray_temp_dir() as tmp:
         ray.init(address="local", num_cpus=2, num_gpus=args.workers, include_dashboard=False,
                  log_to_driver=False, configure_logging=False, _temp_dir=str(tmp))
         try:
@@ -209,10 +212,10 @@ def main() -> None:
                 shutil.rmtree(work, ignore_errors=True)
         finally:
             ray.shutdown()
-    table = C.markdown_table(
+    table = markdown_table(
         ["tiles per call", "tiles", "calls", "plain process tiles/s", f"Ray + Zarr tiles/s ({args.workers} null workers)",
          "Ray ÷ plain", "driver CPU µs / tile (whole run)"], rows)
-    ceiling = C.markdown_table(
+    ceiling = markdown_table(
         ["tiles per call", "calls", "calls/s measured", "driver CPU share", "driver CPU ms / call",
          "calls/s one driver core sustains", "tiles/s one driver dispatches", f"GPUs kept busy at {gpu_ms:.2f} GPU-ms/tile"],
         ceiling_rows)
@@ -228,7 +231,7 @@ def main() -> None:
                 f"here to measure it) → {gpu_ms:.2f} ms. Driver CPU counts every thread of the driver process "
                 f"(Ray's included) over the whole run, so it is an upper bound: part of it is per second, not per "
                 f"call. GPUs per driver = tiles/s one driver core dispatches × GPU s per tile. Target: ≥ 100.\n\n{table}\n")
-        C.append_results("Dispatch scale (null model)", body, m)
+        append_results("Dispatch scale (null model)", body, m)
 
 
 if __name__ == "__main__":

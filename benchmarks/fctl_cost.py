@@ -20,9 +20,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from benchmarks._common import (
-    append_results, cost_arguments, generate_scene, interleaved_runs, job_spec, machine, markdown_table, scene_path,
-)
+from benchmarks._cost import cost_arguments, interleaved_runs
+from benchmarks._inputs import generate_scene, job_spec, scene_path
+from benchmarks._results import append_results, machine, markdown_table
 
 CONTEXTS = [2, 4]
 
@@ -44,12 +44,13 @@ def bytes_read(spec, pyramid_url: str) -> tuple[int, int, float]:
     """(bytes of image chunks read, tiles, image megapixels) for every tile of ``spec``'s grid, in process."""
     import zarr
 
-    import pipeline.worker as worker_module
-    from jobs.runner import job_config, resolve_model
-    from pipeline import stages
-    from pipeline.output import create_tile_store, image_output
+    import pipeline.workers.worker as worker_module
+    from jobs.plan import job_plan, resolve_model
+    from pipeline.output.arrays import create_tile_store
+    from pipeline.output.layout import image_output
     from pipeline.pyramid import open_pyramid
-    from pipeline.worker import TileBatch, TileWorker
+    from pipeline.workers.predictor import DeviceConfig
+    from pipeline.workers.worker import TileBatch, TileWorker
 
     class Counting(zarr.storage.WrapperStore):
         total = 0
@@ -60,17 +61,14 @@ def bytes_read(spec, pyramid_url: str) -> tuple[int, int, float]:
                 Counting.total += len(buf)
             return buf
 
-    model = resolve_model(spec)
-    cfg = job_config(spec, model)
+    job = job_plan(spec, resolve_model(spec))
     work = Path(tempfile.mkdtemp(prefix="gsb-fctl-bytes-"))
     try:
         out = image_output(str(work), "scene", {})
         pyramid = open_pyramid(pyramid_url, {})
-        plan = stages.stage_plans(cfg, out, pyramid)[-1]
+        plan = job.framework.stages(pyramid, out, job.tiling, job.num_classes)[-1]
         grid = plan.grid
         create_tile_store(plan.tiles_url, {}, (grid.ny, grid.nx, plan.num_classes, grid.tile, grid.tile))
-        ckpt = work / "model.safetensors"
-        ckpt.write_bytes(model.checkpoint)
         original = worker_module.zarr_store
 
         def counted(url, storage_options=None, *, read_only=False):
@@ -79,7 +77,8 @@ def bytes_read(spec, pyramid_url: str) -> tuple[int, int, float]:
 
         worker_module.zarr_store = counted
         try:
-            worker = TileWorker(str(ckpt), {}, cfg.pool.predictor)
+            worker = TileWorker(job.framework, job.output.storage_options,
+                                DeviceConfig(job.pool.precision, job.pool.torch_threads))
             Counting.total = 0
             indices = grid.indices()
             for i in range(0, len(indices), 8):

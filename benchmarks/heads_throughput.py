@@ -23,7 +23,8 @@ import time
 
 import torch
 
-from benchmarks import _common as C
+from benchmarks._results import append_results, machine, markdown_table
+from benchmarks._timing import model_timing_args, time_forward
 from models import DECODERS, ModelConfig, build_model
 
 ENCODER, WIDTH, CLASSES = "resnet18", 64, 4
@@ -31,11 +32,11 @@ THREADS = 2
 
 
 def main() -> None:
-    args = C.model_timing_args(__doc__.split("\n")[0])
+    args = model_timing_args(__doc__.split("\n")[0])
     tile, warmup, batches = args.tile, args.warmup, args.batches
 
     torch.set_num_threads(THREADS)
-    m = C.machine()
+    m = machine()
     x = torch.randn(args.batch, 3, tile, tile, generator=torch.Generator().manual_seed(0))
     x = x.contiguous(memory_format=torch.channels_last)
     megapixels = args.batch * tile * tile / 1e6
@@ -57,12 +58,12 @@ def main() -> None:
     times: dict[tuple[str, str], list[float]] = {(r["head"], p): [] for r, p in pairs}
     for r, label in pairs:
         for _ in range(warmup):
-            C.time_forward(models[r["head"]], x, precisions[label])
+            time_forward(models[r["head"]], x, precisions[label])
     rounds = 0
     for rounds in range(1, batches + 1):
         shift = (rounds - 1) % len(pairs)
         for r, label in pairs[shift:] + pairs[:shift]:
-            times[r["head"], label].append(C.time_forward(models[r["head"]], x, precisions[label]))
+            times[r["head"], label].append(time_forward(models[r["head"]], x, precisions[label]))
         print(f"round {rounds}/{batches} done at {time.perf_counter() - t0:.0f} s", flush=True)
         if rounds >= 2 and time.perf_counter() - t0 > args.budget:
             break
@@ -76,7 +77,7 @@ def main() -> None:
     fpn = next(r for r in rows if r["head"] == "fpn")
     headers = ["head", "model", "output stride", "head output stride", "params (M)",
                "bf16 MP/s (median)", "fp32 MP/s (median)", "bf16 ÷ fp32", "bf16 ÷ FPN", "fp32 ÷ FPN"]
-    table = C.markdown_table(headers, [
+    table = markdown_table(headers, [
         [r["head"], r["name"], r["os"], r["stride"], f"{r['params']:.2f}",
          f"{r['bf16']:.2f} ({r['bf16 median']:.2f})", f"{r['fp32']:.2f} ({r['fp32 median']:.2f})",
          f"{r['bf16'] / r['fp32']:.2f}", f"{r['bf16'] / fpn['bf16']:.2f}",
@@ -97,7 +98,7 @@ def main() -> None:
     )
     print()
     print(table)
-    C.append_results(f"Heads throughput, {ENCODER} width {WIDTH}, {tile}²", body, m)
+    append_results(f"Heads throughput, {ENCODER} width {WIDTH}, {tile}²", body, m)
 
 
 if __name__ == "__main__":

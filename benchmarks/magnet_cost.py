@@ -17,9 +17,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from benchmarks._common import (
-    append_results, cost_arguments, generate_scene, interleaved_runs, job_spec, machine, markdown_table, scene_path,
-)
+from benchmarks._cost import cost_arguments, interleaved_runs
+from benchmarks._inputs import generate_scene, job_spec, scene_path
+from benchmarks._results import append_results, machine, markdown_table
 
 
 def _spec(inputs: Path, output: Path, *, args, framework: str, refiner_width: int = 64, patches: float | None = None):

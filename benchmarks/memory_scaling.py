@@ -24,8 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import _common as C
+from benchmarks._inputs import generate_scene, job_spec, ray_temp_dir, scene_path, scene_ready
+from benchmarks._results import REPO, append_results, machine, machine_line, markdown_table
 from benchmarks._sampler import TreeSampler
+from benchmarks._timing import Phases, check_ok
 
 TARGET = 1.15
 ROLES = ("driver", "ray system", "ray workers")
@@ -52,20 +54,20 @@ def run_one(args) -> dict:
 
     size = args.one
     out = args.workdir / f"out-{size}"
-    spec = C.job_spec(C.scene_path(args.workdir, size).parent, out, width=args.width, precision=args.precision,
+    spec = job_spec(scene_path(args.workdir, size).parent, out, width=args.width, precision=args.precision,
                       classes=args.classes, tile=args.tile, overlap=args.overlap, batch=args.batch,
                       workers=args.workers, threads=1)
-    phases = C.Phases()
+    phases = Phases()
     try:
-        with C.ray_temp_dir() as tmp, phases.around_run_spec(), TreeSampler(
+        with ray_temp_dir() as tmp, TreeSampler(
             interval=args.interval, pss_interval=args.pss_interval, marker=str(tmp), phase=lambda: phases.current
         ) as sampler:
             t0 = time.perf_counter()
-            results = run_spec(spec, progress=ProgressBar(interval=30))
+            results = run_spec(spec, progress=ProgressBar(interval=30), events=phases)
             wall = time.perf_counter() - t0
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    C.check_ok(results)
+    check_ok(results)
     return {
         "size": size, "tiles": results[0].tiles_run, "seconds": wall, "phases": dict(phases.seconds),
         "peak_rss": sampler.peak_rss, "peak_pss": sampler.peak_pss, "rss_roles": sampler.peak_rss_roles,
@@ -85,7 +87,7 @@ def subprocess_args(args, flag: str, size: int) -> list[str]:
 
 def in_fresh_process(args, flag: str, size: int) -> dict:
     """Run this module with ``flag size`` in a new interpreter; its last stdout line is a JSON result."""
-    proc = subprocess.run(subprocess_args(args, flag, size), cwd=C.REPO, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.run(subprocess_args(args, flag, size), cwd=REPO, stdout=subprocess.PIPE, text=True)
     if proc.returncode:
         raise SystemExit(f"{flag} {size} failed (exit {proc.returncode}); its stderr is above")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -94,18 +96,18 @@ def in_fresh_process(args, flag: str, size: int) -> dict:
 def report(args, rows: list[dict], skipped: list[str]) -> str:
     gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
     base = rows[0]
-    main = C.markdown_table(
+    main = markdown_table(
         ["size", "MP", "tiles", "seconds", "peak ΣRSS", "peak ΣPSS", "ΣRSS ÷ smallest", "ΣPSS ÷ smallest",
          "CPU used by others"],
         [[f"{r['size']}²", f"{r['size'] ** 2 / 1e6:.0f}", r["tiles"], f"{r['seconds']:.0f}", gib(r["peak_rss"]),
           gib(r["peak_pss"]), f"{r['peak_rss'] / base['peak_rss']:.3f}", f"**{r['peak_pss'] / base['peak_pss']:.3f}**",
           f"{100 * r['other_load']:.0f} %"] for r in rows])
-    roles = C.markdown_table(
+    roles = markdown_table(
         ["size", "peak ΣPSS during", *(f"{x} PSS" for x in ROLES), "peak ΣRSS during", *(f"{x} RSS" for x in ROLES),
          "processes", "non-descendants"],
         [[f"{r['size']}²", r["pss_at"], *(f"{r['pss_roles'].get(x, 0) / MIB:.0f} MiB" for x in ROLES), r["rss_at"],
           *(f"{r['rss_roles'].get(x, 0) / MIB:.0f} MiB" for x in ROLES), r["max_procs"], r["strays"]] for r in rows])
-    phases = C.markdown_table(
+    phases = markdown_table(
         ["size", *(f"{p}" for p in PHASES)],
         [[f"{r['size']}²", *(f"{r['phases'].get(p, 0):.0f} s / {r['rss_by_phase'].get(p, 0) / MIB:.0f} MiB"
                             for p in PHASES)] for r in rows])
@@ -148,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("gigaseg.progress").setLevel(logging.INFO)
     if args.generate:
-        seconds = C.generate_scene(C.scene_path(args.workdir, args.generate), args.generate)
+        seconds = generate_scene(scene_path(args.workdir, args.generate), args.generate)
         print(json.dumps({"seconds": seconds}))
         return
     if args.one:
@@ -157,8 +159,8 @@ def main(argv: list[str] | None = None) -> None:
 
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else ([2048, 4096] if args.quick else [8192, 16384, 32768])
     args.workdir.mkdir(parents=True, exist_ok=True)
-    m = C.machine()
-    print(C.machine_line(m))
+    m = machine()
+    print(machine_line(m))
     need = sum(s * s * 3 for s in sizes) + max(run_disk(s, args) for s in sizes)  # scenes stay, outputs go
     free = shutil.disk_usage(args.workdir).free
     print(f"disk: up to {need / 2**30:.1f} GiB needed (uncompressed bound), {free / 2**30:.1f} GiB free under {args.workdir}")
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
                                f"{args.max_minutes:g})")
                 print(f"skipping {size}²: {skipped[-1]}")
                 continue
-        if not C.scene_ready(C.scene_path(args.workdir, size), size):
+        if not scene_ready(scene_path(args.workdir, size), size):
             print(f"generating the {size}² scene ...", flush=True)
             print(f"  {in_fresh_process(args, '--generate', size)['seconds']:.0f} s")
         print(f"running {size}² ({grid_tiles(size, args)} tiles) ...", flush=True)
@@ -187,10 +189,10 @@ def main(argv: list[str] | None = None) -> None:
     print("\n" + body)
     if not args.no_results:
         done = ", ".join(f"{r['size']}²" for r in rows)
-        C.append_results(f"Memory scaling, {done}{' (quick)' if args.quick else ''}", body, m)
+        append_results(f"Memory scaling, {done}{' (quick)' if args.quick else ''}", body, m)
     if args.clean:
         for size in sizes:
-            shutil.rmtree(C.scene_path(args.workdir, size).parent, ignore_errors=True)
+            shutil.rmtree(scene_path(args.workdir, size).parent, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import _common as C
+from benchmarks._inputs import archive, archive_path, generate_scene, job_spec, ray_temp_dir, scene_path
+from benchmarks._results import append_results, machine, machine_line, markdown_table
 from benchmarks._sampler import TreeSampler
+from benchmarks._timing import Phases, TileClock, check_ok
 
 TARGET = 0.9
 PHASES = ["model", "ray start", "actors", "ingest", "tiles", "blend", "label pyramid", "shutdown"]
@@ -54,7 +56,7 @@ def read_tiles(scene: Path, tiling) -> tuple[np.ndarray, int]:
 def bare_model(checkpoint: bytes, tiles: np.ndarray, batch: int, threads: int, precision: str, passes: int = 1) -> dict:
     """The predictor on every tile in batches of ``batch``, ``passes`` times, after one warm-up batch: seconds,
     CPU-seconds and the share of the machine's CPU other processes used meanwhile."""
-    from pipeline.predictor import PredictorConfig, TilePredictor
+    from pipeline.workers.predictor import PredictorConfig, TilePredictor
 
     predictor = TilePredictor(checkpoint, PredictorConfig(precision=precision, torch_threads=threads))
     predictor(tiles[:batch])
@@ -72,21 +74,21 @@ def pipeline_run(args, workers: int, threads: int) -> dict:
     from jobs.runner import run_spec
 
     out = args.workdir / f"out-{workers}x{threads}"
-    spec = C.job_spec(args.inputs, out, width=args.width, precision=args.precision, classes=args.classes,
+    spec = job_spec(args.inputs, out, width=args.width, precision=args.precision, classes=args.classes,
                       tile=args.tile, overlap=args.overlap, batch=args.batch, workers=workers, threads=threads,
                       failure="continue")
-    clock, batches = C.TileClock(), []
+    clock, batches = TileClock(), []
     try:
-        with C.ray_temp_dir() as tmp:
+        with ray_temp_dir() as tmp:
             sampler = TreeSampler(interval=0.5, marker=str(tmp))
-            phases = C.Phases(cpu_clock=sampler.tree_cpu)
-            with sampler, phases.around_run_spec(batches.append):
+            phases = Phases(cpu_clock=sampler.tree_cpu, on_batch=batches.append)
+            with sampler:
                 t0 = time.perf_counter()
-                results = run_spec(spec, progress=clock)
+                results = run_spec(spec, progress=clock, events=phases)
                 wall = time.perf_counter() - t0
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    C.check_ok(results)
+    check_ok(results)
     return {"seconds": wall, "cpu": sampler.own_cpu, "other_load": sampler.other_load, "phases": dict(phases.seconds),
             "phase_cpu": dict(phases.cpu), "clock": clock, "batches": batches,
             "tiles": sum(r.tiles_run for r in results), "workers": workers, "threads": threads}
@@ -113,7 +115,7 @@ def report(args, bare_runs: list[dict], runs: list[dict], n_tiles: int) -> str:
         rows.append([f"pipeline {r['name']}, tile phase", r["tiles"], f"{mp:.1f}", f"{tile_s:.1f}", f"{mp / tile_s:.2f}",
                      f"{r['bare']['seconds'] / tile_s:.3f}", f"{r['phase_cpu'].get('tiles', 0) / mp:.2f}",
                      f"{r['bare']['cpu'] / r['phase_cpu'].get('tiles', 1e-9):.3f}", ""])
-    main = C.markdown_table(["config", "tiles", "tile MP", "seconds", "MP/s", "ratio to bare", "CPU s / MP",
+    main = markdown_table(["config", "tiles", "tile MP", "seconds", "MP/s", "ratio to bare", "CPU s / MP",
                              "CPU ratio to bare", "CPU used by others"], rows)
 
     prow, lines = [], []
@@ -131,7 +133,7 @@ def report(args, bare_runs: list[dict], runs: list[dict], n_tiles: int) -> str:
                      f"(+{r['seconds'] - r['bare']['seconds']:.1f} s): {outside:.1f} s outside the tile phase "
                      f"({pct(outside / r['seconds'])} of the run), {ph.get('tiles', 0.0) - r['bare']['seconds']:+.1f} s "
                      f"in the tile phase beyond the bare model.")
-    breakdown = C.markdown_table(
+    breakdown = markdown_table(
         ["config", *PHASES, "other", "total", "steady MP/s", "model busy, tile phase", "model busy, end to end"],
         prow)
     verdicts = []
@@ -191,17 +193,17 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    m = C.machine()
-    print(C.machine_line(m))
+    m = machine()
+    print(machine_line(m))
 
-    scene = C.scene_path(args.workdir, args.size)
-    gen = C.generate_scene(scene, args.size)
+    scene = scene_path(args.workdir, args.size)
+    gen = generate_scene(scene, args.size)
     print(f"scene {scene}: {'generated in %.0f s' % gen if gen else 'cached'}")
-    args.inputs = scene.parent if args.images == 1 else C.archive(
-        scene, C.archive_path(args.workdir, args.size, args.images), args.images)
+    args.inputs = scene.parent if args.images == 1 else archive(
+        scene, archive_path(args.workdir, args.size, args.images), args.images)
     from jobs.runner import resolve_model
 
-    spec = C.job_spec(scene.parent, args.workdir / "unused", width=args.width, precision=args.precision,
+    spec = job_spec(scene.parent, args.workdir / "unused", width=args.width, precision=args.precision,
                       classes=args.classes, tile=args.tile, overlap=args.overlap, batch=args.batch, workers=1, threads=t)
     checkpoint = resolve_model(spec).checkpoint
     tiles, per_image = read_tiles(scene, spec.tiling)
@@ -230,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n" + body)
     if not args.no_results:
         size = f"{args.size}²" if args.images == 1 else f"{args.images} × {args.size}²"
-        C.append_results(f"Pipeline efficiency, {size}{' (quick)' if args.quick else ''}", body, m)
+        append_results(f"Pipeline efficiency, {size}{' (quick)' if args.quick else ''}", body, m)
     if args.clean:
         shutil.rmtree(scene.parent, ignore_errors=True)
         if args.images > 1:

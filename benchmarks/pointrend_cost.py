@@ -22,18 +22,19 @@ import time
 
 import torch
 
-from benchmarks import _common as C
+from benchmarks._results import append_results, machine, markdown_table
+from benchmarks._timing import model_timing_args, time_forward
 from models import ModelConfig, build_model
 
 NAME, WIDTH, CLASSES, THREADS = "fpn_resnet18", 64, 4, 2
 
 
 def main() -> None:
-    args = C.model_timing_args(__doc__.split("\n")[0])
+    args = model_timing_args(__doc__.split("\n")[0])
     tile, warmup, batches = args.tile, args.warmup, args.batches
 
     torch.set_num_threads(THREADS)
-    m = C.machine()
+    m = machine()
     config = ModelConfig(NAME, num_classes=CLASSES, width=WIDTH, refine="pointrend")
     pointrend = build_model(config, seed=0).eval().to(memory_format=torch.channels_last)
     models = {"plain": pointrend.segmenter, "pointrend": pointrend}  # one set of base weights
@@ -47,12 +48,12 @@ def main() -> None:
     times: dict[tuple[str, str], list[float]] = {p: [] for p in pairs}
     for name, label in pairs:
         for _ in range(warmup):
-            C.time_forward(models[name], x, precisions[label])
+            time_forward(models[name], x, precisions[label])
     rounds = 0
     for rounds in range(1, batches + 1):
         shift = (rounds - 1) % len(pairs)
         for name, label in pairs[shift:] + pairs[:shift]:
-            times[name, label].append(C.time_forward(models[name], x, precisions[label]))
+            times[name, label].append(time_forward(models[name], x, precisions[label]))
         print(f"round {rounds}/{batches} done at {time.perf_counter() - t0:.0f} s", flush=True)
         if rounds >= 2 and time.perf_counter() - t0 > args.budget:
             break
@@ -70,7 +71,7 @@ def main() -> None:
         ])
     headers = ["precision", "plain s/MP (median)", "PointRend s/MP (median)", "added s/MP",
                "PointRend ÷ plain", "÷ (medians)"]
-    table = C.markdown_table(headers, rows)
+    table = markdown_table(headers, rows)
     head_params = sum(p.numel() for p in pointrend.point_head.parameters())
     native = "native: avx512_bf16/AMX" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "emulated"
     body = (
@@ -86,7 +87,7 @@ def main() -> None:
     )
     print()
     print(table)
-    C.append_results(f"PointRend cost, {NAME} width {WIDTH}, {tile}²", body, m)
+    append_results(f"PointRend cost, {NAME} width {WIDTH}, {tile}²", body, m)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import _common as C
+from benchmarks._inputs import ray_temp_dir
+from benchmarks._results import append_results, machine, machine_line, markdown_table
 
 for _k, _v in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
                ("AWS_DEFAULT_REGION", "us-east-1"), ("RAY_USAGE_STATS_ENABLED", "0")):
@@ -64,8 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     from tests.s3count import CountingMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the server's line per request
-    m = C.machine()
-    print(C.machine_line(m))
+    m = machine()
+    print(machine_line(m))
     server = CountingMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         options = {"endpoint_url": f"http://{host}:{port}"}
         bucket = "bench-s3-requests"
         s3fs.S3FileSystem(**options).mkdir(bucket)
-        with C.ray_temp_dir():
+        with ray_temp_dir():
             by_area, tiles = count_run(Path(tempfile.mkdtemp(prefix="gsb-s3-")), bucket, options, server.counter)
         reads = input_reads(bucket, options, server.counter, args.batch)
     finally:
@@ -94,17 +95,17 @@ def main(argv: list[str] | None = None) -> None:
         f"{tiles} tiles of 256² (overlap 64, margin 32, batch 4), 512² mask chunks, embedded local Ray, "
         "2 workers; input and output on the server.",
         "",
-        C.markdown_table(["part of the job", *kinds, "all"], rows),
+        markdown_table(["part of the job", *kinds, "all"], rows),
         "",
         f"Budget of `tests/jobs/test_s3_requests.py`: {'every pair within it' if not over else f'OVER: {over}'}.",
         "",
         "The input reads alone, every tile of the same grid read from the same server, side by side:",
         "",
-        C.markdown_table(["reads", "tiles", "GETs", "GETs / tile", "seconds"], reads),
+        markdown_table(["reads", "tiles", "GETs", "GETs / tile", "seconds"], reads),
     ])
     print("\n" + body)
     if not args.no_results:
-        C.append_results("S3 requests per tile", body, m)
+        append_results("S3 requests per tile", body, m)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """``gigaseg`` command line: validate, run, status, demo, synth, train, import-pairs, eval, submit, logs, job-status.
 
-Exit codes: 0 every image succeeded (or was already done), 1 some image failed, 2 the spec or the
-command line is wrong. Problems print one line each; ``--debug`` adds tracebacks.
+Exit codes (``jobs.console``, the same for every command): 0 every image succeeded (or was already done), 1 some
+image failed, 2 the spec or the command line is wrong. Problems print one line each; ``--debug`` adds tracebacks.
 """
 
 from __future__ import annotations
@@ -11,11 +11,16 @@ import json
 import logging
 import sys
 
-from jobs.spec import SpecError, load_spec
+from jobs.console import EXIT_FAILED, EXIT_OK, EXIT_USAGE, error, print_problems, print_results, report_error
+from jobs.spec import load_spec
+from models.errors import GigasegError
+from pipeline.errors import SpecError
+
+# Each command's own module is imported when that command runs (the function-local imports below): the
+# runner, training, evaluation and submission pull in Ray, Dask and their clients, about a second of start-up
+# that `gigaseg validate`, `status` and `--help` do not need.
 
 log = logging.getLogger("gigaseg")
-
-EXIT_OK, EXIT_FAILED, EXIT_SPEC = 0, 1, 2
 
 
 def _setup_logging(debug: bool, quiet: bool = False) -> None:
@@ -25,54 +30,27 @@ def _setup_logging(debug: bool, quiet: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING if not debug else logging.INFO)
 
 
-def _print_problems(err: SpecError) -> None:
-    for line in err.problems:
-        print(f"error: {err.source}: {line}" if not line.startswith(err.source) else f"error: {line}", file=sys.stderr)
-
-
 def cmd_validate(args) -> int:
     try:
         spec = load_spec(args.spec, args.set)
     except SpecError as err:
-        _print_problems(err)
-        return EXIT_SPEC
+        print_problems(err)
+        return EXIT_USAGE
     print(f"{args.spec}: ok")
     if args.echo:
         print(spec.echo(), end="")
     return EXIT_OK
 
 
-def print_table(results) -> None:
-    rows = [("image", "status", "shape", "tiles", "seconds", "MP/s", "error")]
-    for r in results:
-        shape = "×".join(map(str, r.shape)) if r.shape else "-"
-        rows.append((r.name, r.status, shape, str(r.tiles), f"{r.seconds:.1f}",
-                     f"{r.megapixels_per_s:.2f}", (r.error or "")[:100]))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
-
-
 def cmd_run(args) -> int:
     from jobs.runner import run_spec
-    from pipeline.errors import GigasegError
 
     try:
         spec = load_spec(args.spec, args.set)
-    except SpecError as err:
-        _print_problems(err)
-        return EXIT_SPEC
-    try:
         results = run_spec(spec, audit_dir=args.audit_writes)
-    except SpecError as err:
-        _print_problems(err)
-        return EXIT_SPEC
-    except GigasegError as err:
-        print(f"error: {err}", file=sys.stderr)
-        if args.debug:
-            raise
-        return EXIT_SPEC if isinstance(err, FileNotFoundError) else EXIT_FAILED
-    print_table(results)
+    except GigasegError as err:  # anything else is a bug: main's last line of defence
+        return report_error(err, args.debug)
+    print_results(results)
     print(f"masks: {spec.output.url}/<name>.zarr/labels/{spec.output.label_name}  report: {spec.output.url}/report.json")
     return EXIT_FAILED if any(r.status == "failed" for r in results) else EXIT_OK
 
@@ -84,8 +62,7 @@ def cmd_status(args) -> int:
     try:
         st = status(args.output, options)
     except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_SPEC
+        return report_error(err, args.debug)
     if args.json:
         print(json.dumps(st, indent=2))
     else:
@@ -113,7 +90,7 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 def cmd_synth(args) -> int:
     from pipeline.synth import SynthConfig
-    from pipeline.synth_write import write_split
+    from pipeline.synth.write import write_split
 
     try:
         h, w = _parse_size(args.size)
@@ -124,8 +101,8 @@ def cmd_synth(args) -> int:
     except ValueError as err:  # a bad size, count, seed or option (GigasegErrors from writing go further up)
         if args.debug:
             raise
-        print(f"error: synth: {err}", file=sys.stderr)
-        return EXIT_SPEC
+        error(f"synth: {err}")
+        return EXIT_USAGE
     out = args.output.rstrip("/")
     print(f"{out}: {len(split.train)} train + {len(split.val)} val images of {h}×{w} px (base seed {args.seed})")
     print(f"  images (`gigaseg run` inputs.url): {out}/train/images  {out}/val/images")
@@ -187,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from jobs.eval_cli import add_eval_parser
     from jobs.submit import add_submit_parsers
-    from jobs.train_cli import add_import_parser, add_train_parser
+    from jobs.train.cli import add_import_parser, add_train_parser
 
     add_train_parser(sub)
     add_import_parser(sub)
@@ -207,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # the last line of defence: one line, traceback only with --debug
         if args.debug:
             raise
-        print(f"error: {type(err).__name__}: {err}".splitlines()[0], file=sys.stderr)
+        error(f"{type(err).__name__}: {err}")
         return EXIT_FAILED
 
 

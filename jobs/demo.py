@@ -7,13 +7,11 @@ its uint8 truth is held whole, to write the PNG), a tiled BigTIFF, a grayscale u
 and a JPEG. The ground truth of each goes to ``<output>/truth/<name>.png`` (class ids), the scores to
 ``<output>/scores.json``, and ``<output>/preview/index.html`` shows image | truth | mask of each, downscaled
 (one PNG per image).
-
-``land_cover`` below is the older, simpler scene generator (four smooth regions and roads) that many tests
-still use as an input: it is not part of the demo any more.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import os
@@ -23,56 +21,21 @@ from pathlib import Path
 
 import dask.array as da
 import numpy as np
+import tifffile
 import yaml
+import zarr
+from PIL import Image
+
+from jobs.console import EXIT_FAILED, EXIT_OK, EXIT_USAGE, print_results
+from jobs.evaluate import score_pair, scores
+from jobs.runner import run_spec
+from jobs.spec import parse_spec
+from pipeline.evaluation.masks import open_mask
+from pipeline.evaluation.metrics import BoundaryCounts
+from pipeline.sources.discover import _safe_name
+from pipeline.synth import CLASSES, SynthConfig, image_and_labels, synth_dask
 
 log = logging.getLogger(__name__)
-
-DEMO_CLASSES = [
-    {"name": "background", "color": [0, 0, 0]},
-    {"name": "field", "color": [255, 255, 0]},
-    {"name": "forest", "color": [0, 160, 0]},
-    {"name": "water", "color": [0, 90, 255]},
-]
-
-
-def _hash_noise(yy: np.ndarray, xx: np.ndarray, seed: int) -> np.ndarray:
-    """Per-pixel noise in [0, 1) from integer coordinates (no RNG state: chunking cannot show)."""
-    h = (yy.astype(np.uint64) * np.uint64(73856093)) ^ (xx.astype(np.uint64) * np.uint64(19349663))
-    h ^= np.uint64(seed * 83492791 + 1)
-    h = (h * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)
-    return (h & np.uint64(0xFFFF)).astype(np.float32) / 65536.0
-
-
-def _regions(yy: np.ndarray, xx: np.ndarray, seed: int) -> np.ndarray:
-    """Region class 0–3 of each pixel: thresholds of a sum of four seeded plane waves."""
-    fy, fx = yy.astype(np.float32), xx.astype(np.float32)
-    rng = np.random.default_rng(seed)
-    field = np.zeros(yy.shape, np.float32)
-    for _ in range(4):
-        ky, kx = rng.uniform(0.0008, 0.006, 2)
-        ph = rng.uniform(0, 2 * np.pi)
-        field += np.sin(ky * fy + kx * fx + ph)
-    return np.digitize(field, [-1.2, 0.0, 1.3])
-
-
-def land_cover_labels(y0: int, x0: int, h: int, w: int, seed: int = 0) -> np.ndarray:
-    """The region classes (0–3, as ``DEMO_CLASSES``) under ``land_cover``'s pixels: ``(h, w)`` uint8."""
-    yy, xx = np.meshgrid(np.arange(y0, y0 + h), np.arange(x0, x0 + w), indexing="ij")
-    return _regions(yy, xx, seed).astype(np.uint8)
-
-
-def land_cover(y0: int, x0: int, h: int, w: int, seed: int = 0) -> np.ndarray:
-    """RGB uint8 ``(h, w, 3)`` of the window at ``(y0, x0)`` of an endless synthetic scene."""
-    yy, xx = np.meshgrid(np.arange(y0, y0 + h), np.arange(x0, x0 + w), indexing="ij")
-    fy, fx = yy.astype(np.float32), xx.astype(np.float32)
-    cls = _regions(yy, xx, seed)
-    palette = np.array([[120, 110, 90], [200, 190, 80], [40, 110, 40], [30, 60, 140]], np.float32)
-    rgb = palette[cls]
-    road = (np.abs(((fx + 0.3 * fy) % 1500) - 750) < 3) | (np.abs((fy % 2100) - 1000) < 2)
-    rgb[road] = (170, 170, 170)
-    rgb += (_hash_noise(yy, xx, seed)[..., None] - 0.5) * 40
-    return np.clip(rgb, 0, 255).astype(np.uint8)
-
 
 # ---------------------------------------------------------------- the demo archive (synthetic, with ground truth)
 
@@ -86,7 +49,7 @@ PREVIEW_SIDE = 512
 
 @dataclass(frozen=True)
 class DemoImage:
-    name: str  # pipeline.discover's name of the file
+    name: str  # pipeline.sources.discover's name of the file
     path: Path
     height: int
     width: int
@@ -107,12 +70,6 @@ def _configs(large: int) -> list[tuple[str, str, int, int, str]]:
 
 
 def _write_one(path: Path, how: str, cfg, truth: Path) -> None:
-    import tifffile
-    import zarr
-    from PIL import Image
-
-    from pipeline.synth import image_and_labels, synth_dask
-
     if how == "zarr":
         image, labels = synth_dask(cfg)
         arr = zarr.create_array(store=str(path), shape=image.shape, chunks=(3, 512, 512), dtype="uint8",
@@ -138,9 +95,6 @@ def _write_one(path: Path, how: str, cfg, truth: Path) -> None:
 def make_archive(root: Path, large: int = 8192) -> list[DemoImage]:
     """Write the demo archive under ``root/archive`` and its ground truth under ``root/truth``; images already
     there with the same size and seed are kept (``root/archive.json`` records them)."""
-    from pipeline.discover import _safe_name
-    from pipeline.synth import SynthConfig
-
     archive, truth = root / "archive", root / "truth"
     (archive / "tiles").mkdir(parents=True, exist_ok=True)
     truth.mkdir(parents=True, exist_ok=True)
@@ -176,10 +130,6 @@ def demo_spec(root: Path) -> dict:
 
 def score_images(root: Path, images: list[DemoImage], masks_url: str) -> dict:
     """Per image and pooled: mIoU over the 7 synth classes, per-class IoU, boundary F1 (3 px) vs the truth."""
-    from jobs.evaluate import score_pair, scores
-    from pipeline.metrics import BoundaryCounts
-    from pipeline.synth import CLASSES
-
     names = [n for n, _ in CLASSES]
     out, cm_all, bc_all = {}, np.zeros((len(names),) * 2, np.int64), BoundaryCounts(0, 0, 0, 0)
     for im in images:
@@ -193,14 +143,6 @@ def score_images(root: Path, images: list[DemoImage], masks_url: str) -> dict:
 
 def write_preview(root: Path, images: list[DemoImage], masks_url: str, table: dict) -> Path:
     """``root/preview/<name>.png`` (image | truth | mask, each at most ``PREVIEW_SIDE`` px) and ``index.html``."""
-    import html
-
-    import zarr
-    from PIL import Image
-
-    from pipeline.masks import open_mask
-    from pipeline.synth import CLASSES
-
     lut = np.zeros((256, 3), np.uint8)
     lut[: len(CLASSES)] = [c for _, c in CLASSES]
     preview = root / "preview"
@@ -229,14 +171,10 @@ def write_preview(root: Path, images: list[DemoImage], masks_url: str, table: di
 
 
 def run_demo(output: str, large: int = 8192) -> int:
-    from jobs.cli import EXIT_FAILED, EXIT_OK, EXIT_SPEC, print_table
-    from jobs.runner import run_spec
-    from jobs.spec import parse_spec
-
     if large <= 1024:
         print(f"--large {large}: must be over 1024 px (MagNet's {MAGNET_SCALES} scales need 4 pyramid levels, and the "
               "pyramid stops at 256 px); try 2448")
-        return EXIT_SPEC
+        return EXIT_USAGE
     root = Path(output).resolve()
     t0 = time.perf_counter()
     print(f"generating the demo archive under {root / 'archive'} (largest image {large}×{large}) ...")
@@ -248,7 +186,7 @@ def run_demo(output: str, large: int = 8192) -> int:
     print(f"running MagNet ({MAGNET_SCALES} scales) with PointRend on a local Ray cluster: {spec.resources.workers} "
           f"workers × {spec.resources.gpus_per_worker:g} logical GPU, {os.cpu_count()} CPU cores")
     results = run_spec(spec)
-    print_table(results)
+    print_results(results)
     failed = any(r.status == "failed" for r in results)
     done = {r.name for r in results if r.status in ("ok", "skipped")}
     images = [im for im in images if im.name in done]

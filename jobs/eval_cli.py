@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from collections.abc import Mapping
 from typing import Any
 
+from jobs.console import EXIT_FAILED, EXIT_OK, EXIT_USAGE, error
 from jobs.eval_report import format_table
-from jobs.evaluate import EXIT_ARGS, EXIT_FAILED, EXIT_OK, evaluate_job
 from jobs.evaluate import __doc__ as EVAL_DOC
-from pipeline.errors import GigasegError
-from pipeline.masks import _ZARR_MARKERS
+from jobs.evaluate import evaluate_job
+from models.errors import GigasegError
+from pipeline.evaluation.masks import _ZARR_MARKERS
 from pipeline.storage import filesystem, fs_path, join
 
 log = logging.getLogger(__name__)
@@ -68,18 +68,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except (GigasegError, FileNotFoundError, ValueError) as err:  # json.JSONDecodeError is a ValueError
         if getattr(args, "debug", False):
             raise
-        print(f"error: {err}".splitlines()[0], file=sys.stderr)
-        return EXIT_ARGS
+        error(str(err))
+        return EXIT_USAGE
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     for row in result["images"]:
         if row["status"] == "error":
-            print(f"error: {row['name']}: {row['error']}".splitlines()[0], file=sys.stderr)
+            error(f"{row['name']}: {row['error']}")
     if result["counts"]["error"]:
         return EXIT_FAILED
     if not result["counts"]["ok"]:
-        print(f"error: no ground truth under {args.gt} for any of the {len(result['images'])} image(s) (looked for "
-              "<name>.zarr|.png|.tif and <name>_mask.*); check GT", file=sys.stderr)
-        return EXIT_ARGS
+        error(f"no ground truth under {args.gt} for any of the {len(result['images'])} image(s) (looked for "
+              "<name>.zarr|.png|.tif and <name>_mask.*); check GT")
+        return EXIT_USAGE
     if not args.json:
         print(f"report: {result['outputs']['json']}  confusion matrix: {result['outputs']['confusion_png']}")
     return EXIT_OK

@@ -26,17 +26,18 @@ import numpy as np
 from dask.callbacks import Callback
 
 from jobs.eval_report import write_outputs
-from pipeline import metrics
-from pipeline.discover import discover
-from pipeline.errors import GigasegError, InputNotFoundError
-from pipeline.masks import _ZARR_MARKERS, open_mask, read_class_names
-from pipeline.output import REPORT_NAME, image_output, read_state
-from pipeline.palette import get_palette
+from models.errors import GigasegError
+from pipeline.errors import InputNotFoundError
+from pipeline.evaluation import metrics
+from pipeline.evaluation.masks import _ZARR_MARKERS, open_mask, read_class_names
+from pipeline.evaluation.palette import get_palette
+from pipeline.output.layout import REPORT_NAME, image_output
+from pipeline.output.state import read_state
+from pipeline.sources.discover import discover
 from pipeline.storage import filesystem, fs_path, join
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FAILED, EXIT_ARGS = 0, 1, 2
 GT_FORMATS = ("zarr", "ome-zarr", "png", "tiff")  # never JPEG: lossy, and DeepGlobe's images are JPEGs
 
 

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from dataclasses import asdict
 from typing import Any
 
 from pipeline.engine import ImageResult
-from pipeline.output import REPORT_NAME, WORK_DIR, finished_tiles, image_output, read_state
-from pipeline.storage import filesystem, fs_path, join, write_json
-
-PLAN_NAME = "plan.json"
+from pipeline.output.arrays import finished_tiles
+from pipeline.output.layout import PLAN_NAME, WORK_DIR, JobLayout
+from pipeline.output.state import read_state
+from pipeline.storage import read_json, write_json
 
 
 def image_entry(r: ImageResult) -> dict[str, Any]:
@@ -37,27 +36,19 @@ def totals(results: list[ImageResult], planned: int) -> dict[str, Any]:
     }
 
 
-def read_json(url: str, storage_options: dict[str, Any]) -> dict | None:
-    fs = filesystem(url, storage_options)
-    try:
-        with fs.open(fs_path(url), "rb") as f:
-            return json.loads(f.read())
-    except FileNotFoundError:
-        return None
-
-
 class Report:
     """Keeps report.json current after every image, so a killed driver leaves a truthful report."""
 
     def __init__(self, output_url: str, storage_options: dict[str, Any], names: list[str], spec_echo: dict):
-        self.url = join(output_url, REPORT_NAME)
+        layout = JobLayout(output_url, storage_options)
+        self.url = layout.report_url
         self.storage_options = storage_options
         self.names = names
         self.spec = spec_echo
         self.results: list[ImageResult] = []
         self.cluster: dict[str, Any] = {}  # where the work ran: "workers" (each actor), "dask" (the blend)
         self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        write_json(join(output_url, WORK_DIR, PLAN_NAME), {"images": names}, storage_options)
+        write_json(layout.plan_url, {"images": names}, storage_options)
 
     def add(self, result: ImageResult) -> None:
         self.results.append(result)
@@ -83,9 +74,11 @@ class Report:
 
 
 def status(output_url: str, storage_options: dict[str, Any]) -> dict[str, Any]:
-    """Done, failed and left, from the output itself (valid while a job runs or after it was killed)."""
-    plan = read_json(join(output_url, WORK_DIR, PLAN_NAME), storage_options)
-    report = read_json(join(output_url, REPORT_NAME), storage_options) or {"images": []}
+    """Done, failed and left, from the output itself (valid while a job runs or after it was killed). Tiles
+    done count every stage's tile store, as ``tiles`` counts every stage's tiles (MagNet runs one per scale)."""
+    layout = JobLayout(output_url, storage_options)
+    plan = read_json(layout.plan_url, storage_options)
+    report = read_json(layout.report_url, storage_options) or {"images": []}
     if plan is None and not report["images"]:
         raise FileNotFoundError(
             f"{output_url} holds no gigaseg output (no report.json or {WORK_DIR}/{PLAN_NAME}); "
@@ -95,7 +88,7 @@ def status(output_url: str, storage_options: dict[str, Any]) -> dict[str, Any]:
     reported = {e["name"]: e for e in report["images"]}
     rows = []
     for name in names:
-        out = image_output(output_url, name, storage_options)
+        out = layout.image(name)
         state = read_state(out) or {}
         entry = reported.get(name, {})
         if state.get("complete"):
@@ -105,7 +98,8 @@ def status(output_url: str, storage_options: dict[str, Any]) -> dict[str, Any]:
         else:
             st = "in progress" if state else "left"
         total = int(state.get("tiles", 0))
-        done = total if st == "done" else len(finished_tiles(join(out.work_url, "stage-0", "tiles"), storage_options))
+        done = total if st == "done" else sum(len(finished_tiles(out.tiles_url(s), storage_options))
+                                                  for s in out.stages_started())
         rows.append({"name": name, "status": st, "tiles_done": done, "tiles": total, "error": entry.get("error")})
     return {"images": rows, "counts": {s: sum(r["status"] == s for r in rows)
                                        for s in ("done", "failed", "in progress", "left")}}

@@ -13,7 +13,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.errors import GigasegError
+from models import ARCHITECTURES
+from pipeline.errors import SpecError
+from pipeline.workers.dask_cluster import check_setting
 
 #: Keys that carry secrets in fsspec/s3fs/gcsfs/adlfs storage options.
 SECRET_KEYS = frozenset(
@@ -23,15 +25,6 @@ SECRET_KEYS = frozenset(
         "connection_string", "credentials",
     }
 )
-
-
-class SpecError(GigasegError, ValueError):
-    """A spec that cannot run; ``problems`` holds one ``"field.path: message"`` line per problem."""
-
-    def __init__(self, source: str, problems: list[str]):
-        self.source = source
-        self.problems = problems
-        super().__init__(f"{source}: " + "; ".join(problems))
 
 
 class Strict(BaseModel):
@@ -122,6 +115,11 @@ class FctlSpec(Strict):
         return v
 
 
+#: The options section of each framework that has options, by ``model.framework`` (the spec's tagged union:
+#: the section named by the tag is read, defaults filled in; any other section is an error naming it).
+FRAMEWORK_SECTIONS: dict[str, type[Strict]] = {"magnet": MagnetSpec, "fctl": FctlSpec}
+
+
 class ModelSpec(Strict):
     name: str | None = Field(
         default=None, description="registry name (models.ARCHITECTURES); default: the checkpoint's, else fpn_resnet18"
@@ -137,14 +135,31 @@ class ModelSpec(Strict):
         default="segment", description="segment: one pass at full resolution; magnet: coarse-to-fine refinement; "
                                        "fctl: each tile attends to context windows read from coarser levels"
     )
-    magnet: MagnetSpec = Field(default_factory=MagnetSpec)
-    fctl: FctlSpec = Field(default_factory=FctlSpec)
+    magnet: MagnetSpec | None = Field(default=None, description="framework magnet's options (only with it)")
+    fctl: FctlSpec | None = Field(default=None, description="framework fctl's options (only with it)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _framework_defaults(cls, data):
+        """The chosen framework's section with its defaults when the spec leaves it out."""
+        if isinstance(data, dict):
+            name = data.get("framework")
+            if name in FRAMEWORK_SECTIONS and data.get(name) is None:
+                data = {**data, name: {}}
+        return data
+
+    @field_validator(*FRAMEWORK_SECTIONS)
+    @classmethod
+    def _only_with_its_framework(cls, v, info):
+        chosen = info.data.get("framework", "segment")
+        if v is not None and chosen != info.field_name:
+            raise ValueError(f"options of framework {info.field_name}, but model.framework is {chosen}; remove "
+                             f"model.{info.field_name} or set model.framework: {info.field_name}")
+        return v
 
     @field_validator("name")
     @classmethod
     def _registered(cls, v):
-        from models import ARCHITECTURES
-
         if v is not None and v not in ARCHITECTURES:
             raise ValueError(f"unknown model {v!r}; valid: {', '.join(sorted(ARCHITECTURES))}")
         return v
@@ -153,6 +168,12 @@ class ModelSpec(Strict):
     def architecture(self) -> str:
         """The model to build when there is no checkpoint."""
         return self.name or "fpn_resnet18"
+
+    @property
+    def framework_options(self) -> dict[str, Any]:
+        """The chosen framework's options (``pipeline.frameworks``' ``resolve``/``build`` read them)."""
+        section = getattr(self, self.framework, None) if self.framework in FRAMEWORK_SECTIONS else None
+        return section.model_dump(mode="json") if section is not None else {}
 
     @model_validator(mode="after")
     def _classes_given(self):
@@ -228,8 +249,6 @@ class ClusterSpec(Strict):
     @field_validator("dask")
     @classmethod
     def _dask(cls, v):
-        from pipeline.dask_cluster import check_setting
-
         check_setting(v)
         return v
 

@@ -27,11 +27,12 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from jobs.spec import JobSpec, SpecError, load_spec, parse_spec
-from pipeline.errors import GigasegError
+from jobs.console import EXIT_FAILED, EXIT_OK, EXIT_USAGE, error, print_problems, warning
+from jobs.spec import JobSpec, load_spec, parse_spec
+from models.errors import GigasegError
+from pipeline.errors import SpecError
 from pipeline.storage import is_local, local_path
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 SPEC_NAME = "job.yaml"
 PROJECT_PACKAGES = ("pipeline", "models", "jobs")
 CONNECT_TIMEOUT_S = 10.0
@@ -192,32 +193,23 @@ def follow(client, job_id: str, out=None, poll_s: float = 1.0) -> str:
     return status
 
 
-def _error(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-
-
-def _problems(err: SpecError) -> None:
-    for line in err.problems:
-        _error(f"{err.source}: {line}")
-
-
 def cmd_submit(args) -> int:
     try:
         prepared = prepare_spec(args.spec, args.set)
     except SpecError as err:
-        _problems(err)
+        print_problems(err)
         return EXIT_USAGE
     for note in prepared.warnings:
-        print(f"warning: {note}", file=sys.stderr)
+        warning(note)
     try:
         client = connect(args.address)
         with tempfile.TemporaryDirectory(prefix="gigaseg-submit-") as workdir:
             job_id = client.submit_job(**job_request(prepared, workdir, ship_project=args.ship_project))
     except (ClusterUnreachableError, ValueError) as err:
-        _error(str(err))
+        error(str(err))
         return EXIT_USAGE
     except (RuntimeError, OSError) as err:  # the cluster refused the job (runtime_env upload, HTTP error)
-        _error(f"the cluster at {normalize_address(args.address)} refused the job: {str(err).splitlines()[0]}")
+        error(f"the cluster at {normalize_address(args.address)} refused the job: {str(err).splitlines()[0]}")
         return EXIT_USAGE
     print(job_id, flush=True)
     address = normalize_address(args.address)
@@ -243,7 +235,7 @@ def cmd_logs(args) -> int:
             return EXIT_OK
         status = follow(client, args.job_id)
     except (ClusterUnreachableError, JobNotFoundError, ValueError) as err:
-        _error(str(err))
+        error(str(err))
         return EXIT_USAGE
     print(f"job {args.job_id}: {status}", file=sys.stderr)
     return EXIT_FAILED if status in _FAILED else EXIT_OK
@@ -255,7 +247,7 @@ def cmd_job_status(args) -> int:
         status = job_status(client, args.job_id)
         info = client.get_job_info(args.job_id)
     except (ClusterUnreachableError, JobNotFoundError, ValueError) as err:
-        _error(str(err))
+        error(str(err))
         return EXIT_USAGE
     message = (getattr(info, "message", None) or "").strip().replace("\n", " ")
     print(f"{args.job_id}  {status}  {getattr(info, 'entrypoint', '')}" + (f"  {message}" if message else ""))

@@ -81,15 +81,17 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "unet_resnet50": ("resnet50", "unet"),
 }
 
-# Refiner name -> class wrapped around the Segmenter (ModelConfig.refine); built as
-# cls(segmenter, point_channels=..., subdivision_steps=..., subdivision_points=...).
-REFINERS: dict[str, type[nn.Module]] = {
+# Point head name -> class wrapped around the Segmenter (``ModelConfig.refine``, the checkpoints' key); built as
+# cls(segmenter, point_channels=..., subdivision_steps=..., subdivision_points=...). A point head refines a
+# segmenter's own logits at uncertain points; MagNet's refiner (``models.magnet.Refiner``) is another thing: a
+# network of its own that merges two scales' probabilities.
+POINT_HEADS: dict[str, type[nn.Module]] = {
     "pointrend": PointRend,
 }
-Refine = Literal["pointrend"]
-# ModelConfig fields that only a refiner reads, with their defaults; to_dict leaves them out when
-# refine is None, so plain configs (and their checkpoints' bytes) are what they were before refiners.
-REFINE_FIELDS = ("point_channels", "subdivision_steps", "subdivision_points")
+PointHead = Literal["pointrend"]
+# ModelConfig fields that only a point head reads, with their defaults; to_dict leaves them out when
+# refine is None, so plain configs (and their checkpoints' bytes) are what they were before point heads.
+POINT_HEAD_FIELDS = ("point_channels", "subdivision_steps", "subdivision_points")
 
 OUTPUT_STRIDES = (8, 16, 32)
 MIN_WIDTH, MAX_WIDTH = 8, 256
@@ -128,7 +130,7 @@ class ModelConfig:
     in_channels: int = 3
     width: int = 64
     output_stride: int | None = None
-    refine: Refine | None = None
+    refine: PointHead | None = None
     point_channels: int = 256
     subdivision_steps: int | None = None
     subdivision_points: int = 8192
@@ -154,14 +156,14 @@ class ModelConfig:
     def _check_refine(self, head: str) -> None:
         if self.refine is None:
             defaults = {f.name: f.default for f in dataclasses.fields(self)}
-            changed = [n for n in REFINE_FIELDS if getattr(self, n) != defaults[n]]
+            changed = [n for n in POINT_HEAD_FIELDS if getattr(self, n) != defaults[n]]
             if changed:
                 raise ValueError(
                     f"ModelConfig.{changed[0]} is a refiner option but refine is None; "
-                    f"set refine to one of {sorted(REFINERS)} or drop {changed}"
+                    f"set refine to one of {sorted(POINT_HEADS)} or drop {changed}"
                 )
             return
-        _check_name(self.refine, REFINERS, "refine")
+        _check_name(self.refine, POINT_HEADS, "refine")
         if DECODERS[head].emits_logits:
             feature_heads = sorted(h for h, cls in DECODERS.items() if not cls.emits_logits)
             raise ValueError(
@@ -179,10 +181,16 @@ class ModelConfig:
         if self.subdivision_steps is not None:  # its upper bound is the head's stride: PointRend checks
             _check_int("subdivision_steps", self.subdivision_steps, 0, 8)
 
+    def same_architecture(self, other: ModelConfig) -> bool:
+        """Whether ``other`` has this encoder and head (name, width, output stride, input channels): its
+        weights then fit this model's, but for the class-dependent tensors and a point head."""
+        return (self.name, self.width, self.output_stride, self.in_channels) == (
+            other.name, other.width, other.output_stride, other.in_channels)
+
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         if self.refine is None:
-            for name in ("refine", *REFINE_FIELDS):
+            for name in ("refine", *POINT_HEAD_FIELDS):
                 del data[name]
         return data
 
@@ -238,7 +246,7 @@ def _construct(
     segmenter = Segmenter(encoder, decoder, config.num_classes)
     if config.refine is None:
         return segmenter
-    return REFINERS[config.refine](
+    return POINT_HEADS[config.refine](
         segmenter,
         point_channels=config.point_channels,
         subdivision_steps=config.subdivision_steps,
@@ -253,7 +261,7 @@ __all__ = [
     "ENCODERS",
     "ModelConfig",
     "PointRend",
-    "REFINERS",
+    "POINT_HEADS",
     "Segmenter",
     "build_model",
 ]

@@ -20,10 +20,10 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from models import ModelConfig, build_model
+from models.errors import CheckpointError
 from models.info import IMAGENET_NORMALIZATION, CheckpointInfo, Normalization
 from models.segmenter import Segmenter
 from models.state import StateDiff, diff_state
-from pipeline.errors import CheckpointError
 
 FORMAT_VERSION = "1"
 METADATA_KEYS = ("gigaseg_format", "config", "class_names", "class_colors", "normalization")

@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from models import ModelConfig
+
 # the plain checkpoint's header reader, tensor loader, writer and loader: one implementation of each
 from models.checkpoint import FORMAT_VERSION, _load_tensors, _read_header, rebuild, serialise
+from models.errors import CheckpointError
 from models.fctl import FCtL, FctlConfig, build_fctl
 from models.info import CheckpointInfo, Normalization
-from pipeline.errors import CheckpointError
 
 FCTL_FORMAT = "gigaseg-fctl-1"
 FCTL_METADATA_KEYS = (

@@ -13,10 +13,16 @@ pipeline (``pipeline/magnet.py``) turns the image-wide top-k into a threshold ev
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load, save
 from torch import nn
+
+from models.checkpoint import canonical_bytes
+from models.errors import CheckpointError
 
 
 def certainty(p: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -66,11 +72,6 @@ def topk_threshold(scores: np.ndarray, k: int) -> float:
         return float("inf")
     flat = np.sort(scores.ravel())
     return float(flat[max(0, flat.size - k)])
-
-
-def replace_where(previous: torch.Tensor, refined: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``Y' = where(mask, R, Y)`` with ``mask (B, H, W)`` broadcast over classes: ``(B, C, H, W)``."""
-    return torch.where(mask.unsqueeze(1), refined, previous)
 
 
 _LOG_FLOOR = 1e-6  # log O of a softmax is at least log(1e-6) ≈ −13.8: far below any logit that matters
@@ -150,10 +151,6 @@ REFINER_FORMAT = "gigaseg-magnet-refiner-1"
 
 def save_refiner(refiner: Refiner, width: int = 64) -> bytes:
     """A refiner as safetensors bytes, its class count and width in the metadata."""
-    from safetensors.torch import save
-
-    from models.checkpoint import canonical_bytes
-
     state = {k: v.detach().cpu().contiguous() for k, v in refiner.state_dict().items()}
     meta = {"format": REFINER_FORMAT, "num_classes": str(refiner.num_classes), "width": str(width),
             "residual": str(int(refiner.residual))}
@@ -162,12 +159,6 @@ def save_refiner(refiner: Refiner, width: int = 64) -> bytes:
 
 def load_refiner(data: bytes, num_classes: int) -> Refiner:
     """Rebuild a refiner from ``save_refiner`` bytes; its class count must match the segmenter's."""
-    import json
-
-    from safetensors.torch import load
-
-    from pipeline.errors import CheckpointError
-
     try:
         state = load(data)
         header_len = int.from_bytes(data[:8], "little")

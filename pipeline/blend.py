@@ -15,6 +15,7 @@ probabilities are stored from the same graph, so the blend is computed once for 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
+from pipeline.output.arrays import finished_tiles
 from pipeline.storage import zarr_store
 from pipeline.tiling import BlendWindow, TileGrid, Window, window_2d
 
@@ -166,8 +168,6 @@ def labels_dtype(num_classes: int) -> np.dtype:
 
 def check_complete(plan: BlendPlan) -> None:
     """Refuse to blend a tile store with missing tiles (one listing, not a scan of every tile)."""
-    from pipeline.output import finished_tiles
-
     missing = plan.expected() - finished_tiles(plan.tiles_url, plan.storage_options or {})
     if missing:
         raise RuntimeError(
@@ -213,8 +213,9 @@ class BandBlend:
     """
 
     def __init__(self, plan: BlendPlan, targets: dict[str, zarr.Array], scheduler: Any, executor,
-                 done: set[tuple[int, int]] | frozenset = frozenset()) -> None:
+                 done: set[tuple[int, int]] | frozenset = frozenset(), events=None) -> None:
         self.plan, self.targets, self.scheduler, self.executor = plan, targets, scheduler, executor
+        self.events = events  # a ``pipeline.engine.Events``: each band stored is a "blend" phase
         h, w, c = plan.grid.height, plan.grid.width, plan.chunk
         self.bands = [(y, min(y + c, h)) for y in range(0, h, c)]
         expected = plan.expected()
@@ -238,7 +239,8 @@ class BandBlend:
                     self.started[b] = self.executor.submit(self._store, b)
 
     def _store(self, b: int) -> None:
-        store_outputs(self.probs, self.targets, self.plan.num_classes, self.scheduler, rows=self.bands[b])
+        with self.events.phase("blend") if self.events is not None else contextlib.nullcontext():
+            store_outputs(self.probs, self.targets, self.plan.num_classes, self.scheduler, rows=self.bands[b])
 
     def finish(self) -> None:
         """Check the tile store is complete, blend the bands not started, and wait for the others."""

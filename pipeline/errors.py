@@ -1,15 +1,14 @@
-"""One error hierarchy for the data path.
+"""The data path's errors: inputs, images, outputs. They derive from ``models.errors.GigasegError``, the root
+of the hierarchy, which lives with the lowest layer that raises errors (``CheckpointError`` lives there too).
 
-Each class is also a builtin (``ValueError``, ``FileNotFoundError``, ``RuntimeError``) so callers that
-know nothing of gigaseg still catch it sensibly. Messages say what is wrong, where (url, array, window,
-field), why it matters and how to fix it.
+Each class is also a builtin (``ValueError``, ``FileNotFoundError``, ``OSError``) so callers that know nothing
+of gigaseg still catch it sensibly. Messages say what is wrong, where (url, array, window, field), why it
+matters and how to fix it.
 """
 
 from __future__ import annotations
 
-
-class GigasegError(Exception):
-    """Base class of every error gigaseg raises on purpose."""
+from models.errors import GigasegError
 
 
 class InputNotFoundError(GigasegError, FileNotFoundError):
@@ -28,9 +27,12 @@ class OutputConflictError(GigasegError, FileExistsError):
     """The output already holds results that the current spec cannot resume."""
 
 
-class CheckpointError(GigasegError, ValueError):
-    """A checkpoint is missing, unreadable or does not fit the model it is loaded into."""
+class SpecError(GigasegError, ValueError):
+    """A spec that cannot run; ``problems`` holds one ``"field.path: message"`` line per problem. Raised where the
+    problem is found: validating the YAML (``jobs.spec``), or planning the job against its inputs and weights
+    (``jobs.plan``, the frameworks in ``pipeline.frameworks``)."""
 
-
-class TileFailedError(GigasegError, RuntimeError):
-    """A tile failed on every retry; the image it belongs to is reported as failed."""
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))

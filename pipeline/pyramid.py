@@ -30,8 +30,8 @@ from zarr.codecs import ZstdCodec
 
 from pipeline import ome
 from pipeline.errors import ImageReadError, InputNotFoundError, OutputConflictError, UnsupportedImageError
-from pipeline.source_pixels import source_to_dask
-from pipeline.sources import ImageSource
+from pipeline.sources.formats import ImageSource
+from pipeline.sources.pixels import source_to_dask
 from pipeline.storage import exists, join, zarr_store
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,9 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
+from PIL import Image
 
-from pipeline.convert import to_rgb8
+from pipeline.sources.convert import to_rgb8
 from pipeline.tiling import Window
 
 PadMode = Literal["reflect", "constant"]
@@ -120,16 +121,12 @@ def read_windows(
     return np.stack(out)
 
 
-def read_mirrored(array, axes: str, shape_yx: tuple[int, int], window: Window) -> np.ndarray:
-    """Raw values ``(C, window.h, window.w)`` of an array, mirrored about the image edges (``reflect_index``)."""
-    inner = window.clip(*shape_yx)
-    if inner == window:
-        return read_region(array, axes, window)
-    iy = reflect_index(window.y0, window.h, shape_yx[0])
-    ix = reflect_index(window.x0, window.w, shape_yx[1])
-    region = Window(int(iy.min()), int(ix.min()), int(iy.max() - iy.min()) + 1, int(ix.max() - ix.min()) + 1)
-    block = read_region(array, axes, region)
-    return block[:, iy - region.y0][:, :, ix - region.x0]
+def resize_image(image: np.ndarray, out: int) -> np.ndarray:
+    """``(3, r, r)`` uint8 → ``(3, out, out)`` uint8, bilinear (PIL; its support widens when shrinking)."""
+    if image.shape[1:] == (out, out):
+        return image
+    hwc = Image.fromarray(np.ascontiguousarray(np.moveaxis(image, 0, -1)))
+    return np.moveaxis(np.asarray(hwc.resize((out, out), Image.Resampling.BILINEAR)), -1, 0)
 
 
 def upsample_index(start: int, length: int, src_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -8,8 +8,10 @@ reads them from the environment or the standard config files.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -97,6 +99,14 @@ def exists(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:
     return filesystem(url, storage_options).exists(fs_path(url))
 
 
+def remove(url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Remove ``url`` (a file or a whole tree) if it is there."""
+    fs = filesystem(url, storage_options)
+    path = fs_path(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
 class AuditStore(zarr.storage.WrapperStore):
     """A store that appends ``<writer>\\t<key>`` to a log file for every key it writes.
 
@@ -127,17 +137,51 @@ class AuditStore(zarr.storage.WrapperStore):
         return AuditStore(self._store.with_read_only(read_only), self._log_path, self._writer, self._root)
 
 
+def read_bytes(url: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
+    """The whole file at ``url`` (``FileNotFoundError`` when it is not there)."""
+    with filesystem(url, storage_options).open(fs_path(url), "rb") as f:
+        return f.read()
+
+
+def read_json(url: str, storage_options: Mapping[str, Any] | None = None) -> Any:
+    """The JSON document at ``url``, or None when there is none."""
+    try:
+        return json.loads(read_bytes(url, storage_options))
+    except FileNotFoundError:
+        return None
+
+
 def write_bytes(url: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
-    """Whole-file write that readers never see half done: temp + rename locally, one PUT on object stores."""
+    """Whole-file write that readers never see half done. Locally: a temp file in the same directory, then
+    ``os.replace`` (a writer killed midway leaves at most a hidden ``.<name>.*.tmp``, never a short file under
+    ``url``'s name). Object stores: one PUT, which S3 and its peers make visible whole or not at all."""
     if is_local(url):
         path = os.path.abspath(local_path(url))
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(f"{path}.tmp", "wb") as f:
-            f.write(data)
-        os.replace(f"{path}.tmp", path)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
         return
-    with filesystem(url, storage_options).open(fs_path(url), "wb") as f:
-        f.write(data)
+    filesystem(url, storage_options).pipe_file(fs_path(url), data)
+
+
+def write_once(url: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> bool:
+    """Make ``url`` hold exactly ``data``: written (``write_bytes``) unless a file with these bytes is there
+    already. A different file under the name (cut short by a killed copy of an older version, or corrupted)
+    is replaced, never trusted. Returns whether it wrote."""
+    try:
+        if read_bytes(url, storage_options) == data:
+            return False
+    except FileNotFoundError:
+        pass
+    write_bytes(url, data, storage_options)
+    return True
 
 
 def write_json(url: str, data: Any, storage_options: Mapping[str, Any] | None = None) -> None:

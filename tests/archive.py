@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jobs.demo import land_cover
+from pipeline.synth.land_cover import land_cover
 
 
 def write_archive(root: Path, *, corrupt: bool = False) -> dict[str, Path]:

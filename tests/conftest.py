@@ -68,7 +68,7 @@ def ray_cluster():
 
     import ray
 
-    from pipeline.cluster import ray_temp_dir
+    from pipeline.workers.ray_cluster import ray_temp_dir
 
     temp_dir = ray_temp_dir()
     if not ray.is_initialized():

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from jobs.demo import DEMO_CLASSES, land_cover, land_cover_labels
 from models import ModelConfig, build_model
 from models.checkpoint import IMAGENET_NORMALIZATION, save_checkpoint
 from models.magnet import Refiner, save_refiner
+from pipeline.synth.land_cover import LAND_COVER_CLASSES, land_cover, land_cover_labels
 
 SIZE = 1024
 DATA = Path(__file__).resolve().parent / "data"
@@ -61,7 +61,7 @@ def train_tiny_magnet(steps: int = 60) -> tuple[bytes, bytes]:
     labels = land_cover_labels(0, 0, SIZE, SIZE, seed=31)
     mean = torch.tensor(IMAGENET_NORMALIZATION.mean).view(1, 3, 1, 1) * 255
     std = torch.tensor(IMAGENET_NORMALIZATION.std).view(1, 3, 1, 1) * 255
-    config = ModelConfig(name="fpn_resnet10", num_classes=len(DEMO_CLASSES), width=8)
+    config = ModelConfig(name="fpn_resnet10", num_classes=len(LAND_COVER_CLASSES), width=8)
     seg = build_model(config, seed=0).train()
     opt = torch.optim.Adam(seg.parameters(), lr=5e-3)
     for step in range(steps):
@@ -71,7 +71,7 @@ def train_tiny_magnet(steps: int = 60) -> tuple[bytes, bytes]:
         loss.backward()
         opt.step()
     seg.eval()
-    refiner = Refiner(len(DEMO_CLASSES), width=16).train()
+    refiner = Refiner(len(LAND_COVER_CLASSES), width=16).train()
     opt = torch.optim.Adam(refiner.parameters(), lr=5e-3)
     for step in range(steps):
         scale = [1, 2][step % 2]
@@ -85,8 +85,8 @@ def train_tiny_magnet(steps: int = 60) -> tuple[bytes, bytes]:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    names = [c["name"] for c in DEMO_CLASSES]
-    colors = [tuple(c["color"]) for c in DEMO_CLASSES]
+    names = [c["name"] for c in LAND_COVER_CLASSES]
+    colors = [tuple(c["color"]) for c in LAND_COVER_CLASSES]
     ckpt = save_checkpoint(None, seg, config, names, colors)
     return ckpt, save_refiner(refiner.eval(), width=16)
 

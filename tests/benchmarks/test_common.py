@@ -8,8 +8,9 @@ import os
 import numpy as np
 import zarr
 
-from benchmarks import _common as C
-from pipeline.discover import discover
+from benchmarks._inputs import archive, archive_path
+from benchmarks._timing import TileClock
+from pipeline.sources.discover import discover
 
 
 def _scene(path):
@@ -20,7 +21,7 @@ def _scene(path):
 
 def test_archive_is_n_images_of_hard_links(tmp_path):
     scene = _scene(tmp_path / "inputs" / "scene.zarr")
-    folder = C.archive(scene, C.archive_path(tmp_path, 64, 3), 3)
+    folder = archive(scene, archive_path(tmp_path, 64, 3), 3)
     (folder / ".partial-003").mkdir()  # an interrupted copy: hidden, so never an image
 
     refs = discover(str(folder))
@@ -30,12 +31,12 @@ def test_archive_is_n_images_of_hard_links(tmp_path):
     np.testing.assert_array_equal(zarr.open_array(str(folder / "scene-002.zarr"), mode="r")[:],
                                   zarr.open_array(str(scene), mode="r")[:])
 
-    again = C.archive(scene, folder, 4)  # reused: only the missing copy is made
+    again = archive(scene, folder, 4)  # reused: only the missing copy is made
     assert [r.name for r in discover(str(again))] == ["scene-000", "scene-001", "scene-002", "scene-003"]
 
 
 def test_tile_clock_spans_every_image():
-    clock = C.TileClock()
+    clock = TileClock()
     clock.start_image("a", 4, 0)
     t_start = clock.t_start
     clock.advance(4, 1.0)

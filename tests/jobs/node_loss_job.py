@@ -37,7 +37,7 @@ from ray.cluster_utils import Cluster
 
 from jobs.runner import run_spec
 from jobs.spec import parse_spec
-from pipeline.output import finished_tiles
+from pipeline.output.arrays import finished_tiles
 
 HEALTH_CHECKS = {
     "health_check_period_ms": 500,

@@ -11,9 +11,10 @@ import psutil
 import pytest
 import zarr
 
-from jobs.demo import land_cover
 from jobs.runner import run_spec
-from jobs.spec import SpecError, parse_spec
+from jobs.spec import parse_spec
+from pipeline.errors import SpecError
+from pipeline.synth.land_cover import land_cover
 from tests.archive import spec_dict
 
 pytestmark = pytest.mark.integration

@@ -14,9 +14,11 @@ from PIL import Image
 from jobs.eval_cli import add_eval_parser, cmd_eval
 from jobs.eval_report import format_table
 from jobs.evaluate import evaluate_job, evaluate_pair
-from pipeline.metrics import BoundaryCounts, boundary_counts
-from pipeline.output import create_outputs, image_output, mark
-from pipeline.palette import DEEPGLOBE_CLASSES
+from pipeline.evaluation.metrics import BoundaryCounts, boundary_counts
+from pipeline.evaluation.palette import DEEPGLOBE_CLASSES
+from pipeline.output.arrays import create_outputs
+from pipeline.output.layout import image_output
+from pipeline.output.state import mark
 from tests.pipeline.test_metrics import IGNORE, blobs, numpy_confusion
 
 NAMES = [n for n, _ in DEEPGLOBE_CLASSES]

@@ -15,7 +15,7 @@ import zarr
 
 from jobs.runner import run_spec
 from jobs.spec import parse_spec
-from pipeline.output import finished_tiles
+from pipeline.output.arrays import finished_tiles
 from tests.archive import spec_dict
 
 pytestmark = pytest.mark.integration
@@ -35,7 +35,7 @@ def _busy_tile_workers() -> list[psutil.Process]:
 
 
 def test_sigkilled_worker_mid_job(tmp_path, ray_cluster):
-    from jobs.demo import land_cover
+    from pipeline.synth.land_cover import land_cover
 
     (tmp_path / "in").mkdir()
     arr = zarr.create_array(store=str(tmp_path / "in" / "big.zarr"), shape=(1024, 1024, 3), chunks=(512, 512, 3),

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import zarr
 
-from jobs.demo import land_cover
 from jobs.runner import run_spec
 from jobs.spec import parse_spec
-from pipeline.cluster import ray_temp_dir
+from pipeline.synth.land_cover import land_cover
+from pipeline.workers.ray_cluster import ray_temp_dir
 from tests.archive import spec_dict
 
 pytestmark = pytest.mark.integration

@@ -12,10 +12,11 @@ import zarr
 
 import jobs.runner as runner
 import pipeline.engine as engine
-from jobs.demo import land_cover
-from jobs.runner import job_config, resolve_model, run_spec
-from jobs.spec import SpecError, parse_spec
+from jobs.runner import job_plan, resolve_model, run_spec
+from jobs.spec import parse_spec
 from pipeline import blend
+from pipeline.errors import SpecError
+from pipeline.synth.land_cover import land_cover
 from tests.archive import spec_dict
 from tests.jobs.test_run_local import reference_labels
 
@@ -76,17 +77,17 @@ def test_the_pool_starts_while_the_first_image_is_prepared(tmp_path, ray_cluster
     _one_scene(tmp_path / "in", 200, 230)
     spec = parse_spec(spec_dict(str(tmp_path / "in"), str(tmp_path / "out")))
     pool_started, seen = threading.Event(), []
-    prepare, start = engine.prepare_image, runner.JobWorkers.start
+    prepare, start = engine.JobSteps.prepare_image, runner.JobWorkers.start
 
-    def slow_prepare(cfg, ref):
+    def slow_prepare(steps, ref):
         seen.append(pool_started.wait(WAIT_S))  # the pool must start without waiting for this
-        return prepare(cfg, ref)
+        return prepare(steps, ref)
 
     def recording_start(self):
         pool_started.set()
         return start(self)
 
-    monkeypatch.setattr(engine, "prepare_image", slow_prepare)
+    monkeypatch.setattr(engine.JobSteps, "prepare_image", slow_prepare)
     monkeypatch.setattr(runner.JobWorkers, "start", recording_start)
     [result] = run_spec(spec)
     assert result.status == "ok" and seen == [True]
@@ -100,18 +101,18 @@ def test_the_workers_are_released_before_the_last_image_is_blended(tmp_path, ray
         arr[:] = land_cover(0, 0, h, w, seed=i)
     spec = parse_spec(spec_dict(str(root), str(tmp_path / "out")))
     released, seen = threading.Event(), Counter()
-    finish, release = engine.finish_image, runner.JobWorkers.release
+    finish, release = engine.JobSteps.finish_image, runner.JobWorkers.release
 
-    def waiting_finish(cfg, work):
+    def waiting_finish(steps, work):
         if work.ref.name == "s1":  # the last image: its blend waits until the workers are gone
             seen["released first"] += released.wait(WAIT_S)
-        return finish(cfg, work)
+        return finish(steps, work)
 
     def recording_release(self):
         release(self)
         released.set()
 
-    monkeypatch.setattr(engine, "finish_image", waiting_finish)
+    monkeypatch.setattr(engine.JobSteps, "finish_image", waiting_finish)
     monkeypatch.setattr(runner.JobWorkers, "release", recording_release)
     results = run_spec(spec)
     assert [r.status for r in results] == ["ok", "ok"]
@@ -123,9 +124,9 @@ def test_the_workers_are_released_before_the_last_image_is_blended(tmp_path, ray
 def test_the_embedded_cluster_is_sized_before_ray_starts(tmp_path, monkeypatch):
     spec = parse_spec(spec_dict(str(tmp_path / "in"), str(tmp_path / "out"), resources__workers=3,
                                 cluster__local_gpus=2))
-    cfg = job_config(spec, resolve_model(spec), None)
+    plan = job_plan(spec, resolve_model(spec), None)
     monkeypatch.setattr(runner.ray, "is_initialized", lambda: False)  # as in a fresh `gigaseg run`
     monkeypatch.setattr(runner, "start_ray", lambda *a, **k: pytest.fail("Ray started before the check"))
     with pytest.raises(SpecError) as err:
-        runner.JobWorkers(spec, cfg)
+        runner.JobWorkers(spec, plan)
     assert "3 workers × gpus_per_worker 1 = 3 GPUs but the Ray cluster has 2" in str(err.value)

@@ -16,14 +16,14 @@ import zarr
 from jobs.report import status
 from jobs.runner import run_spec
 from jobs.spec import parse_spec
-from pipeline.output import finished_tiles
+from pipeline.output.arrays import finished_tiles
 from tests.archive import spec_dict
 
 pytestmark = pytest.mark.integration
 
 
 def _write_input(root):
-    from jobs.demo import land_cover
+    from pipeline.synth.land_cover import land_cover
 
     root.mkdir(parents=True)
     arr = zarr.create_array(store=str(root / "big.zarr"), shape=(1536, 1536, 3), chunks=(512, 512, 3), dtype="uint8")

@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 import zarr
 
-from jobs.demo import land_cover
 from jobs.runner import resolve_model, run_spec
-from jobs.spec import SpecError, parse_spec
+from jobs.spec import parse_spec
 from models.checkpoint import seeded_checkpoint
 from models.fctl_checkpoint import seeded_fctl
-from pipeline.crops import resize_image
-from pipeline.predictor import PredictorConfig, TilePredictor
+from pipeline.errors import SpecError
+from pipeline.reader import resize_image
+from pipeline.synth.land_cover import land_cover
 from pipeline.tiling import TileGrid, window_2d
+from pipeline.workers.predictor import PredictorConfig, TilePredictor
 from tests.archive import spec_dict
 
 SIZE = (600, 700)
@@ -59,7 +60,7 @@ def reference_probs(spec, image: np.ndarray) -> np.ndarray:
             k = int(c)
             box = crop.reshape(3, t.tile, k, t.tile, k).mean(axis=(2, 4)) if k == c else resize_image(crop, t.tile)
             contexts.append(np.clip(np.rint(box), 0, 255).astype(np.uint8))
-        probs = predictor.with_contexts(tile[None], np.stack(contexts)[None])[0]
+        probs = predictor(tile[None], np.stack(contexts)[None])[0]
         sl = (slice(tw.y0 + t.tile, tw.y1 + t.tile), slice(tw.x0 + t.tile, tw.x1 + t.tile))
         acc[:, sl[0], sl[1]] += probs.astype(np.float64) * win
         wsum[sl] += win

@@ -11,10 +11,10 @@ import zarr
 
 from jobs.runner import resolve_model, run_spec
 from jobs.spec import parse_spec
-from pipeline.predictor import PredictorConfig, TilePredictor
 from pipeline.pyramid import open_pyramid
 from pipeline.reader import read_window
 from pipeline.tiling import TileGrid, window_2d
+from pipeline.workers.predictor import PredictorConfig, TilePredictor
 from tests.archive import spec_dict, write_archive
 
 pytestmark = pytest.mark.integration
@@ -114,8 +114,8 @@ def test_bad_image_is_isolated_and_writes_are_single_owner(tmp_path, ray_cluster
 
 
 def test_ome_zarr_pyramid_is_used_in_place(tmp_path, ray_cluster):
-    from jobs.demo import land_cover
     from pipeline import ome
+    from pipeline.synth.land_cover import land_cover
 
     src = tmp_path / "in" / "slide.ome.zarr"
     group = zarr.open_group(str(src), mode="w")
@@ -145,8 +145,8 @@ def test_ome_zarr_pyramid_is_used_in_place(tmp_path, ray_cluster):
 
 
 def test_a_tile_failing_every_retry_fails_its_image_only(tmp_path, ray_cluster):
-    from jobs.demo import land_cover
     from pipeline import ome
+    from pipeline.synth.land_cover import land_cover
 
     src = tmp_path / "in" / "damaged.ome.zarr"
     group = zarr.open_group(str(src), mode="w")

@@ -10,9 +10,9 @@ import pytest
 import s3fs
 import zarr
 
-from jobs.demo import land_cover
 from jobs.runner import run_spec
 from jobs.spec import parse_spec
+from pipeline.synth.land_cover import land_cover
 from tests.archive import spec_dict
 
 pytestmark = pytest.mark.integration

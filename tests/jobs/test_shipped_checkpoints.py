@@ -1,7 +1,7 @@
 """The checkpoints shipped in ``jobs/checkpoints/`` (what ``gigaseg demo`` runs): they load, and MagNet with
 PointRend built from them segments a generated scene they were never trained on to at least a stated mIoU.
 
-No Ray: ``pipeline.magnet.whole_image`` is the algorithm the tiled run matches (tests/pipeline/test_magnet.py),
+No Ray: ``pipeline.frameworks.magnet_maps.whole_image`` is the algorithm the tiled run matches (tests/pipeline/test_magnet.py),
 run on two 1280² synthetic images whose seeds are neither training nor demo seeds.
 """
 
@@ -17,8 +17,8 @@ from jobs.demo import MAGNET_SCALES, REFINER, SEGMENTER, demo_spec, make_archive
 from jobs.spec import parse_spec
 from models.checkpoint import load_checkpoint
 from models.magnet import load_refiner
-from pipeline.magnet import MagnetConfig, whole_image
-from pipeline.metrics import iou_per_class, mean_iou
+from pipeline.evaluation.metrics import iou_per_class, mean_iou
+from pipeline.frameworks.magnet_maps import MagnetConfig, whole_image
 from pipeline.pyramid import downsample_mean2, level_shapes
 from pipeline.synth import CLASSES, SynthConfig, image_and_labels
 

@@ -1,7 +1,8 @@
 import pytest
 import yaml
 
-from jobs.spec import SpecError, apply_overrides, load_spec, parse_spec
+from jobs.spec import apply_overrides, load_spec, parse_spec
+from pipeline.errors import SpecError
 from tests.archive import patched
 
 BASE = {
@@ -109,3 +110,25 @@ def test_the_readme_spec_example_is_valid():
     block = readme[readme.index("## Job spec"):].split("```yaml", 1)[1].split("```", 1)[0]
     spec = parse_spec(yaml.safe_load(block), "README.md")
     assert spec.model.framework == "segment" and spec.cluster.dask is None and spec.tiling.tiles_per_call == "auto"
+
+
+def test_the_framework_section_is_a_tagged_union():
+    """``model.framework`` picks the one options section that is read (its defaults filled in); the section of
+    another framework is an error naming it, not silently ignored."""
+    base = {"inputs": {"url": "in"}, "output": {"url": "out"}, "model": {"classes": [{"name": "a"}]}}
+
+    def model(**fields):
+        return {**base, "model": {**base["model"], **fields}}
+
+    magnet = parse_spec(model(framework="magnet"))
+    assert magnet.model.magnet.scales == 3 and magnet.model.fctl is None
+    assert magnet.model.framework_options["scales"] == 3
+    assert parse_spec(model()).model.framework_options == {}
+    with pytest.raises(SpecError) as err:
+        parse_spec(model(framework="fctl", magnet={"scales": 4}))
+    (line,) = err.value.problems
+    assert line.startswith("model.magnet: ") and "model.framework is fctl" in line
+    with pytest.raises(SpecError, match="model.fctl: options of framework fctl, but model.framework is segment"):
+        parse_spec(model(fctl={"contexts": [2]}))
+    again = parse_spec(yaml.safe_load(magnet.echo()))
+    assert again == magnet

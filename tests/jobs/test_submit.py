@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from jobs import submit
-from pipeline.cluster import ray_temp_dir
+from pipeline.workers.ray_cluster import ray_temp_dir
 from tests.archive import spec_dict
 
 

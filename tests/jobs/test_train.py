@@ -17,13 +17,16 @@ import pytest
 import torch
 import yaml
 
-from jobs.spec import SpecError
-from jobs.train import CheckpointStore, init_weights, lr_factor, make_plan, train
-from jobs.train_cli import add_train_parser
-from jobs.train_spec import load_train_spec, parse_train_spec
+from jobs.train import make_plan, train
+from jobs.train.cli import add_train_parser
+from jobs.train.loop import lr_factor
+from jobs.train.spec import load_train_spec, parse_train_spec
+from jobs.train.store import CheckpointStore
+from jobs.train.tasks.segmenter import init_weights
 from models import ModelConfig, build_model
 from models.checkpoint import load_checkpoint, read_info, save_checkpoint
-from pipeline.dataset_import import import_pairs
+from pipeline.errors import SpecError
+from pipeline.training.dataset_import import import_pairs
 from tests.pipeline.test_datasets import write_pairs
 
 CLASSES = ["background", "road", "building"]
@@ -93,7 +96,7 @@ def test_plan_splits_validation_and_resolves_classes(dataset):
     plan = make_plan(parse_train_spec(spec_dict(dataset, "out", dataset={
         "url": dataset, "validation": {"names": ["s1"], "exclude_classes": ["background"]}})))
     assert plan.train_names == ["s0", "s2"] and plan.val_names == ["s1"] and plan.exclude_classes == [0]
-    assert plan.class_names == CLASSES and plan.model["num_classes"] == 3 and plan.ignore_index == 255
+    assert plan.class_names == CLASSES and plan.model.to_dict()["num_classes"] == 3 and plan.ignore_index == 255
     plan = make_plan(parse_train_spec(spec_dict(dataset, "out", dataset={"url": dataset,
                                                                          "validation": {"fraction": 0.3}})))
     assert len(plan.val_names) == 1 and len(plan.train_names) == 2
@@ -105,7 +108,7 @@ def test_plan_splits_validation_and_resolves_classes(dataset):
 
 def test_plan_resolves_class_weights(dataset):
     from models.losses import median_frequency_weights
-    from pipeline.datasets import read_dataset
+    from pipeline.training.datasets import read_dataset
 
     assert make_plan(parse_train_spec(spec_dict(dataset, "out"))).class_weights is None
     plan = make_plan(parse_train_spec(spec_dict(dataset, "out", loss={"class_weights": "median_frequency"})))
@@ -113,7 +116,7 @@ def test_plan_resolves_class_weights(dataset):
     spec = parse_train_spec(spec_dict(dataset, "out", loss={"name": "focal", "class_weights": [1, 2, 0.5]}))
     plan = make_plan(spec)
     assert plan.class_weights == [1.0, 2.0, 0.5]
-    from jobs.train_tasks import spec_loss
+    from jobs.train.common import spec_loss
 
     assert spec_loss(spec, plan).weight.tolist() == [1.0, 2.0, 0.5]  # what the training workers build
     with pytest.raises(SpecError, match=r"loss.class_weights: 2 weight\(s\) for 3 classes"):
@@ -239,7 +242,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, dataset, ray_clus
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(spec))
     script = textwrap.dedent(f"""
         from jobs.train import train
-        from jobs.train_spec import load_train_spec
+        from jobs.train.spec import load_train_spec
         train(load_train_spec({str(tmp_path / "train.yaml")!r}), progress=False)
     """)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own embedded cluster

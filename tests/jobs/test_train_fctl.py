@@ -18,19 +18,18 @@ import pytest
 import torch
 import yaml
 
-from jobs.spec import SpecError
 from jobs.train import make_plan, train
-from jobs.train_cli import add_train_parser
-from jobs.train_fctl import context_trainee, fused_trainee
-from jobs.train_loop import normalizer
-from jobs.train_spec import parse_train_spec
+from jobs.train.cli import add_train_parser
+from jobs.train.common import normalizer
+from jobs.train.spec import parse_train_spec
+from jobs.train.tasks.fctl import context_trainee, fused_trainee
 from models import ModelConfig, build_model
 from models.checkpoint import load_checkpoint, read_info, save_checkpoint
 from models.fctl_checkpoint import load_fctl, read_fctl_info, seeded_fctl
-from pipeline.crops import CropConfig
-from pipeline.crops_fctl import FctlSampler
-from pipeline.datasets import TrainingDataset
-from pipeline.errors import OutputConflictError
+from pipeline.errors import OutputConflictError, SpecError
+from pipeline.training.crops import CropConfig
+from pipeline.training.crops_fctl import FctlSampler
+from pipeline.training.datasets import TrainingDataset
 from tests.jobs.test_train import CLASSES, dataset, fast_ray_train  # noqa: F401 - fixtures
 from tests.jobs.test_train_refiner import CROP, one_thread, segmenter  # noqa: F401 - fixtures
 
@@ -104,13 +103,13 @@ def test_stage_rules_name_the_field():
 def test_plan_checks_the_checkpoints_each_stage_starts_from(tmp_path, dataset, segmenter):  # noqa: F811
     local_norm = load_checkpoint(Path(segmenter).read_bytes())[1].normalization.to_dict()
     plan = make_plan(parse_train_spec(fctl_spec(dataset, "out", stage="context", local=segmenter, factor=2)))
-    assert plan.model["stage"] == "context" and plan.model["factor"] == 2.0 and plan.normalization == local_norm
-    assert plan.model["config"]["width"] == 8 and len(plan.model["local_sha256"]) == 64
+    assert plan.model.to_dict()["stage"] == "context" and plan.model.to_dict()["factor"] == 2.0 and plan.normalization == local_norm
+    assert plan.model.to_dict()["config"]["width"] == 8 and len(plan.model.to_dict()["local_sha256"]) == 64
 
     good = [seeded_segmenter(tmp_path / f"c{i}.safetensors", seed=i, normalization=local_norm) for i in (2, 4)]
     plan = make_plan(parse_train_spec(fctl_spec(dataset, "out", stage="fused", local=segmenter,
                                                 context_checkpoints=good)))
-    assert plan.model["config"]["contexts"] == [2.0, 4.0] and len(plan.model["context_sha256"]) == 2
+    assert plan.model.to_dict()["config"]["contexts"] == [2.0, 4.0] and len(plan.model.to_dict()["context_sha256"]) == 2
 
     wide = seeded_segmenter(tmp_path / "wide.safetensors", width=16, normalization=local_norm)
     other = seeded_segmenter(tmp_path / "other.safetensors", classes=["a", "b", "c"], normalization=local_norm)
@@ -244,7 +243,7 @@ def test_fused_stage_with_a_pointrend_local_model(tmp_path, dataset, segmenter):
     ctx = [seeded_segmenter(tmp_path / f"c{i}.safetensors", seed=i, normalization=norm) for i in (2, 4)]
     spec = parse_train_spec(fctl_spec(dataset, "o", stage="fused", local=local_url, context_checkpoints=ctx))
     plan = make_plan(spec)
-    assert plan.model["config"]["local"]["refine"] == "pointrend"
+    assert plan.model.to_dict()["config"]["local"]["refine"] == "pointrend"
     trainee = fused_trainee(spec, plan, 0, "cpu", None)
     model = trainee.model
     batch = next(trainee.batches(1, 1))

@@ -12,17 +12,17 @@ import pytest
 import torch
 import yaml
 
-from jobs.spec import SpecError
 from jobs.train import make_plan, train
-from jobs.train_cli import add_train_parser
-from jobs.train_tasks import segmenter_trainee
-from jobs.train_pointrend import pointrend_loss_terms
-from jobs.train_spec import parse_train_spec
+from jobs.train.cli import add_train_parser
+from jobs.train.spec import parse_train_spec
+from jobs.train.tasks.segmenter import pointrend_loss_terms
+from jobs.train.tasks.segmenter import trainee as segmenter_trainee
 from models import ModelConfig, build_model
 from models.checkpoint import load_checkpoint, read_info, save_checkpoint
 from models.losses import LossConfig, build_loss
 from models.pointrend import PointRend, point_rend_loss
-from pipeline.predictor import PredictorConfig, TilePredictor
+from pipeline.errors import SpecError
+from pipeline.workers.predictor import PredictorConfig, TilePredictor
 from tests.jobs.test_train import CLASSES, dataset, fast_ray_train, spec_dict  # noqa: F401 - fixtures
 from tests.jobs.test_train_refiner import one_thread
 
@@ -48,8 +48,8 @@ def problems(data: dict, plan: bool = False) -> list[str]:
 
 def test_spec_errors_name_the_field(dataset):  # noqa: F811
     plan = make_plan(parse_train_spec(pointrend_spec(dataset, "out")))
-    assert plan.model["refine"] == "pointrend" and plan.model["point_channels"] == 16
-    assert "train_points" not in plan.model  # training only: not part of the checkpoint's config
+    assert plan.model.to_dict()["refine"] == "pointrend" and plan.model.to_dict()["point_channels"] == 16
+    assert "train_points" not in plan.model.to_dict()  # training only: not part of the checkpoint's config
 
     def model(**fields):
         return pointrend_spec(dataset, "out", model={**POINTREND, **fields})
@@ -102,7 +102,7 @@ def test_init_from_a_plain_segmenter_seeds_the_segmenter_part(tmp_path, dataset)
     assert (model.train_points, model.oversample, model.importance) == (256, 2.0, 0.5)
     seg = trained.state_dict()
     assert all(torch.equal(v, seg[k]) for k, v in model.segmenter.state_dict().items())
-    fresh = build_model(ModelConfig.from_dict(make_plan(spec).model), seed=spec.seed)
+    fresh = build_model(make_plan(spec).model.config, seed=spec.seed)
     assert all(torch.equal(v, fresh.point_head.state_dict()[k]) for k, v in model.point_head.state_dict().items())
 
     # a spec whose architecture is not the checkpoint's is refused before training, naming model.init

@@ -11,20 +11,20 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.spec import SpecError
 from jobs.train import make_plan, train
-from jobs.train_loop import normalizer
-from jobs.train_refiner import refiner_inputs
-from jobs.train_spec import parse_train_spec
+from jobs.train.common import normalizer
+from jobs.train.spec import parse_train_spec
+from jobs.train.tasks.magnet_refiner import refiner_inputs
 from models import ModelConfig, build_model
 from models.checkpoint import load_checkpoint, save_checkpoint
+from models.errors import CheckpointError
 from models.losses import LossConfig, build_loss
 from models.magnet import load_refiner
-from pipeline.crops import CropConfig, CropSampler, augment, read_crop
-from pipeline.crops_refiner import RefinerSampler, coarse_footprint, read_pairs, refiner_validation_draws
-from pipeline.datasets import TrainingDataset
-from pipeline.errors import CheckpointError, OutputConflictError
+from pipeline.errors import OutputConflictError, SpecError
 from pipeline.reader import read_window, upsample2x_window
+from pipeline.training.crops import CropConfig, CropSampler, augment, read_crop
+from pipeline.training.crops_refiner import RefinerSampler, coarse_footprint, read_pairs, refiner_validation_draws
+from pipeline.training.datasets import TrainingDataset
 from tests.jobs.test_train import CLASSES, dataset, fast_ray_train  # noqa: F401 - fixtures
 
 CROP = 64
@@ -98,8 +98,8 @@ def test_refiner_spec_defaults_and_task_rules():
 
 def test_refiner_plan_checks_the_segmenter(tmp_path, dataset, segmenter):  # noqa: F811
     plan = make_plan(parse_train_spec(refiner_spec(dataset, segmenter, "out")))
-    assert plan.model["task"] == "magnet_refiner" and plan.model["num_classes"] == 3 and plan.model["residual"]
-    assert len(plan.model["segmenter_sha256"]) == 64
+    assert plan.model.to_dict()["task"] == "magnet_refiner" and plan.model.to_dict()["num_classes"] == 3 and plan.model.to_dict()["residual"]
+    assert len(plan.model.to_dict()["segmenter_sha256"]) == 64
     assert plan.normalization == load_checkpoint(Path(segmenter).read_bytes())[1].normalization.to_dict()
     other = ModelConfig("fpn_resnet10", num_classes=3, width=8)
     save_checkpoint(tmp_path / "other.safetensors", build_model(other), other, ["a", "b", "c"])

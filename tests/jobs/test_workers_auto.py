@@ -9,9 +9,10 @@ import pytest
 import zarr
 from PIL import Image
 
-from jobs.demo import land_cover
 from jobs.runner import auto_workers, embedded_resources, run_spec
-from jobs.spec import SpecError, parse_spec
+from jobs.spec import parse_spec
+from pipeline.errors import SpecError
+from pipeline.synth.land_cover import land_cover
 from tests.archive import spec_dict
 
 

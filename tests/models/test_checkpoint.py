@@ -22,8 +22,8 @@ from models.checkpoint import (
     save_checkpoint,
     seeded_checkpoint,
 )
+from models.errors import CheckpointError
 from models.heads import fit_dupsampling
-from pipeline.errors import CheckpointError
 
 WIDTH = 16
 NAMES = ["background", "cell", "nucleus"]

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from models import ModelConfig, build_model
 from models.checkpoint import load_checkpoint, seeded_checkpoint
+from models.errors import CheckpointError
 from models.fctl import Correlation, FCtL, FctlConfig, Fusion, build_fctl
 from models.fctl_checkpoint import (
     is_fctl_checkpoint,
@@ -18,7 +19,6 @@ from models.fctl_checkpoint import (
     seeded_fctl,
 )
 from models.magnet import seeded_refiner
-from pipeline.errors import CheckpointError
 
 WIDTH = 8
 TILE = 64

@@ -5,10 +5,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.blend import (
-    BlendPlan, _TileSource, argmax_classes, blend_region, blended_probabilities, chunk_uses, downsample_labels,
-    mode_2x2, store_blend,
+    BlendPlan,
+    _TileSource,
+    argmax_classes,
+    blend_region,
+    blended_probabilities,
+    chunk_uses,
+    downsample_labels,
+    mode_2x2,
+    store_blend,
 )
-from pipeline.output import create_tile_store
+from pipeline.output.arrays import create_tile_store
 from pipeline.tiling import TileGrid, Window, window_2d
 
 

@@ -12,7 +12,8 @@ import pytest
 import zarr
 from PIL import Image
 
-from pipeline.context import (
+from pipeline.errors import UnsupportedImageError
+from pipeline.frameworks.fctl_contexts import (
     check_power_of_two,
     context_level,
     context_levels,
@@ -20,10 +21,9 @@ from pipeline.context import (
     read_context,
     read_contexts,
 )
-from pipeline.crops import resize_image
-from pipeline.errors import UnsupportedImageError
 from pipeline.pyramid import downsample_mean2, ingest
-from pipeline.sources import ImageRef, open_source
+from pipeline.reader import resize_image
+from pipeline.sources.formats import ImageRef, open_source
 from pipeline.storage import zarr_store
 from pipeline.tiling import Window, chunks_touched
 

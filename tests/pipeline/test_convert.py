@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from pipeline.convert import check_convertible, to_rgb8
 from pipeline.errors import UnsupportedImageError
+from pipeline.sources.convert import check_convertible, to_rgb8
 
 
 def _px(values, dtype):

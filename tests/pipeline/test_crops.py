@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from pipeline.crops import (
+from pipeline.tiling import Window
+from pipeline.training.crops import (
     CropConfig,
     CropSampler,
     augment,
@@ -20,7 +21,6 @@ from pipeline.crops import (
     window_at,
     window_size,
 )
-from pipeline.tiling import Window
 
 IGNORE = 255
 

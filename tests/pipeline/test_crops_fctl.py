@@ -1,6 +1,6 @@
 """FCtL training samples: local crop + contexts + labels, aligned, augmented together, seeded.
 
-The dataset is imported for real (``pipeline.dataset_import.import_pairs``, index masks, 32-px chunks) from PNGs
+The dataset is imported for real (``pipeline.training.dataset_import.import_pairs``, index masks, 32-px chunks) from PNGs
 whose image is one flat colour per class, classes in 16-px blocks on the level-0 grid. Every 2×2 and 4×4
 block of levels 1 and 2 then lies in one class block, so their image pixels are exactly their class colour
 (2×2 means of one colour) and their labels that class (``mode_2x2``): a ×2 or ×4 context and its target
@@ -18,12 +18,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.context import context_level, context_window, read_contexts
-from pipeline.crops import CropConfig, augment, read_crop, resize_nearest
-from pipeline.crops_fctl import FctlDraw, FctlSampler, read_context_masks, read_fctl_contexts, transform_views
-from pipeline.dataset_import import import_pairs
-from pipeline.datasets import TrainingDataset
+from pipeline.frameworks.fctl_contexts import context_level, context_window, read_contexts
 from pipeline.tiling import Window
+from pipeline.training.crops import CropConfig, augment, read_crop, resize_nearest
+from pipeline.training.crops_fctl import (
+    FctlDraw,
+    FctlSampler,
+    read_context_masks,
+    read_fctl_contexts,
+    transform_views,
+)
+from pipeline.training.dataset_import import import_pairs
+from pipeline.training.datasets import TrainingDataset
 
 IGNORE = 255
 COLORS = np.array([(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 40)], np.uint8)
@@ -178,8 +184,8 @@ def test_bad_configurations_name_the_fix(dataset):
 
 
 def test_context_and_crops_import_in_either_order():
-    """pipeline.context imports ``resize_image`` from pipeline.crops; pipeline.crops_fctl imports both."""
+    """pipeline.frameworks.fctl_contexts and pipeline.training.crops_fctl share pipeline.reader; any import order works."""
     root = Path(__file__).resolve().parents[2]
-    for first in ("pipeline.context", "pipeline.crops", "pipeline.crops_fctl"):
-        code = f"import {first}; from pipeline.crops_fctl import FctlSampler; from pipeline.context import read_contexts"
+    for first in ("pipeline.frameworks.fctl_contexts", "pipeline.training.crops", "pipeline.training.crops_fctl"):
+        code = f"import {first}; from pipeline.training.crops_fctl import FctlSampler; from pipeline.frameworks.fctl_contexts import read_contexts"
         subprocess.run([sys.executable, "-c", code], check=True, cwd=root)

@@ -12,11 +12,11 @@ import zarr
 from PIL import Image
 
 from pipeline.blend import mode_2x2
-from pipeline.dataset_import import import_pairs
-from pipeline.dataset_pairs import match_pairs
-from pipeline.datasets import TrainingDataset, read_dataset
 from pipeline.errors import InputNotFoundError, OutputConflictError, UnsupportedImageError
-from pipeline.palette import DEEPGLOBE_CLASSES
+from pipeline.evaluation.palette import DEEPGLOBE_CLASSES
+from pipeline.training.dataset_import import import_pairs
+from pipeline.training.dataset_pairs import match_pairs
+from pipeline.training.datasets import TrainingDataset, read_dataset
 
 COLORS = np.array([c for _, c in DEEPGLOBE_CLASSES], np.uint8)
 
@@ -103,7 +103,7 @@ def test_index_masks_add_to_a_dataset_and_rerun_keeps_it(tmp_path, caplog):
     assert info.images == ("s0", "t0", "t1")  # added to the dataset
     assert sum(info.class_pixels) == 64 * 80 + 40 * 40 + 48 * 30
 
-    caplog.set_level("INFO", "pipeline.dataset_import")
+    caplog.set_level("INFO", "pipeline.training.dataset_import")
     again = import_pairs(str(tmp_path / "a"), str(tmp_path / "ds"), image_pattern="{id}_sat.png",
                          mask_pattern="{id}_label.png", **index)
     assert "s0: already imported, kept" in caplog.text and again == info
@@ -146,7 +146,7 @@ def test_read_dataset_explains_a_missing_dataset(tmp_path):
 
 
 def test_cmd_import(tmp_path, capsys):
-    from jobs.train_cli import add_import_parser
+    from jobs.train.cli import add_import_parser
 
     write_pairs(tmp_path / "src", [(24, 24)])
     parser = argparse.ArgumentParser()

@@ -6,13 +6,16 @@ import numpy as np
 import pytest
 import zarr
 
-from jobs.demo import land_cover
 from models.checkpoint import seeded_checkpoint
-from pipeline.dispatch import batches, call_size
-from pipeline.output import create_tile_store
-from pipeline.predictor import PredictorConfig
+from pipeline.frameworks.base import ArrayRef, StagePlan
+from pipeline.frameworks.segment import Segment
+from pipeline.output.arrays import create_tile_store
+from pipeline.plan import WeightsRef
+from pipeline.synth.land_cover import land_cover
 from pipeline.tiling import TileGrid
-from pipeline.worker import ArrayRef, StagePlan, TileWorker
+from pipeline.workers.dispatch import batches, call_size
+from pipeline.workers.predictor import PredictorConfig
+from pipeline.workers.worker import TileWorker
 
 
 @pytest.mark.parametrize("n, batch, workers", [(1, 8, 2), (42, 8, 2), (121, 1, 2), (10_000, 8, 100),
@@ -47,12 +50,12 @@ def test_a_call_streamed_in_model_batches_writes_what_one_big_batch_writes(tmp_p
     ckpt = tmp_path / "m.safetensors"
     ckpt.write_bytes(seeded_checkpoint("fpn_resnet10", 3, ["a", "b", "c"], width=8))
     grid = TileGrid(300, 260, 128, 32, margin=16)
-    worker = TileWorker(str(ckpt), {}, PredictorConfig(precision="fp32"))
+    worker = TileWorker(Segment(WeightsRef(str(ckpt), "")), {}, PredictorConfig(precision="fp32"))
     stores = {}
     for name, size in (("streamed", 2), ("whole", None)):
         url = str(tmp_path / name)
         create_tile_store(url, {}, (grid.ny, grid.nx, 3, 128, 128))
-        stage = StagePlan(ArrayRef(str(tmp_path / "img.zarr"), "", "yxc", (300, 260)), grid, url, 3)
+        stage = StagePlan(0, ArrayRef(str(tmp_path / "img.zarr"), "", "yxc", (300, 260)), grid, url, url + "-maps", 3)
         [call] = batches(stage, grid.indices(), size or len(grid), per_call=len(grid))
         result = worker.run(call)
         assert result.tiles == tuple(grid.indices())
@@ -62,7 +65,7 @@ def test_a_call_streamed_in_model_batches_writes_what_one_big_batch_writes(tmp_p
 
 
 def test_actors_go_where_the_data_is_cheapest_to_read():
-    from pipeline.dispatch import placement_for
+    from pipeline.workers.dispatch import placement_for
 
     assert placement_for(["/data/in", "file:///data/out"]) == "driver"  # only this machine's disk holds them
     assert placement_for(["s3://bucket/in", "/data/out"]) == "anywhere"
@@ -70,7 +73,7 @@ def test_actors_go_where_the_data_is_cheapest_to_read():
 
 
 def test_scheduling_strategies(ray_cluster):
-    from pipeline.dispatch import scheduling_strategy
+    from pipeline.workers.dispatch import scheduling_strategy
 
     near = scheduling_strategy("driver")
     assert near.node_id == ray_cluster.get_runtime_context().get_node_id() and near.soft is True

@@ -8,8 +8,14 @@ import torch
 import zarr
 
 from models import magnet as mg
-from pipeline.magnet import (
-    MagnetConfig, _histogram, error_block, footprint, mean_uncertainty, select_tiles, threshold_from_histogram,
+from pipeline.frameworks.magnet_maps import (
+    MagnetConfig,
+    _histogram,
+    error_block,
+    footprint,
+    mean_uncertainty,
+    select_tiles,
+    threshold_from_histogram,
 )
 from pipeline.tiling import TileGrid, Window
 
@@ -65,7 +71,7 @@ def test_refiner_shapes_and_checkpoint_round_trip():
     refiner = mg.load_refiner(data, 3)
     a, b = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
     assert refiner(a, b).shape == (2, 3, 32, 32)
-    from pipeline.errors import CheckpointError
+    from models.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match="3 classes but the segmenter predicts 4"):
         mg.load_refiner(data, 4)
@@ -150,13 +156,12 @@ def test_tiled_magnet_matches_the_whole_image_algorithm(tmp_path, ray_cluster, p
     was the same to every digit with oneDNN/ATen capped at AVX-512, AVX2 and SSE4.1 (99.935 %, and
     99.884 % with MagNet-Fast).
     """
-    from jobs.demo import land_cover
     from jobs.runner import resolve_model, run_spec
     from jobs.spec import parse_spec
     from models.checkpoint import load_checkpoint
-    from pipeline.magnet import whole_image
+    from pipeline.frameworks.magnet_maps import whole_image
+    from pipeline.synth.land_cover import land_cover
     from tests.archive import spec_dict
-
     from tests.trained import tiny_magnet
 
     ckpt, refiner_bytes = tiny_magnet()
@@ -180,7 +185,7 @@ def test_tiled_magnet_matches_the_whole_image_algorithm(tmp_path, ray_cluster, p
 
     model = resolve_model(spec)
     segmenter, info = load_checkpoint(model.checkpoint)
-    refiner = mg.load_refiner(model.refiner, 4)
+    refiner = mg.load_refiner(model.weights["refiner"], 4)
     group = zarr.open_group(str(tmp_path / "out" / "scene.zarr"), mode="r")
     levels = [np.asarray(group[str(level)][:]) for level in range(3)]
     grids = [TileGrid(256 * 2**s, 256 * 2**s, 256, 128, margin=64) for s in range(3)]

@@ -6,7 +6,7 @@ import dask.array as da
 import numpy as np
 import pytest
 
-from pipeline.metrics import (
+from pipeline.evaluation.metrics import (
     BoundaryCounts,
     boundary_counts,
     boundary_graph,
@@ -225,7 +225,7 @@ def test_graphs_of_a_20000_square_pair_are_built_without_computing():
 
 def test_every_task_sees_one_chunk_plus_its_halo(monkeypatch):
     """Memory is flat by construction: the block functions never see more than a chunk (+ 2·(tol + 1))."""
-    from pipeline import metrics
+    from pipeline.evaluation import metrics
 
     seen = []
     for name in ("_block_confusion", "_boundary_block"):

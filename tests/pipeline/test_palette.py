@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.palette import DEEPGLOBE_CLASSES, PALETTES, decode_palette, get_palette
+from pipeline.evaluation.palette import DEEPGLOBE_CLASSES, PALETTES, decode_palette, get_palette
 
 COLORS = [c for _, c in DEEPGLOBE_CLASSES]
 

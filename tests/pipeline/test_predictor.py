@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from models.checkpoint import seeded_checkpoint
-from pipeline import predictor as pred
-from pipeline.predictor import PredictorConfig, TilePredictor, resolve_precision
+from pipeline.workers import predictor as pred
+from pipeline.workers.predictor import PredictorConfig, TilePredictor, resolve_precision
 
 CPU = torch.device("cpu")
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,7 +64,7 @@ def test_auto_runs_either_path_and_both_agree_with_fp32(monkeypatch, has_bf16):
 def test_auto_is_fp32_on_a_cpu_without_bf16_kernels():
     """The real probe, on a CPU capped at AVX2 (oneDNN's ``ONEDNN_MAX_CPU_ISA``), as on a machine without
     avx512_bf16: ``auto`` must run fp32 there, whatever CPU runs the suite."""
-    code = ("import torch; from pipeline.predictor import resolve_precision; "
+    code = ("import torch; from pipeline.workers.predictor import resolve_precision; "
             "print(resolve_precision('auto', torch.device('cpu')))")
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)

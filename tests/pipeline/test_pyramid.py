@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.convert import to_rgb8
 from pipeline.errors import ImageReadError, OutputConflictError, UnsupportedImageError
 from pipeline.pyramid import Pyramid, downsample_mean2, ingest, level_shapes, open_pyramid, pyramid_in_place
-from pipeline.source_pixels import source_to_dask
-from pipeline.sources import ImageRef, open_source
+from pipeline.sources.convert import to_rgb8
+from pipeline.sources.formats import ImageRef, open_source
+from pipeline.sources.pixels import source_to_dask
 from tests.pipeline.fixtures_images import mean2_reference, pixels, write_image, write_ome_zarr, write_tiff, write_zarr
 
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jobs.demo import land_cover
 from models.checkpoint import seeded_checkpoint
 from pipeline.blend import BlendPlan, blended_probabilities
-from pipeline.output import create_tile_store
-from pipeline.predictor import PredictorConfig, TilePredictor
+from pipeline.output.arrays import create_tile_store
 from pipeline.reader import read_window
+from pipeline.synth.land_cover import land_cover
 from pipeline.tiling import TileGrid
+from pipeline.workers.predictor import PredictorConfig, TilePredictor
 
 H = W = 1024
 TILE, OVERLAP, MARGIN = 512, 192, 64

@@ -6,12 +6,12 @@ import pytest
 import tifffile
 import zarr
 
-from pipeline import sources
-from pipeline.convert import to_rgb8
 from pipeline.errors import ImageReadError, InputNotFoundError, UnsupportedImageError
-from pipeline.discover import ImageRef, discover
-from pipeline.source_pixels import read_chunks_yx, source_to_dask
-from pipeline.sources import open_source
+from pipeline.sources import formats as sources
+from pipeline.sources.convert import to_rgb8
+from pipeline.sources.discover import ImageRef, discover
+from pipeline.sources.formats import open_source
+from pipeline.sources.pixels import read_chunks_yx, source_to_dask
 from tests.pipeline.fixtures_images import (
     pixels,
     write_image,

@@ -18,15 +18,25 @@ import zarr
 from PIL import Image
 
 import pipeline.synth as synth
-import pipeline.synth_write as synth_write
+import pipeline.synth.write as synth_write
 from jobs.cli import main
-from pipeline.datasets import TrainingDataset, read_dataset
 from pipeline.synth import (
-    BUILDING, CLASSES, FIELD_HEDGED, FIELD_OPEN, HEDGE, ROAD, SynthConfig, image_and_labels, image_block,
-    label_block, labels_at, synth_dask,
+    BUILDING,
+    CLASSES,
+    FIELD_HEDGED,
+    FIELD_OPEN,
+    HEDGE,
+    ROAD,
+    SynthConfig,
+    image_and_labels,
+    image_block,
+    label_block,
+    labels_at,
+    synth_dask,
 )
-from pipeline.synth_scene import regions
-from pipeline.synth_write import split_seed, write_split, write_synth
+from pipeline.synth.scene import regions
+from pipeline.synth.write import split_seed, write_split, write_synth
+from pipeline.training.datasets import TrainingDataset, read_dataset
 
 # small regions, roads and buildings so that a 700×900 window holds every class and every kind of edge
 SMALL = SynthConfig(height=700, width=900, seed=5, region_size=256, road_spacing=128, building_size=(6, 12),

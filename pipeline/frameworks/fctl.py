@@ -1,0 +1,115 @@
+"""Framework ``fctl``: FCtL's locality-aware contextual correlation (Li et al., ACM MM 2021; github liqiokkk/FCtL).
+
+One stage at full resolution, as ``segment``; each tile also reads its context windows, for each context factor
+``c`` the ``c·T`` window centred on it, from the coarsest pyramid level that still holds it at ``T`` pixels
+(``Contexts``; the geometry is ``pipeline.frameworks.fctl_contexts``). The model is an FCtL checkpoint
+(``gigaseg train`` task fctl, stage fused), or a seeded one; its output is blended like any tile's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from models.errors import CheckpointError
+from models.fctl_checkpoint import is_fctl_checkpoint, read_fctl_info, seeded_fctl
+from pipeline.errors import ImageReadError, SpecError
+from pipeline.frameworks.base import ArrayRef, Framework, ModelSource, OpenArray, Resolution, StagePlan
+from pipeline.frameworks.fctl_contexts import check_power_of_two, context_levels, read_contexts
+from pipeline.frameworks.segment import image_stage
+from pipeline.output.layout import ImageOutput
+from pipeline.plan import TilingPlan, WeightsRef
+from pipeline.pyramid import Pyramid
+from pipeline.tiling import Window
+from pipeline.workers.predictor import DeviceConfig, TilePredictor
+
+DEFAULT_CONTEXTS = (2.0, 4.0)
+
+
+@dataclass(frozen=True)
+class Contexts:
+    """A tile input: FCtL's context windows ``(B, n, 3, T, T)`` uint8 of each tile, at ``factors``.
+
+    ``levels[l]`` is level ``l`` of the image pyramid, for every level up to the coarsest a context reads; only
+    those ``context_levels`` are opened.
+    """
+
+    factors: tuple[float, ...]
+    levels: tuple[ArrayRef, ...]
+
+    def read(self, open_array: OpenArray, image: ArrayRef, windows: list[Window]) -> np.ndarray:
+        shapes = tuple(ref.shape_yx for ref in self.levels)
+        arrays = {lv: open_array(self.levels[lv]) for lv in context_levels(self.factors, len(self.levels))}
+        out = []
+        for w in windows:
+            try:
+                out.append(read_contexts(arrays, shapes, image.axes, w, self.factors, w.h, image.value_range))
+            except Exception as err:  # name the image and the tile: the decoder's own message says neither
+                raise ImageReadError(
+                    f"{image.group_url}: cannot read the FCtL contexts of tile y {w.y0}:{w.y1}, x {w.x0}:{w.x1}: "
+                    f"{type(err).__name__}: {err}") from err
+        return np.stack(out)
+
+
+class FctlModel:
+    """``TileModel``: the FCtL network on each tile and its contexts."""
+
+    def __init__(self, predictor: TilePredictor) -> None:
+        self.predictor = predictor
+        self.device = predictor.device
+
+    def __call__(self, stage: int, tiles: np.ndarray, inputs: Sequence[np.ndarray]) -> np.ndarray:
+        (contexts,) = inputs
+        return self.predictor(tiles, contexts)
+
+
+@dataclass(frozen=True)
+class Fctl(Framework):
+    model: WeightsRef
+    contexts: tuple[float, ...]
+
+    name: ClassVar[str] = "fctl"
+
+    @classmethod
+    def resolve(cls, options: Mapping[str, Any], source: ModelSource) -> Resolution:
+        wanted = options.get("contexts")
+        if source.checkpoint is None:
+            contexts = tuple(wanted or DEFAULT_CONTEXTS)
+            data = seeded_fctl(source.architecture, len(source.class_names), list(source.class_names),
+                               contexts=contexts, seed=source.seed, width=source.width, gamma=options["gamma"])
+            return Resolution(read_fctl_info(data)[0], {"model": data}, {"contexts": contexts})
+        if not is_fctl_checkpoint(source.checkpoint):
+            raise SpecError("model.framework", [
+                f"model.framework: fctl but {source.checkpoint_url} holds a plain segmenter; point model.checkpoint "
+                "at the fused FCtL checkpoint of `gigaseg train` (task fctl), or drop it to run a seeded FCtL"])
+        try:
+            info, config = read_fctl_info(source.checkpoint)
+        except CheckpointError as err:
+            raise SpecError("model.checkpoint", [f"model.checkpoint: {source.checkpoint_url}: {err}"]) from None
+        if wanted is not None and tuple(wanted) != config.contexts:
+            raise SpecError("model.fctl.contexts", [
+                f"model.fctl.contexts: {list(wanted)} but {source.checkpoint_url} was trained with contexts "
+                f"{list(config.contexts)}; omit model.fctl.contexts or use those"])
+        return Resolution(info, {"model": source.checkpoint}, {"contexts": config.contexts})
+
+    @classmethod
+    def build(cls, options: Mapping[str, Any], weights: Mapping[str, WeightsRef], resolution: Resolution) -> Fctl:
+        return cls(weights["model"], resolution.details["contexts"])
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"framework": self.name, "checkpoint": self.model.sha256, "contexts": list(self.contexts)}
+
+    def stages(self, pyramid: Pyramid, out: ImageOutput, tiling: TilingPlan, num_classes: int) -> list[StagePlan]:
+        needed = context_levels(self.contexts, pyramid.n_levels)
+        check_power_of_two(pyramid.shapes, needed)
+        levels = tuple(ArrayRef.level(pyramid, lv) for lv in range(max(needed) + 1))
+        return [image_stage(0, pyramid, 0, out, tiling, num_classes, (Contexts(self.contexts, levels),))]
+
+    def load(self, read: Callable[[str], bytes], device: DeviceConfig) -> FctlModel:
+        return FctlModel(TilePredictor(read(self.model.url), device))
+
+
+__all__ = ["DEFAULT_CONTEXTS", "Contexts", "Fctl", "FctlModel"]

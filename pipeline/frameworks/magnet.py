@@ -1,0 +1,157 @@
+"""Framework ``magnet``: MagNet's progressive refinement (Huynh et al., CVPR 2021; github VinAIResearch/MagNet),
+one stage per scale, coarse to fine.
+
+Stage ``s`` covers pyramid level ``L_s = scales − 1 − s``. Stage 0 is plain tiled segmentation. A stage-s tile
+(s ≥ 1) also reads the stage-(s−1) map over its footprint, upsampled ×2 (``UpsampledMap``), and its model gives
+``R = softmax(refiner(softmax(segmenter(x)), Y_up))``; the stage's result merges ``R`` into ``Y_up`` where the
+error score ranks among the image's top ``replace`` (``pipeline.frameworks.magnet_maps``), so it is not its
+blend and the last stage is stored after all its tiles. MagNet-Fast (``patches``) runs each refinement stage
+only on the tiles whose footprint is most uncertain in the previous map.
+
+The refiner reads only the segmenter's probabilities, so any segmenter a ``segment`` job runs works here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import dask.array as da
+import numpy as np
+import torch
+
+from models.errors import CheckpointError
+from models.magnet import load_refiner, refine_step, seeded_refiner
+from pipeline.errors import SpecError, UnsupportedImageError
+from pipeline.frameworks import magnet_maps as maps
+from pipeline.frameworks.base import STAGE_MAP, ArrayRef, Framework, ModelSource, OpenArray, Resolution, StagePlan
+from pipeline.frameworks.magnet_maps import MagnetConfig
+from pipeline.frameworks.segment import image_stage, segmenter_resolution
+from pipeline.output.arrays import create_map
+from pipeline.output.layout import ImageOutput
+from pipeline.plan import TilingPlan, WeightsRef
+from pipeline.pyramid import Pyramid
+from pipeline.reader import upsample2x_window
+from pipeline.storage import read_bytes
+from pipeline.tiling import Window
+from pipeline.workers.predictor import DeviceConfig, TilePredictor
+
+
+@dataclass(frozen=True)
+class UpsampledMap:
+    """A tile input: the previous stage's ``(C, H/2, W/2)`` map over the tile's window, upsampled ×2."""
+
+    ref: ArrayRef
+
+    def read(self, open_array: OpenArray, image: ArrayRef, windows: list[Window]) -> np.ndarray:
+        previous = open_array(self.ref)
+        return np.stack([upsample2x_window(previous, self.ref.shape_yx, image.shape_yx, w) for w in windows])
+
+
+class MagnetModel:
+    """``TileModel``: the segmenter alone at stage 0, segmenter and refiner after."""
+
+    def __init__(self, predictor: TilePredictor, refiner: torch.nn.Module) -> None:
+        self.predictor, self.runner = predictor, predictor.runner
+        self.refiner = self.runner.prepare(refiner)
+        self.device = predictor.device
+
+    @torch.inference_mode()
+    def __call__(self, stage: int, tiles: np.ndarray, inputs: Sequence[np.ndarray]) -> np.ndarray:
+        if not inputs:
+            return self.predictor(tiles)
+        (previous_up,) = inputs
+        with self.runner.autocast():
+            probs = refine_step(self.predictor.model, self.refiner, self.runner.input(tiles),
+                                self.runner.tensor(previous_up))
+        return probs.to(torch.float16).cpu().numpy()
+
+
+@dataclass(frozen=True)
+class Magnet(Framework):
+    model: WeightsRef
+    refiner: WeightsRef
+    config: MagnetConfig
+
+    name: ClassVar[str] = "magnet"
+    streams_last_stage: ClassVar[bool] = False  # the last merge needs a threshold over the whole image
+
+    @classmethod
+    def resolve(cls, options: Mapping[str, Any], source: ModelSource) -> Resolution:
+        resolution = segmenter_resolution(source, cls.name)
+        num_classes = resolution.info.config.num_classes
+        url = options.get("refiner")
+        if url is None:
+            refiner = seeded_refiner(num_classes, seed=options["refiner_seed"], width=options["refiner_width"])
+        else:
+            try:
+                refiner = read_bytes(url, source.storage_options)
+                load_refiner(refiner, num_classes)  # fail now, naming the field, not in every worker
+            except FileNotFoundError:
+                raise SpecError("model.magnet.refiner", [f"model.magnet.refiner: {url} does not exist"]) from None
+            except CheckpointError as err:
+                raise SpecError("model.magnet.refiner", [f"model.magnet.refiner: {url}: {err}"]) from None
+        return Resolution(resolution.info, {**resolution.weights, "refiner": refiner})
+
+    @classmethod
+    def build(cls, options: Mapping[str, Any], weights: Mapping[str, WeightsRef], resolution: Resolution) -> Magnet:
+        config = MagnetConfig(scales=options["scales"], replace=options["replace"], median=options["median"],
+                              patches=options["patches"])
+        return cls(weights["model"], weights["refiner"], config)
+
+    def fingerprint(self) -> dict[str, Any]:
+        c = self.config
+        return {"framework": self.name, "checkpoint": self.model.sha256, "refiner": self.refiner.sha256,
+                "scales": c.scales, "replace": c.replace, "median": c.median, "patches": c.patches}
+
+    def stages(self, pyramid: Pyramid, out: ImageOutput, tiling: TilingPlan, num_classes: int) -> list[StagePlan]:
+        levels = self.config.levels()
+        if max(levels) >= pyramid.n_levels:
+            raise UnsupportedImageError(
+                f"{pyramid.url}: MagNet with {len(levels)} scales needs {len(levels)} pyramid levels but the image "
+                f"({pyramid.shapes[0][0]}×{pyramid.shapes[0][1]}) has {pyramid.n_levels}; lower model.magnet.scales")
+        plans: list[StagePlan] = []
+        for s, level in enumerate(levels):
+            inputs = ()
+            if s:
+                inputs = (UpsampledMap(ArrayRef(plans[-1].maps_url, STAGE_MAP, "cyx", tuple(pyramid.shapes[levels[s - 1]]),
+                                                dict(out.storage_options))),)
+            plans.append(image_stage(s, pyramid, level, out, tiling, num_classes, inputs))
+        return plans
+
+    def selected_tiles(self, stages: list[StagePlan], s: int, scheduler: Any) -> tuple[tuple[int, int], ...] | None:
+        """MagNet-Fast: the tiles stage ``s`` runs, the most uncertain footprints of stage ``s − 1``'s (complete)
+        map; None when every tile runs. The same map always gives the same tiles, so a resumed job agrees."""
+        stage = stages[s]
+        if not s or self.config.patches is None:
+            return None
+        n = self.config.tile_count(len(stage.grid))
+        if n >= len(stage.grid):
+            return None
+        return maps.select_tiles(maps.tile_uncertainty(stage.inputs[0].ref.open(), stage.grid, scheduler), n)
+
+    def stage_result(self, stages: list[StagePlan], s: int, out: ImageOutput, blended: da.Array,
+                     tiles: tuple[tuple[int, int], ...] | None, chunk: int, scheduler: Any) -> da.Array:
+        """Stage 0: its blend. After: ``where(E ≥ t, R, Y_up)`` with the image-wide threshold ``t``
+        (``magnet_maps``), its intermediate maps stored in the stage's maps group."""
+        if not s:
+            return blended
+        stage = stages[s]
+        c, h, w = blended.shape
+        so = out.storage_options
+        stage_maps = maps.StageMaps(refined=create_map(stage.maps_url, "refined", (c, h, w), chunk, so),
+                                    error=create_map(stage.maps_url, "error", (h, w), chunk, so),
+                                    error_median=create_map(stage.maps_url, "error_median", (h, w), chunk, so))
+        previous = stage.inputs[0].ref.open()
+        maps.refine_pass(blended, previous, stage_maps, self.config.median, scheduler)
+        share = 1.0 if tiles is None else len(tiles) / len(stage.grid)
+        t = maps.stage_threshold(stage_maps, self.config.count(h, w, share), scheduler)
+        return maps.merged(stage_maps, previous, t)
+
+    def load(self, read: Callable[[str], bytes], device: DeviceConfig) -> MagnetModel:
+        predictor = TilePredictor(read(self.model.url), device)
+        return MagnetModel(predictor, load_refiner(read(self.refiner.url), predictor.num_classes))
+
+
+__all__ = ["Magnet", "MagnetConfig", "MagnetModel", "UpsampledMap"]

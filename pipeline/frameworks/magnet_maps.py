@@ -1,0 +1,268 @@
+"""MagNet's maps over a Zarr pyramid, chunk by chunk: the pieces of ``pipeline.frameworks.magnet`` that work on
+whole stages (Huynh et al., CVPR 2021; github VinAIResearch/MagNet, ``magnet/model/refinement.py``, ``test.py``).
+
+Stage ``s`` runs at pyramid level ``L_s = scales − 1 − s`` (coarse to fine; level 0 last). Stage 0 is plain
+tiled segmentation; its blended probabilities are the map ``Y₀``. A stage-s tile reads its image window at
+``L_s`` and the stage-(s−1) map over the same footprint, upsampled ×2 (``reader.upsample2x_window``), and
+gives ``R = softmax(refiner(softmax(segmenter(x)), Y_up))``. The stage's result is then computed chunk by
+chunk from the blend of its tiles, never holding a whole map:
+
+1. ``R`` = blend of the tiles; ``E = certainty(R) · uncertainty(Y_up)``; both stored (float16).
+2. ``E`` median-filtered (``map_overlap`` with a ``k//2`` halo, edges replicated) and stored; a histogram
+   of its exact float16 values is summed over all chunks.
+3. The image-wide top-k becomes one threshold every chunk can apply: ``t`` = the largest value with
+   ``count(E ≥ t) ≥ k`` (``models.magnet.topk_threshold``), read off the histogram exactly.
+4. ``Y_s = where(E ≥ t, R, Y_up)``: the next stage's map, or the final probabilities.
+
+MagNet-Fast (the reference's ``--n_patches``; ``MagnetConfig.patches``): a refinement stage runs only the
+``n`` tiles whose footprint is most uncertain in the previous stage's map (mean of ``1 − (top1 − top2)``,
+``tile_uncertainty``); pixels no chosen tile covers keep ``Y_up`` (``E = 0`` there), and the count replaced
+shrinks by the share of tiles run, as in the reference.
+
+``whole_image`` runs the same algorithm on whole arrays (for images small enough), which the tiled run
+matches except within the reach of tile-border effects (see tests/pipeline/test_magnet.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import torch
+import zarr
+
+from models import magnet as mg
+from pipeline.reader import read_window, upsample2x_window
+from pipeline.tiling import Window
+
+_F16_BINS = 1 << 16
+
+
+@dataclass(frozen=True)
+class MagnetConfig:
+    scales: int = 3
+    replace: float = 0.75  # ≤ 1: fraction of each stage's pixels; > 1: a pixel count per stage
+    median: int = 5  # median filter side, in pixels of the stage's level
+    patches: float | None = None  # MagNet-Fast: ≤ 1 a fraction, > 1 a count of tiles refined per stage
+
+    def __post_init__(self) -> None:
+        if self.scales < 2:
+            raise ValueError(f"MagNet needs at least 2 scales, got {self.scales}")
+        if self.replace <= 0:
+            raise ValueError(f"replace must be a positive fraction or count, got {self.replace}")
+        if self.median < 1 or self.median % 2 == 0:
+            raise ValueError(f"median filter size must be odd and ≥ 1, got {self.median}")
+        if self.patches is not None and self.patches <= 0:
+            raise ValueError(f"patches must be a positive fraction or count of tiles, got {self.patches}")
+
+    def levels(self) -> tuple[int, ...]:
+        return tuple(range(self.scales - 1, -1, -1))
+
+    def count(self, h: int, w: int, share: float = 1.0) -> int:
+        """Pixels replaced in an ``h × w`` stage of which ``share`` of the tiles ran (1 unless MagNet-Fast):
+        ``round(replace · h · w · share)`` for a fraction, ``min(replace, h · w · share)`` for a count."""
+        n = h * w * share
+        return int(min(n, round(self.replace * n)) if self.replace <= 1 else min(n, int(self.replace)))
+
+    def tile_count(self, n_tiles: int) -> int:
+        """Tiles a refinement stage runs: all, or ``max(1, round(patches · n))`` / ``min(n, patches)``."""
+        if self.patches is None:
+            return n_tiles
+        k = round(self.patches * n_tiles) if self.patches <= 1 else int(self.patches)
+        return max(1, min(n_tiles, k))
+
+
+def _certainty_np(p: np.ndarray) -> np.ndarray:
+    top = np.partition(p, p.shape[0] - 2, axis=0)[-2:]
+    return top[1] - top[0]
+
+
+def error_block(refined: np.ndarray, previous_up: np.ndarray) -> np.ndarray:
+    """``E = certainty(R) · (1 − certainty(Y_up))`` for ``(C, h, w)`` blocks → ``(h, w)`` float32."""
+    return _certainty_np(refined) * (1.0 - _certainty_np(previous_up))
+
+
+def _histogram(e: np.ndarray) -> np.ndarray:
+    """Counts of exact float16 values (non-negative float16 sort like their uint16 bit patterns)."""
+    return np.bincount(e.astype(np.float16).view(np.uint16).ravel(), minlength=_F16_BINS)[None, None]
+
+
+def threshold_from_histogram(hist: np.ndarray, k: int) -> float:
+    """The largest float16 ``t`` with ``count(E ≥ t) ≥ k``: ``topk_threshold`` read off a histogram."""
+    if k <= 0:
+        return float("inf")
+    above = np.cumsum(hist[::-1])[::-1]  # above[b] = count of values with bit pattern ≥ b
+    b = int(np.nonzero(above >= k)[0].max())
+    return float(np.array([b], np.uint16).view(np.float16)[0])
+
+
+@dataclass(frozen=True)
+class StageMaps:
+    """Where one refinement stage keeps its intermediate arrays (all chunked like the masks)."""
+
+    refined: zarr.Array  # (C, H, W) float16
+    error: zarr.Array  # (H, W) float16, before the median
+    error_median: zarr.Array  # (H, W) float16
+
+
+def refine_pass(blended: da.Array, previous: zarr.Array, maps: StageMaps, median: int,
+                scheduler: Any = "threads") -> None:
+    """Steps 1–2: ``R`` (the stage's lazy blend ``(C, H, W)``, NaN where no tile ran) and ``E``, stored, then
+    the median-filtered ``E``, stored."""
+    num_classes, h, w = blended.shape
+    prev_shape = previous.shape[1:]
+
+    def block(refined, block_info=None):
+        (y0, y1), (x0, x1) = block_info[None]["array-location"][1:]
+        region = Window(y0, x0, y1 - y0, x1 - x0)
+        previous_up = upsample2x_window(previous, prev_shape, (h, w), region)
+        out = np.empty((num_classes + 1, region.h, region.w), np.float32)
+        uncovered = np.isnan(refined[0])  # MagNet-Fast: no chosen tile here, so R = Y_up and E = 0
+        if uncovered.any():
+            refined = np.where(uncovered[None], previous_up, refined)
+        out[:-1] = refined
+        out[-1] = np.where(uncovered, 0.0, error_block(refined, previous_up))
+        return out
+
+    chunks = ((num_classes + 1,), *blended.chunks[1:])
+    both = blended.map_blocks(block, dtype=np.float32, chunks=chunks, meta=np.empty((0, 0, 0), np.float32))
+    da.store([both[:-1].astype(np.float16), both[-1].astype(np.float16)], [maps.refined, maps.error], lock=False,
+             scheduler=scheduler)
+    err = da.from_zarr(maps.error).astype(np.float32)
+    med = err
+    if median > 1:
+        med = err.map_overlap(mg.median_filter, depth=median // 2, boundary="nearest", k=median, dtype=np.float32)
+    da.store(med.astype(np.float16), maps.error_median, lock=False, scheduler=scheduler)
+
+
+def stage_threshold(maps: StageMaps, k: int, scheduler: Any = "threads") -> float:
+    """Step 3: the global threshold from per-chunk histograms of the median-filtered error score."""
+    e = da.from_zarr(maps.error_median)
+    hist = e.map_blocks(_histogram, dtype=np.int64, chunks=((1,) * e.numblocks[0], (1,) * e.numblocks[1],
+                                                            (_F16_BINS,)), new_axis=2)
+    total = hist.sum(axis=(0, 1)).compute(scheduler=scheduler)
+    return threshold_from_histogram(total, k)
+
+
+def merged(maps: StageMaps, previous: zarr.Array, t: float) -> da.Array:
+    """Step 4, lazily: ``Y_s = where(E ≥ t, R, Y_up)`` as ``(C, H, W)`` float32, chunked like the maps."""
+    refined = da.from_zarr(maps.refined)
+    h, w = refined.shape[1:]
+    prev_shape = previous.shape[1:]
+    error_median = maps.error_median
+
+    def block(r, block_info=None):
+        (y0, y1), (x0, x1) = block_info[None]["array-location"][1:]
+        region = Window(y0, x0, y1 - y0, x1 - x0)
+        e = np.asarray(error_median[y0:y1, x0:x1], np.float32)
+        previous_up = upsample2x_window(previous, prev_shape, (h, w), region)
+        return np.where((e >= np.float32(t))[None], r.astype(np.float32), previous_up)
+
+    return refined.map_blocks(block, dtype=np.float32)
+
+
+def footprint(window: Window, fine_shape: tuple[int, int]) -> Window:
+    """A level-s tile window's footprint on the level-(s−1) map: the window clipped to the image, then
+    ``[⌊y0/2⌋, ⌈y1/2⌉) × [⌊x0/2⌋, ⌈x1/2⌉)``."""
+    c = window.clip(*fine_shape)
+    y0, x0 = c.y0 // 2, c.x0 // 2
+    return Window(y0, x0, -(-c.y1 // 2) - y0, -(-c.x1 // 2) - x0)
+
+
+def mean_uncertainty(block: np.ndarray) -> float:
+    """Mean of ``1 − (top1 − top2)`` over a ``(C, h, w)`` block of probabilities."""
+    return float((1.0 - _certainty_np(block.astype(np.float32))).mean())
+
+
+def tile_uncertainty(previous, grid, scheduler: Any = "threads") -> np.ndarray:
+    """``(ny, nx)`` mean uncertainty of the previous stage's map ``(C, H/2, W/2)`` over each tile's
+    ``footprint``: one Dask task per row of tiles, each reading only its footprints."""
+    import dask
+
+    fine = (grid.height, grid.width)
+
+    def row(iy: int) -> np.ndarray:
+        out = np.empty(grid.nx, np.float64)
+        for ix in range(grid.nx):
+            f = footprint(grid.window(iy, ix), fine)
+            out[ix] = mean_uncertainty(np.asarray(previous[:, f.y0 : f.y1, f.x0 : f.x1]))
+        return out
+
+    rows = dask.compute(*[dask.delayed(row)(iy) for iy in range(grid.ny)], scheduler=scheduler)
+    return np.stack(rows)
+
+
+def select_tiles(scores: np.ndarray, n: int) -> tuple[tuple[int, int], ...]:
+    """The ``n`` tiles of highest score (ties: lower index first), in grid order."""
+    flat = scores.ravel()
+    order = np.lexsort((np.arange(flat.size), -flat))[:n]
+    nx = scores.shape[1]
+    return tuple((int(i) // nx, int(i) % nx) for i in sorted(order))
+
+
+def _sizes(n: int, c: int) -> tuple[int, ...]:
+    return tuple(min(c, n - i) for i in range(0, n, c))
+
+
+# ---------------------------------------------------------------- the same algorithm on whole arrays
+
+
+def _mirrored_input(image: np.ndarray, margin: int, multiple: int, mean, std) -> tuple[torch.Tensor, int, int]:
+    """A whole ``(3, H, W)`` image mirrored by ``margin`` px (and on to a multiple of the network's stride),
+    normalised: ``(1, 3, PH, PW)``, with ``PH`` and ``PW``."""
+    h, w = image.shape[1:]
+    ph = -(-(h + 2 * margin) // multiple) * multiple
+    pw = -(-(w + 2 * margin) // multiple) * multiple
+    x = read_window(image, "cyx", (h, w), Window(-margin, -margin, ph, pw))
+    return (torch.from_numpy(x).float()[None] - mean) / std, ph, pw
+
+
+@torch.inference_mode()
+def whole_image(
+    levels: list[np.ndarray], segmenter, refiner, cfg: MagnetConfig, *, margin: int, normalization, grids=None
+) -> np.ndarray:
+    """MagNet on whole arrays: ``levels[l]`` is the ``(3, H_l, W_l)`` uint8 pyramid; returns the final
+    ``(C, H₀, W₀)`` float16 probabilities. Networks see each level mirrored by ``margin`` px, as tiles do;
+    maps are stored as float16 between steps, as the tiled pipeline stores them.
+
+    MagNet-Fast (``cfg.patches``) needs ``grids`` (the tile grid of each stage): a stage's ``R`` then counts
+    only inside the chosen tiles' windows (elsewhere ``Y_up`` stays, ``E = 0``)."""
+    mean = torch.tensor(normalization.mean).view(1, 3, 1, 1) * 255
+    std = torch.tensor(normalization.std).view(1, 3, 1, 1) * 255
+    mult = segmenter.input_multiple
+    y = None
+    for s, level in enumerate(cfg.levels()):
+        img = levels[level]
+        h, w = img.shape[1:]
+        x, ph, pw = _mirrored_input(img, margin, mult, mean, std)
+        a, b, c, d = margin, margin + h, margin, margin + w
+        fine = torch.softmax(segmenter(x).float(), dim=1)
+        if s == 0:
+            y = fine[0, :, a:b, c:d].numpy().astype(np.float16)
+            continue
+        prev = y.astype(np.float32)
+        up = upsample2x_window(prev, prev.shape[1:], (h, w), Window(-margin, -margin, ph, pw))
+        r = torch.softmax(refiner(fine, torch.from_numpy(up)[None]).float(), dim=1)[0, :, a:b, c:d].numpy()
+        up = up[:, a:b, c:d]
+        covered, share = np.ones((h, w), bool), 1.0
+        if cfg.patches is not None and cfg.tile_count(len(grids[s])) < len(grids[s]):
+            grid = grids[s]
+            scores = np.array([[mean_uncertainty(prev[:, f.y0 : f.y1, f.x0 : f.x1])
+                                for f in (footprint(grid.window(iy, ix), (h, w)) for ix in range(grid.nx))]
+                               for iy in range(grid.ny)])
+            chosen = select_tiles(scores, cfg.tile_count(len(grid)))
+            covered = np.zeros((h, w), bool)
+            for iy, ix in chosen:
+                win = grid.window(iy, ix).clip(h, w)
+                covered[win.y0 : win.y1, win.x0 : win.x1] = True
+            share = len(chosen) / len(grid)
+            r = np.where(covered[None], r, up)
+        # as the tiled run: E from the blend's float32 R, the merge from R as stored (float16)
+        e = np.where(covered, error_block(r, up), 0.0).astype(np.float16).astype(np.float32)
+        r = r.astype(np.float16).astype(np.float32)
+        e = mg.median_filter(e, cfg.median).astype(np.float16).astype(np.float32)
+        t = mg.topk_threshold(e, cfg.count(h, w, share))
+        y = np.where((e >= t)[None], r, up).astype(np.float16)
+    return y

@@ -1,0 +1,44 @@
+"""``gigaseg status`` and the weights the workers load, against outputs laid out in the test."""
+
+from __future__ import annotations
+
+import hashlib
+
+from jobs.plan import stage_weights
+from jobs.report import status
+from pipeline.output.arrays import create_tile_store
+from pipeline.output.layout import JobLayout
+from pipeline.output.state import mark
+from pipeline.plan import OutputPlan
+from pipeline.storage import write_json
+
+
+def test_status_counts_the_tiles_of_every_stage(tmp_path):
+    """A MagNet image in progress: stage 0 (4 tiles) done, stage 1 (16 tiles) 6 done; ``tiles`` counts both."""
+    layout = JobLayout(str(tmp_path))
+    write_json(layout.plan_url, {"images": ["scene"]})
+    out = layout.image("scene")
+    mark(out, fingerprint="f", complete=False, shape=[64, 64], tiles=4 + 16)
+    stage0 = create_tile_store(out.tiles_url(0), {}, (2, 2, 3, 8, 8))
+    stage1 = create_tile_store(out.tiles_url(1), {}, (4, 4, 3, 8, 8))
+    for iy in range(2):
+        for ix in range(2):
+            stage0[iy, ix] = 0.5
+    for i in range(6):
+        stage1[i // 4, i % 4] = 0.25
+    [row] = status(str(tmp_path), {})["images"]
+    assert (row["status"], row["tiles_done"], row["tiles"]) == ("in progress", 4 + 6, 20)
+
+
+def test_a_torn_weights_copy_is_replaced_not_taken(tmp_path):
+    """The workers' copy of the checkpoint is named by its content hash: a copy cut short by a killed driver
+    (a plain write, as before atomic writes) must be rewritten by the next run, not accepted by name."""
+    data = bytes(range(256)) * 1000
+    output = OutputPlan(str(tmp_path))
+    [ref] = stage_weights(output, {"model": data}).values()
+    assert ref.url.endswith(f"model-{hashlib.sha256(data).hexdigest()[:16]}.safetensors")
+    with open(ref.url, "wb") as f:  # what a copy killed midway leaves under the final name
+        f.write(data[:1000])
+    assert stage_weights(output, {"model": data})["model"] == ref
+    with open(ref.url, "rb") as f:
+        assert f.read() == data
