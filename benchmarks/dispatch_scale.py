@@ -95,8 +95,9 @@ def driver_ceiling(stage, per_call: int, workers: int, calls: int) -> dict:
 def plan(scene: Path, work: Path, tile: int, overlap: int, classes: int):
     import zarr
 
-    from pipeline.frameworks.base import ArrayRef, StagePlan
+    from pipeline.frameworks.base import StagePlan
     from pipeline.output.arrays import create_tile_store
+    from pipeline.plan import ArrayRef
     from pipeline.tiling import TileGrid
 
     arr = zarr.open_array(store=str(scene), mode="r")

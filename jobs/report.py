@@ -8,9 +8,8 @@ from dataclasses import asdict
 from typing import Any
 
 from pipeline.engine import ImageResult
-from pipeline.output.arrays import finished_tiles
 from pipeline.output.layout import PLAN_NAME, WORK_DIR, JobLayout
-from pipeline.output.state import read_state
+from pipeline.output.state import blocks_done, read_state
 from pipeline.storage import read_json, write_json
 
 
@@ -75,7 +74,8 @@ class Report:
 
 def status(output_url: str, storage_options: dict[str, Any]) -> dict[str, Any]:
     """Done, failed and left, from the output itself (valid while a job runs or after it was killed). Tiles
-    done count every stage's tile store, as ``tiles`` counts every stage's tiles (MagNet runs one per scale)."""
+    done count the tiles of every stage's blocks done, as ``tiles`` counts every stage's tiles (MagNet runs one
+    stage per scale)."""
     layout = JobLayout(output_url, storage_options)
     plan = read_json(layout.plan_url, storage_options)
     report = read_json(layout.report_url, storage_options) or {"images": []}
@@ -98,8 +98,8 @@ def status(output_url: str, storage_options: dict[str, Any]) -> dict[str, Any]:
         else:
             st = "in progress" if state else "left"
         total = int(state.get("tiles", 0))
-        done = total if st == "done" else sum(len(finished_tiles(out.tiles_url(s), storage_options))
-                                                  for s in out.stages_started())
+        done = total if st == "done" else sum(int(b.get("owned", 0)) for s in out.stages_started()
+                                                  for b in blocks_done(out, s).values())
         rows.append({"name": name, "status": st, "tiles_done": done, "tiles": total, "error": entry.get("error")})
     return {"images": rows, "counts": {s: sum(r["status"] == s for r in rows)
                                        for s in ("done", "failed", "in progress", "left")}}

@@ -1,13 +1,19 @@
-"""One job: discover images, ingest pyramids, run every stage's tiles on the worker pool, blend, write masks.
+"""One job: discover images, read (or ingest) their pyramids, run every stage's blocks on the worker pool, write
+masks; several images at a time, so the workers go from one to the next without waiting.
 
-Images run one after another through one long-lived pool of actors (the model is loaded once per actor
-for the whole job). The framework (``JobPlan.framework``) says which stages an image has and how each
-stage's blend becomes its result; the engine runs them whatever the framework. An image that fails
-(unreadable, unsupported, a tile failing on every retry) is reported and the job goes on, unless
-``fail_fast``; what other images wrote is never touched.
+Each image goes through its framework's stages (``JobPlan.framework``). A stage is cut into blocks
+(``pipeline.blocks``); each block is one worker call that runs its tiles, blends them on the device and writes
+its chunks, finished (``pipeline.workers.worker``). Once every block of a stage is in, the framework finishes the
+stage on the driver (MagNet merges its refinement, with Dask); after the last stage the label pyramid is built
+(Dask) and the image is marked complete. An image that fails (unreadable, unsupported, a block failing on every
+retry) is reported and the job goes on, unless ``fail_fast``; what other images wrote is never touched.
+
+Resume: every block done leaves a marker (``ImageOutput.block_url``), every stage done another
+(``stage_done_url``); a rerun skips what they name and recomputes the rest (blocks rewrite whole chunks).
 
 The engine reports its phases to an ``Events`` listener (``events.phase(name)`` around each): ``ingest``,
-``tiles``, ``stage map``, ``blend``, ``label pyramid``; benchmarks time them there.
+``tiles`` (the pool's run, all images), ``stage`` (a stage's finish on the driver), ``label pyramid``; and every
+block's result (``events.batch``).
 """
 
 from __future__ import annotations
@@ -20,25 +26,35 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ContextManager, Protocol
 
 import zarr
 
 from models.errors import GigasegError
-from pipeline import blend, stages
+from pipeline import blend
+from pipeline.blocks import block_tiles, owned_counts, plan_blocks
 from pipeline.frameworks.base import StagePlan
-from pipeline.output.arrays import create_outputs, create_tile_store, finished_tiles
+from pipeline.output.arrays import OutputArrays, create_outputs, open_outputs
 from pipeline.output.layout import ImageOutput
-from pipeline.output.state import check_resumable, mark, read_state, safe_remove_work
+from pipeline.output.state import (
+    blocks_done,
+    check_resumable,
+    mark,
+    mark_block,
+    mark_stage,
+    read_state,
+    safe_remove_work,
+    stage_done,
+)
 from pipeline.plan import JobPlan
 from pipeline.pyramid import Pyramid, ingest, pyramid_in_place
 from pipeline.sources.discover import ImageRef, discover
 from pipeline.sources.formats import open_source
 from pipeline.storage import AuditStore, zarr_store
-from pipeline.workers.dispatch import WorkerPool, batches, call_size
-from pipeline.workers.worker import BatchResult
+from pipeline.workers.dispatch import Call, WorkerPool
+from pipeline.workers.worker import BlockResult, BlockTask
 
 log = logging.getLogger(__name__)
 
@@ -65,24 +81,101 @@ class Progress(Protocol):
 
 class Events(Protocol):
     """Listens to the job: ``with events.phase("ingest"): …`` around each phase (several may overlap: the
-    driver ingests, blends and dispatches in threads of its own), and ``batch(result)`` for each worker call
-    that returns (its ``BatchResult``: the worker's own seconds, model seconds, tiles)."""
+    driver prepares, dispatches and finishes in threads of its own), and ``batch(result)`` for each block a
+    worker returns (its ``BlockResult``: the worker's seconds, model seconds, CPU-seconds by phase)."""
 
     def phase(self, name: str) -> ContextManager: ...
 
-    def batch(self, result: BatchResult) -> None: ...
+    def batch(self, result: BlockResult) -> None: ...
 
 
 class NoEvents:
     def phase(self, name: str) -> ContextManager:
         return contextlib.nullcontext()
 
-    def batch(self, result: BatchResult) -> None:
+    def batch(self, result: BlockResult) -> None:
         pass
 
 
 def list_images(plan: JobPlan) -> list[ImageRef]:
     return discover(plan.inputs.url, plan.inputs.patterns, plan.inputs.storage_options)
+
+
+@dataclass
+class _Work:
+    """One image on its way through the stages; ``result.status`` turns "failed" at the first error."""
+
+    position: int
+    ref: ImageRef
+    result: ImageResult
+    t0: float
+    out: ImageOutput | None = None
+    pyramid: Pyramid | None = None
+    stages: list[StagePlan] = field(default_factory=list)
+    outputs: OutputArrays | None = None
+    selected: dict[int, tuple | None] = field(default_factory=dict)  # the tiles each stage ran (None: all)
+    pending: int = 0  # blocks of the current stage not back yet
+    megapixels: float = 0.0
+    first_call: float | None = None
+    last_result: float = 0.0
+    finished: bool = False
+    closed: bool = False  # no call of this image will come any more (its last stage's blocks are all back)
+
+    @property
+    def failed(self) -> bool:
+        return self.result.status == "failed"
+
+    def fail(self, err: Exception | str) -> None:
+        """One bad image never stops the others; the report says why."""
+        if self.failed:
+            return
+        self.result.status = "failed"
+        self.result.error = err if isinstance(err, str) else (
+            str(err) if isinstance(err, GigasegError) else f"{type(err).__name__}: {err}".splitlines()[0])
+        log.error("%s: %s", self.ref.url, self.result.error)
+        if not isinstance(err, str):
+            log.debug("traceback for %s", self.ref.url, exc_info=err)
+
+
+class _Calls:
+    """The job's ``CallSource``: blocks in the order their images came, added as images and stages get ready."""
+
+    def __init__(self) -> None:
+        self._calls: deque[Call] = deque()
+        self._cond = threading.Condition()
+        self.open = 0  # images whose calls may still come
+
+    def add(self, calls: list[Call]) -> None:
+        with self._cond:
+            self._calls.extend(calls)
+            self._cond.notify_all()
+
+    def drop(self, work: _Work) -> None:
+        with self._cond:
+            self._calls = deque(c for c in self._calls if c.tag[0] is not work)
+
+    def opened(self, n: int = 1) -> None:
+        with self._cond:
+            self.open += n
+            self._cond.notify_all()
+
+    def closed(self) -> None:
+        with self._cond:
+            self.open -= 1
+            self._cond.notify_all()
+
+    def next(self) -> Call | None:
+        with self._cond:
+            return self._calls.popleft() if self._calls else None
+
+    def exhausted(self) -> bool:
+        with self._cond:
+            return not self._calls and self.open == 0
+
+    def wait(self, timeout: float) -> None:
+        with self._cond:
+            if not self._calls and self.open:
+                self._cond.wait(timeout)
 
 
 def run_job(
@@ -96,98 +189,185 @@ def run_job(
     scheduler: Any = "threads",
     events: Events = NoEvents(),
 ) -> list[ImageResult]:
-    """Run every image through prepare → tiles → finish, overlapping the stages of neighbours.
+    """Run every image, several at a time (module docstring); results are reported in input order.
 
-    While image k's tiles run on the workers, image k+1 is prepared (opened, ingested), image k−1 is
-    blended, and image k's finished bands are blended (``blend.BandBlend``), each in one driver thread, so
-    the driver's CPU work hides behind the workers' (on a GPU cluster it would otherwise leave the GPUs
-    idle). Results are reported in input order. With ``fail_fast`` images run one at a time, so nothing
-    starts after the first failure. ``scheduler`` runs the Dask graphs (``"threads"`` or a
-    ``distributed.Client``).
-
-    ``pool`` may be a function that starts the pool: it is called once the first image's preparation is
-    under way, so starting the cluster overlaps it (if it raises, the error surfaces once that preparation
-    ends). ``on_tiles_done`` is called once no tile is left to run, before the last blends are waited for,
+    Up to ``workers + 1`` images are in flight: one is prepared (opened, ingested) while the others' blocks
+    run, and an image's next stage, or the next image, is queued while the pool still runs the last blocks of
+    the one before. With ``fail_fast`` images run one at a time, so nothing starts after the first failure.
+    ``scheduler`` runs the Dask graphs (``"threads"`` or a ``distributed.Client``). ``pool`` may be a function
+    that starts the pool: it is called once the first image's preparation is under way, so starting the cluster
+    overlaps it. ``on_tiles_done`` is called once no block is left to run, before the last images are finished,
     so the caller can release the workers meanwhile.
     """
-    job = JobSteps(plan, scheduler, events)
-    results: list[ImageResult] = []
-    stop = False
-    fail_fast = plan.failure.fail_fast
+    job = _Job(plan, progress, on_image, scheduler, events)
+    return job.run(refs, pool, on_tiles_done)
 
-    def emit(result: ImageResult) -> None:
-        nonlocal stop
-        results.append(result)
-        progress.end_image(result)
-        on_image(result)
-        if result.status == "failed" and fail_fast:
-            log.error("failure.mode=fail_fast: stopping after %s", result.name)
-            stop = True
 
-    upcoming = deque(refs)
-    finishing: deque[Future] = deque()
-    with ThreadPoolExecutor(1, thread_name_prefix="gigaseg-prepare") as prep, \
-            ThreadPoolExecutor(1, thread_name_prefix="gigaseg-finish") as fin, \
-            ThreadPoolExecutor(1, thread_name_prefix="gigaseg-bands", initializer=_background_priority) as bands:
-        next_work = prep.submit(job.prepare_image, upcoming.popleft()) if upcoming else None
-        if callable(pool):
-            pool = pool()
-        while next_work is not None and not stop:
-            work = next_work.result()
-            overlap = not fail_fast
-            next_work = prep.submit(job.prepare_image, upcoming.popleft()) if upcoming and overlap else None
-            if work.result.status == "ok":
-                job.run_tiles(work, pool, progress, bands)
-            finishing.append(fin.submit(job.finish_image, work))
-            while finishing and (finishing[0].done() or not overlap):
-                emit(finishing.popleft().result())
-            if next_work is None and upcoming and not stop:
-                next_work = prep.submit(job.prepare_image, upcoming.popleft())
-        on_tiles_done()
-        while finishing:
-            emit(finishing.popleft().result())
-        if next_work is not None:
-            next_work.result()  # prepared but not run: resumable later
-    return results
+class _Job:
+    def __init__(self, plan: JobPlan, progress: Progress, on_image, scheduler: Any, events: Events) -> None:
+        self.plan, self.progress, self.on_image, self.scheduler, self.events = plan, progress, on_image, scheduler, events
+        self.steps = JobSteps(plan, scheduler, events)
+        self.calls = _Calls()
+        self._lock = threading.RLock()
+        self._all_finished = threading.Condition(self._lock)
+        self.results: list[ImageResult | None] = []
+        self.emitted = 0
+        self.stop = False
+
+    # ---------------------------------------------------------------- the flow of images
+
+    def run(self, refs: list[ImageRef], pool, on_tiles_done) -> list[ImageResult]:
+        fail_fast = self.plan.failure.fail_fast
+        self.results = [None] * len(refs)
+        self.upcoming = deque(enumerate(refs))
+        self.in_flight = 0
+        self.calls.opened(len(refs))
+        with ThreadPoolExecutor(1, thread_name_prefix="gigaseg-prepare") as self.prep, \
+                ThreadPoolExecutor(1, thread_name_prefix="gigaseg-stage", initializer=_background_priority) as self.driver:
+            self.max_in_flight = 1
+            self._admit()
+            if callable(pool):
+                pool = pool()
+            self.max_in_flight = 1 if fail_fast else max(2, pool.config.workers + 1)
+            self._admit()
+            with self.events.phase("tiles"):
+                pool.run(self.calls, retries=self.plan.failure.tile_retries, on_result=self._on_result,
+                         on_failure=self._on_failure, on_retry=self._on_retry)
+            on_tiles_done()
+            with self._all_finished:  # the last images' finishes on the driver (they may queue more of them)
+                self._all_finished.wait_for(lambda: self.in_flight == 0)
+        return [r for r in self.results if r is not None]
+
+    def _admit(self) -> None:
+        with self._lock:
+            while self.upcoming and self.in_flight < self.max_in_flight and not self.stop:
+                position, ref = self.upcoming.popleft()
+                work = _Work(position, ref, ImageResult(name=ref.name, url=ref.url, status="ok"), time.perf_counter())
+                self.in_flight += 1
+                self.prep.submit(self._guard, self._prepare, work)
+            if self.stop:
+                while self.upcoming:  # never started: resumable later
+                    self.upcoming.popleft()
+                    self.calls.closed()
+
+    def _guard(self, step, work: _Work, *args) -> None:
+        """Run a step of ``work``; an error fails the image, which is then finished (never left hanging)."""
+        try:
+            step(work, *args)
+        except Exception as err:
+            work.fail(err)
+            self._finish(work)
+
+    def _prepare(self, work: _Work) -> None:
+        self.steps.prepare_image(work)
+        if work.result.status != "ok":
+            self._finish(work)
+            return
+        self._start_stage(work, 0)
+
+    def _start_stage(self, work: _Work, s: int) -> None:
+        """Queue stage ``s``'s blocks not done yet (skipping stages done already), or finish the image."""
+        while s < len(work.stages) and stage_done(work.out, s):
+            s += 1
+        if s == len(work.stages):
+            self.driver.submit(self._guard, self._finish_image, work)
+            return
+        calls = self.steps.stage_calls(work, s, self.progress)
+        if calls:
+            with self._lock:
+                work.pending = len(calls)
+                if work.first_call is None:
+                    work.first_call = time.perf_counter()
+            self.calls.add(calls)
+        else:
+            self.driver.submit(self._guard, self._stage_done, work, s)
+
+    def _on_result(self, call: Call, result: BlockResult) -> None:
+        work, s = call.tag
+        self.events.batch(result)
+        if work.failed:
+            return
+        mark_block(work.out, s, call.task.block, owned=result.owned, tiles=result.tiles_run)
+        self.progress.advance(result.owned, result.megapixels)
+        with self._lock:
+            work.megapixels += result.megapixels
+            work.result.tiles_run += result.owned
+            work.last_result = time.perf_counter()
+            work.pending -= 1
+            last = work.pending == 0
+        if last:
+            if s == len(work.stages) - 1:
+                self._close(work)  # what is left is the driver's: the pool may stop once nothing else runs
+            self.driver.submit(self._guard, self._stage_done, work, s)
+
+    def _on_failure(self, call: Call, error: str) -> None:
+        work, _ = call.tag
+        if work.failed:
+            return
+        work.fail(f"{len(call.task.tiles)} tile(s) failed after {self.plan.failure.tile_retries} retries (block "
+                  f"{call.task.block.name} of stage {call.task.stage.index + 1}): {error}")
+        self.calls.drop(work)
+        self._finish(work)
+
+    def _on_retry(self, call: Call) -> None:
+        work, _ = call.tag
+        with self._lock:
+            work.result.tiles_retried += call.task.owned
+
+    def _close(self, work: _Work) -> None:
+        with self._lock:
+            if not work.closed:
+                work.closed = True
+                self.calls.closed()
+
+    def _stage_done(self, work: _Work, s: int) -> None:
+        if work.failed:
+            return
+        with self.events.phase("stage"):
+            self.steps.finish_stage(work, s)
+        mark_stage(work.out, s)
+        self._start_stage(work, s + 1)
+
+    def _finish_image(self, work: _Work) -> None:
+        self.steps.finish_image(work)
+        self._finish(work)
+
+    def _finish(self, work: _Work) -> None:
+        """The image's result, emitted in input order; the next image admitted."""
+        with self._lock:
+            if work.finished:
+                return
+            work.finished = True
+            result = work.result
+            result.seconds = time.perf_counter() - work.t0
+            if result.status == "ok" and work.first_call is not None and work.megapixels:
+                result.megapixels_per_s = work.megapixels / max(work.last_result - work.first_call, 1e-9)
+            self.results[work.position] = result
+            self.in_flight -= 1
+            self._close(work)
+            if result.status == "failed" and self.plan.failure.fail_fast:
+                log.error("failure.mode=fail_fast: stopping after %s", result.name)
+                self.stop = True
+            while self.emitted < len(self.results) and self.results[self.emitted] is not None:
+                done = self.results[self.emitted]
+                self.progress.end_image(done)
+                self.on_image(done)
+                self.emitted += 1
+            self._admit()
+            self._all_finished.notify_all()
 
 
 def _background_priority() -> None:
     """Lower the calling thread's CPU priority (Linux: nice 19 for this thread and the threads it starts).
 
-    The bands blended while tiles run then use only CPU the workers leave idle, and never slow a worker
-    sharing the machine (this driver's node, or a laptop). Elsewhere a no-op.
+    The stage finishes and label pyramids built while blocks run then use only CPU the workers leave idle, and
+    never slow a worker sharing the machine (this driver's node, or a laptop). Elsewhere a no-op.
     """
     if sys.platform.startswith("linux"):
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         except OSError as err:  # not permitted in some sandboxes: run at normal priority
-            log.debug("could not lower the band blend's priority: %s", err)
-
-
-@dataclass
-class _Work:
-    """One image on its way through the stages; ``result.status`` turns "failed" at the first error."""
-
-    ref: ImageRef
-    result: ImageResult
-    t0: float
-    out: ImageOutput | None = None
-    pyramid: Pyramid | None = None
-    stages: list[StagePlan] = field(default_factory=list)
-    megapixels: float = 0.0
-    run_seconds: float = 0.0
-    selected: dict[int, tuple | None] = field(default_factory=dict)  # the tiles each stage ran (None: all)
-    arrays: dict[str, Any] | None = None  # the masks and extras, once created
-    bands: blend.BandBlend | None = None  # the last stage's blend, band by band as its tiles run
-
-    def fail(self, err: Exception) -> None:
-        """One bad image never stops the others; the report says why."""
-        self.result.status = "failed"
-        self.result.error = (
-            str(err) if isinstance(err, GigasegError) else f"{type(err).__name__}: {err}".splitlines()[0]
-        )
-        log.error("%s: %s", self.ref.url, self.result.error)
-        log.debug("traceback for %s", self.ref.url, exc_info=True)
+            log.debug("could not lower the driver threads' priority: %s", err)
 
 
 class JobSteps:
@@ -196,30 +376,27 @@ class JobSteps:
     def __init__(self, plan: JobPlan, scheduler: Any, events: Events) -> None:
         self.plan, self.scheduler, self.events = plan, scheduler, events
 
-    def prepare_image(self, ref: ImageRef) -> _Work:
-        """Resume check, pyramid (ingest or in place), the framework's stages."""
-        plan = self.plan
-        work = _Work(ref, ImageResult(name=ref.name, url=ref.url, status="ok"), time.perf_counter())
-        result = work.result
+    def prepare_image(self, work: _Work) -> None:
+        """Resume check, pyramid (read in place or ingested), the framework's stages."""
+        plan, result = self.plan, work.result
         try:
-            work.out = out = plan.output.layout.image(ref.name)
+            work.out = out = plan.output.layout.image(work.ref.name)
             if check_resumable(out, plan.fingerprint, plan.output.if_exists) == "complete":
                 state = read_state(out) or {}
                 result.status = "skipped"
                 result.shape = tuple(state.get("shape", ())) or None
                 result.tiles = int(state.get("tiles", 0))
-                return work
+                return
             with self.events.phase("ingest"):
-                work.pyramid = pyramid = self._pyramid(ref, out)
+                work.pyramid = pyramid = self._pyramid(work.ref, out)
             h, w = pyramid.shapes[0]
             result.shape = (h, w)
             work.stages = plan.framework.stages(pyramid, out, plan.tiling, plan.num_classes)
             result.tiles = sum(len(st.grid) for st in work.stages)
             mark(out, fingerprint=plan.fingerprint, complete=False, shape=[h, w], tiles=result.tiles,
-                 source=ref.url, in_place=pyramid.in_place)
+                 source=work.ref.url, in_place=pyramid.in_place)
         except Exception as err:
             work.fail(err)
-        return work
 
     def _pyramid(self, ref: ImageRef, out: ImageOutput) -> Pyramid:
         inputs = self.plan.inputs
@@ -229,126 +406,69 @@ class JobSteps:
         return ingest(source, out.group_url, chunk=self.plan.tiling.image_chunk,
                       storage_options=self.plan.output.storage_options, scheduler=self.scheduler)
 
-    def run_tiles(self, work: _Work, pool: WorkerPool, progress: Progress, band_executor=None) -> None:
-        """Run every stage's unfinished tiles on the pool, each stage's result stored before the next (a
-        barrier: a stage may read the previous one's map). The last stage is blended band by band as its
-        tiles finish when its result is its own blend (``Framework.streams_last_stage``) and
-        ``band_executor`` is given; ``finish_image`` blends what is left."""
-        fw = self.plan.framework
-        try:
-            last = len(work.stages) - 1
-            for s, stage in enumerate(work.stages):
-                if s < last and stages.stage_map_complete(stage):
-                    continue
-                work.selected[s] = fw.selected_tiles(work.stages, s, self.scheduler)
-                if work.selected[s] is not None:  # planned with every tile: count the ones that run
-                    work.result.tiles -= len(stage.grid) - len(work.selected[s])
-                streams = s == last and fw.streams_last_stage and band_executor is not None
-                self._run_stage(work, pool, progress, stage, work.selected[s], band_executor if streams else None)
-                if s < last:
-                    with self.events.phase("stage map"):
-                        stages.store_stage_map(self.plan, work.out, work.stages, s, work.selected[s], self.scheduler)
-        except Exception as err:
-            work.fail(err)
-
-    def _run_stage(self, work: _Work, pool: WorkerPool, progress: Progress, stage: StagePlan, tiles=None,
-                   band_executor=None) -> None:
-        """Run the stage's unfinished tiles (of ``tiles``, the framework's choice; None: every tile)."""
-        plan, grid, so = self.plan, stage.grid, stage.storage_options
-        create_tile_store(stage.tiles_url, so, (grid.ny, grid.nx, stage.num_classes, grid.tile, grid.tile))
-        done = finished_tiles(stage.tiles_url, so)
-        wanted = grid.indices() if tiles is None else list(tiles)
-        todo = [t for t in wanted if t not in done]
+    def stage_calls(self, work: _Work, s: int, progress: Progress) -> list[Call]:
+        """The calls of stage ``s``'s blocks not done yet; the arrays they write created (or, resuming, opened)."""
+        plan, stage, fw = self.plan, work.stages[s], self.plan.framework
+        tiling = plan.tiling
+        selected = work.selected[s] = fw.selected_tiles(work.stages, s, self.scheduler)
+        if selected is not None:  # planned with every tile: count the ones that run
+            work.result.tiles -= len(stage.grid) - len(selected)
+        done = blocks_done(work.out, s)
+        if s == len(work.stages) - 1:
+            work.outputs = self._outputs(work, fresh=not done)
+        sink = fw.stage_sink(work.stages, s, work.out, work.outputs, tiling.chunk, fresh=not done)
+        side = tiling.block_side(plan.num_classes)
+        subset = None if selected is None else frozenset(selected)
+        owned = owned_counts(stage.grid, side, tiling.chunk, subset)
+        blocks = plan_blocks(stage.grid.height, stage.grid.width, tiling.chunk, side)
+        total = len(stage.grid) if subset is None else len(subset)
         n = len(work.stages)
-        label = work.ref.name if n == 1 else f"{work.ref.name} [stage {stage.index + 1}/{n}]"
-        progress.start_image(label, len(wanted), len(wanted) - len(todo))
-        if band_executor is not None:
-            work.bands = blend.BandBlend(stages.blend_plan(plan.tiling, stage, tiles), self._targets(work),
-                                         self.scheduler, band_executor, done, events=self.events)
+        label = work.ref.name if n == 1 else f"{work.ref.name} [stage {s + 1}/{n}]"
+        progress.start_image(label, total, sum(owned.get(b.index, 0) for b in blocks if b.name in done))
+        return [Call(BlockTask(stage, b, tuple(block_tiles(stage.grid, b, subset)), sink, owned.get(b.index, 0),
+                               tiling.batch, tiling.blend, tiling.sigma_scale, tiling.chunk), (work, s))
+                for b in blocks if b.name not in done]
 
-        def on_result(r: BatchResult) -> None:
-            self.events.batch(r)
-            work.megapixels += r.megapixels
-            progress.advance(len(r.tiles), r.megapixels)
-            if work.bands is not None:
-                work.bands.tiles_done(r.tiles)
-
-        t0 = time.perf_counter()
-        per_call = plan.tiling.tiles_per_call or call_size(len(todo), plan.tiling.batch, pool.config.workers)
-        with self.events.phase("tiles"):
-            outcome = pool.run(batches(stage, todo, plan.tiling.batch, per_call), retries=plan.failure.tile_retries,
-                               on_result=on_result)
-        work.run_seconds += time.perf_counter() - t0
-        work.result.tiles_run += len(todo)
-        work.result.tiles_retried += outcome.retried_tiles
-        if outcome.failed:
-            n = sum(len(b) for b in outcome.failed)
-            raise GigasegError(f"{n} tile(s) failed after {plan.failure.tile_retries} retries: {outcome.error}")
-
-    def finish_image(self, work: _Work) -> ImageResult:
-        """Blend, label pyramid, completion mark; the work area goes once the mask is complete."""
-        result = work.result
-        try:
-            if result.status == "ok":
-                self._blend(work)
-                mark(work.out, complete=True)
-                safe_remove_work(work.out)
-                result.megapixels_per_s = work.megapixels / work.run_seconds if work.megapixels else 0.0
-            elif work.bands is not None:
-                work.bands.settle()
-        except Exception as err:
-            work.fail(err)
-            if work.bands is not None:
-                work.bands.settle()
-        result.seconds = time.perf_counter() - work.t0
-        return result
-
-    def _targets(self, work: _Work) -> dict[str, zarr.Array]:
-        """Create the masks and extras (recreated: no stale chunks of an interrupted blend survive); the
-        level-0 arrays the blend writes."""
+    def _outputs(self, work: _Work, fresh: bool) -> OutputArrays:
+        """The masks and extras: created anew when no block of the last stage is done (no stale chunk of an
+        interrupted run survives), else opened as they are."""
         plan, out = self.plan, work.out
-        arrays = create_outputs(
-            out,
-            label_name=plan.output.label_name,
-            shapes=list(work.pyramid.shapes),
-            class_names=list(plan.classes.names),
-            class_colors=list(plan.classes.colors),
-            chunk=plan.tiling.chunk,
-            extras=list(plan.output.extras),
-            labels_dtype=blend.labels_dtype(plan.num_classes),
-        )
-        if plan.pool.audit_dir:
-            arrays = {k: _audited(out, v, plan.pool.audit_dir) for k, v in arrays.items()}
-        work.arrays = arrays
-        targets = {"labels": arrays["labels"][0]}
-        targets.update({k: arrays[k] for k in ("confidence", "probabilities") if k in arrays})
-        return targets
+        kwargs = dict(label_name=plan.output.label_name, shapes=list(work.pyramid.shapes),
+                      extras=list(plan.output.extras))
+        if not fresh:
+            return open_outputs(out, **kwargs)
+        return create_outputs(out, class_names=list(plan.classes.names), class_colors=list(plan.classes.colors),
+                              chunk=plan.tiling.chunk, labels_dtype=blend.labels_dtype(plan.num_classes), **kwargs)
 
-    def _blend(self, work: _Work) -> None:
-        """The last stage's result into the masks, extras and label pyramid."""
+    def finish_stage(self, work: _Work, s: int) -> None:
+        """The framework's finish of stage ``s`` (MagNet's merge), once every block is in."""
+        targets = self._audited(work, work.outputs) if s == len(work.stages) - 1 else None
+        self.plan.framework.finish_stage(work.stages, s, work.out, targets, work.selected.get(s),
+                                         self.plan.tiling.chunk, self.scheduler)
+
+    def finish_image(self, work: _Work) -> None:
+        """Label pyramid, completion mark; the work area goes once the mask is complete."""
+        outputs = self._audited(work, work.outputs)
         n = self.plan.num_classes
-        with self.events.phase("blend"):
-            if work.bands is not None:
-                work.bands.finish()
-            else:
-                targets = self._targets(work)
-                last = len(work.stages) - 1
-                probs = stages.stage_result(self.plan, work.out, work.stages, last, work.selected.get(last),
-                                            self.scheduler)
-                blend.store_outputs(probs, targets, n, self.scheduler)
-        labels = work.arrays["labels"]
         with self.events.phase("label pyramid"):
-            for level in range(1, len(labels)):
-                blend.downsample_labels(labels[level - 1], labels[level], n, self.scheduler)
+            for level in range(1, len(outputs.labels)):
+                blend.downsample_labels(outputs.labels[level - 1], outputs.labels[level], n, self.scheduler)
+        mark(work.out, complete=True)
+        safe_remove_work(work.out)
+
+    def _audited(self, work: _Work, outputs: OutputArrays) -> OutputArrays:
+        """``outputs`` opened through an ``AuditStore`` that logs each chunk key the driver writes (``--audit-writes``)."""
+        audit_dir = self.plan.pool.audit_dir
+        if not audit_dir:
+            return outputs
+        store = AuditStore(zarr_store(work.out.group_url, work.out.storage_options),
+                           os.path.join(audit_dir, "driver.log"), "driver", work.out.group_url)
+
+        def reopen(a):
+            return None if a is None else zarr.open_array(store=store, path=a.path, mode="r+")
+
+        return OutputArrays([reopen(a) for a in outputs.labels], reopen(outputs.confidence),
+                            reopen(outputs.probabilities))
 
 
-def _audited(out: ImageOutput, arrays, audit_dir: str):
-    """The same arrays opened through an ``AuditStore`` that logs each chunk key the blend writes."""
-    store = AuditStore(zarr_store(out.group_url, out.storage_options), os.path.join(audit_dir, "blend.log"),
-                       "blend", out.group_url)
-    if isinstance(arrays, list):
-        return [zarr.open_array(store=store, path=a.path, mode="r+") for a in arrays]
-    return zarr.open_array(store=store, path=arrays.path, mode="r+")
-
-
-__all__ = ["Events", "ImageResult", "NoEvents", "Progress", "list_images", "run_job"]
+__all__ = ["Events", "ImageResult", "JobSteps", "NoEvents", "Progress", "list_images", "run_job"]

@@ -18,14 +18,39 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+import zarr
+
 from pipeline.output.layout import JobLayout
+from pipeline.storage import zarr_store
 from pipeline.tiling import BlendWindow, TileGrid
 
 if TYPE_CHECKING:  # the framework contract imports this module for its plans
     from pipeline.frameworks.base import Framework
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+#: A block's side at most (px), and the device memory its running sums may take by default (``block_side``).
+MAX_BLOCK = 16384
+BLOCK_BYTES = 1 << 30
 Extra = Literal["confidence", "probabilities"]
+
+
+@dataclass(frozen=True)
+class ArrayRef:
+    """One array a worker reads or writes: ``<group_url>/<path>`` with named axes and its y/x shape; values
+    mapped from ``value_range`` to 0..255 on read where it is an image read in place."""
+
+    group_url: str
+    path: str
+    axes: str
+    shape_yx: tuple[int, int]
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    value_range: tuple[float, float] | None = None
+
+    def open(self) -> zarr.Array:
+        """The array, read-only."""
+        return zarr.open_array(store=zarr_store(self.group_url, self.storage_options, read_only=True), path=self.path,
+                               mode="r")
 
 
 @dataclass(frozen=True)
@@ -71,7 +96,7 @@ class TilingPlan:
     margin: int = 64
     offset: tuple[int, int] = (0, 0)
     batch: int = 8
-    tiles_per_call: int | None = None  # None: ``pipeline.workers.dispatch.call_size``
+    tiles_per_call: int | None = None  # about this many tiles per worker call (a block); None: ``block_side``
     blend: BlendWindow = "gaussian"
     sigma_scale: float = 0.125
     chunk: int = 1024
@@ -89,6 +114,19 @@ class TilingPlan:
     def grid(self, height: int, width: int) -> TileGrid:
         """The tile grid of a ``height × width`` level."""
         return TileGrid(height, width, self.tile, self.overlap, *self.offset, margin=self.margin)
+
+    def block_side(self, num_classes: int) -> int:
+        """The side of a block (``pipeline.blocks``), a multiple of ``chunk``: for ``tiles_per_call`` N, about
+        √N tiles a side (``⌊√N·step⌋``); by default as large as a worker's running sums allow within
+        ``BLOCK_BYTES`` (``(C + 1)`` float32 channels of ``chunk + tile`` rows), at most ``MAX_BLOCK`` px. A large
+        block runs fewer tiles twice (each block runs the tiles on its edges: about ``tile / side`` more per
+        axis) and every level up to ``MAX_BLOCK`` px is one block."""
+        step = self.tile - self.overlap
+        if self.tiles_per_call is not None:
+            side = int(self.tiles_per_call ** 0.5 * step)
+        else:
+            side = min(MAX_BLOCK, BLOCK_BYTES // ((num_classes + 1) * (self.chunk + self.tile) * 4))
+        return max(self.chunk, side // self.chunk * self.chunk)
 
 
 @dataclass(frozen=True)
@@ -161,5 +199,5 @@ class JobPlan:
         return len(self.classes)
 
 
-__all__ = ["ClassTable", "Extra", "FailurePlan", "InputPlan", "JobPlan", "OutputPlan", "PoolPlan", "Precision",
+__all__ = ["ArrayRef", "ClassTable", "Extra", "FailurePlan", "InputPlan", "JobPlan", "OutputPlan", "PoolPlan", "Precision",
            "TilingPlan", "WeightsRef"]

@@ -30,6 +30,7 @@ from zarr.codecs import ZstdCodec
 
 from pipeline import ome
 from pipeline.errors import ImageReadError, InputNotFoundError, OutputConflictError, UnsupportedImageError
+from pipeline.plan import ArrayRef
 from pipeline.sources.formats import ImageSource
 from pipeline.sources.pixels import source_to_dask
 from pipeline.storage import exists, join, zarr_store
@@ -73,6 +74,12 @@ class Pyramid:
 
     def level_url(self, level: int) -> str:
         return join(self.url, self.paths[level])
+
+    def level_ref(self, level: int) -> ArrayRef:
+        """Level ``level`` as a worker reads it: converted on read where it is read in place (its own dtype and
+        axes)."""
+        return ArrayRef(self.url, self.paths[level], self.axes, tuple(self.shapes[level]), dict(self.storage_options),
+                        self.value_range if self.in_place else None)
 
 
 def level_shapes(shape_yx: tuple[int, int], min_size: int = 256) -> list[tuple[int, int]]:

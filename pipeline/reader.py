@@ -188,3 +188,54 @@ def read_window(
     region = Window(int(iy.min()), int(ix.min()), int(iy.max() - iy.min()) + 1, int(ix.max() - ix.min()) + 1)
     block = to_rgb8(read_region(array, axes, region), value_range)
     return block[:, iy - region.y0][:, :, ix - region.x0]
+
+
+class RowReader:
+    """Windows of rows of one level, read top to bottom over a fixed span of columns ``[x0, x1)`` (which may
+    reach past the image: mirrored, as ``read_window`` mirrors), each source chunk row decoded once.
+
+    A block's tile rows move down the level and overlap (a row of ``T``-high tiles every ``step`` rows), so
+    reading each tile row's window anew would decode most chunks twice; here the decoded source rows (converted
+    to RGB uint8) are kept until no later window can need them, and ``rows(y0, y1)`` copies the window out of
+    them. Requests must not move up: ``y0`` never below the previous request's.
+    """
+
+    def __init__(self, array, axes: str, shape_yx: tuple[int, int], x0: int, x1: int,
+                 value_range: tuple[float, float] | None = None) -> None:
+        self.array, self.axes, self.value_range = array, axes, value_range
+        self.height, self.width = shape_yx
+        cols = reflect_index(x0, x1 - x0, self.width)
+        self.c0, self.c1 = int(cols.min()), int(cols.max()) + 1
+        self.col_index = None if (x0 >= 0 and x1 <= self.width) else cols - self.c0
+        chunks = getattr(array, "chunks", None)
+        self.chunk_rows = int(chunks[axes.index("y")]) if chunks else 512
+        self.lo = self.hi = 0  # source rows [lo, hi) are in buf[:, :hi - lo]
+        self.buf = np.empty((3, 0, self.c1 - self.c0), np.uint8)
+
+    def rows(self, y0: int, y1: int) -> np.ndarray:
+        """RGB uint8 ``(3, y1 − y0, x1 − x0)`` of global rows ``[y0, y1)``."""
+        r = reflect_index(y0, y1 - y0, self.height)
+        need_lo, need_hi = int(r.min()), int(r.max()) + 1
+        # rows a later window can still need: from this window's top, and near the bottom edge the rows a window
+        # reaching past the image mirrors back up to (a window touches the image, so it ends before H + its height)
+        self._drop_below(min(need_lo, max(0, self.height - 1 - (y1 - y0))))
+        if need_hi > self.hi:
+            end = min(self.height, -(-need_hi // self.chunk_rows) * self.chunk_rows)
+            block = to_rgb8(read_region(self.array, self.axes, Window(self.hi, self.c0, end - self.hi,
+                                                                       self.c1 - self.c0)), self.value_range)
+            self.buf = np.concatenate([self.buf, block], axis=1) if self.buf.shape[1] else block
+            self.hi = end
+        local = r - self.lo
+        if local[-1] - local[0] == len(local) - 1 and np.all(np.diff(local) == 1):
+            out = self.buf[:, local[0] : local[-1] + 1]
+        else:
+            out = self.buf[:, local]
+        return out if self.col_index is None else out[:, :, self.col_index]
+
+    def _drop_below(self, row: int) -> None:
+        if row > self.lo:
+            keep = min(row, self.hi) - self.lo
+            self.buf = self.buf[:, keep:]
+            self.lo += keep
+            if self.lo == self.hi:
+                self.lo = self.hi = max(self.hi, row)

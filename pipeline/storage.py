@@ -138,9 +138,9 @@ class AuditStore(zarr.storage.WrapperStore):
 
 
 def read_bytes(url: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
-    """The whole file at ``url`` (``FileNotFoundError`` when it is not there)."""
-    with filesystem(url, storage_options).open(fs_path(url), "rb") as f:
-        return f.read()
+    """The whole file at ``url`` (``FileNotFoundError`` when it is not there): one GET on object stores
+    (``cat_file``; opening the file would ask for its size first)."""
+    return filesystem(url, storage_options).cat_file(fs_path(url))
 
 
 def read_json(url: str, storage_options: Mapping[str, Any] | None = None) -> Any:

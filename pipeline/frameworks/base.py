@@ -6,8 +6,10 @@ says, for an image:
 - which **stages** it needs (``stages``): each a tile grid over one pyramid level, and what each tile reads
   besides its image window (``StagePlan.inputs``: the previous stage's map, context windows, …);
 - what the **model** does with a tile's inputs (``load`` → a ``TileModel``, built once per worker);
-- which tiles a stage runs (``selected_tiles``; all by default) and how a stage's blended probabilities become
-  its **result** (``stage_result``; the blend itself by default): the map the next stage reads, or the output;
+- which tiles a stage runs (``selected_tiles``; all by default), what the blocks of a stage write once their
+  tiles are blended on a worker (``stage_sink``: the output, a map the next stage reads, or what the framework
+  merges later), and what the driver does once every block of a stage is in (``finish_stage``; nothing by
+  default, MagNet's merge for MagNet);
 - on the driver, before anything runs, which **weights** it needs and what they say about the classes
   (``resolve``), and how its plan is built once they are staged for the workers (``build``).
 
@@ -21,42 +23,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-import dask.array as da
 import numpy as np
 import torch
-import zarr
 
 from models.info import CheckpointInfo
+from pipeline.output.arrays import OutputArrays
 from pipeline.output.layout import ImageOutput
-from pipeline.plan import TilingPlan, WeightsRef
+from pipeline.plan import ArrayRef, TilingPlan, WeightsRef
 from pipeline.pyramid import Pyramid
-from pipeline.storage import zarr_store
 from pipeline.tiling import TileGrid, Window
 from pipeline.workers.predictor import DeviceConfig
-
-
-@dataclass(frozen=True)
-class ArrayRef:
-    """One array a worker reads: ``<group_url>/<path>`` with named axes and its y/x shape."""
-
-    group_url: str
-    path: str
-    axes: str
-    shape_yx: tuple[int, int]
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    value_range: tuple[float, float] | None = None
-
-    def open(self) -> zarr.Array:
-        """The array, read-only."""
-        return zarr.open_array(store=zarr_store(self.group_url, self.storage_options, read_only=True), path=self.path,
-                               mode="r")
-
-    @classmethod
-    def level(cls, pyramid: Pyramid, level: int) -> ArrayRef:
-        """Level ``level`` of ``pyramid``, converted on read where it is read in place (its own dtype and axes)."""
-        return cls(pyramid.url, pyramid.paths[level], pyramid.axes, tuple(pyramid.shapes[level]),
-                   dict(pyramid.storage_options), pyramid.value_range if pyramid.in_place else None)
-
+from pipeline.workers.sinks import BlockSink, OutputSink
 
 #: The array of a stage's maps group (``StagePlan.maps_url``) that holds its result, read by the next stage.
 STAGE_MAP = "map"
@@ -76,14 +53,13 @@ class TileInput(Protocol):
 class StagePlan:
     """One stage of one image: the level it reads, its tile grid, what else its tiles read, where they go.
 
-    Stage ``index`` of the image's stages; its tiles write ``tiles_url`` (``(ny, nx, C, T, T)``, one chunk per tile)
-    and its result (``Framework.stage_result``) becomes the map under ``maps_url`` the next stage may read.
+    Stage ``index`` of the image's stages; the maps it leaves for the next stage (and a framework's intermediate
+    arrays) live in the group at ``maps_url``.
     """
 
     index: int
     image: ArrayRef
     grid: TileGrid
-    tiles_url: str
     maps_url: str
     num_classes: int
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -91,12 +67,14 @@ class StagePlan:
 
 
 class TileModel(Protocol):
-    """A framework's model on one worker, loaded once: ``(stage, tiles (B, 3, T, T) uint8, [input (B, …)]) →
-    probabilities (B, C, T, T) float16``."""
+    """A framework's model on one worker, loaded once: ``(stage, tiles (B, 3, T, T) uint8 on the device, [input
+    (B, …) host arrays]) → probabilities (B, C, T, T) float32 on the device``; ``runner`` is its device (uploads,
+    autocast)."""
 
     device: torch.device
+    runner: Any
 
-    def __call__(self, stage: int, tiles: np.ndarray, inputs: Sequence[np.ndarray]) -> np.ndarray: ...
+    def __call__(self, stage: int, tiles: torch.Tensor, inputs: Sequence[np.ndarray]) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -129,8 +107,6 @@ class Framework(ABC):
     ``WeightsRef`` of each weights file, registered by ``name`` in ``pipeline.frameworks.FRAMEWORKS``."""
 
     name: ClassVar[str]
-    #: Whether the last stage's result is its own blend, so its bands can be stored while its tiles still run.
-    streams_last_stage: ClassVar[bool] = True
 
     # ---------------------------------------------------------------- driver, before the job
 
@@ -158,11 +134,18 @@ class Framework(ABC):
         """The tiles stage ``s`` runs (after stage ``s − 1``'s result exists); None: all of them."""
         return None
 
-    def stage_result(self, stages: list[StagePlan], s: int, out: ImageOutput, blended: da.Array,
-                     tiles: tuple[tuple[int, int], ...] | None, chunk: int, scheduler: Any) -> da.Array:
-        """Stage ``s``'s result, lazy ``(C, H, W)`` float32, from its blended tiles ``blended`` (``tiles``: the
-        ones that ran); the blend itself unless the framework merges it with something."""
-        return blended
+    def stage_sink(self, stages: list[StagePlan], s: int, out: ImageOutput, outputs: OutputArrays | None,
+                   chunk: int, fresh: bool) -> BlockSink:
+        """What stage ``s``'s blocks write (``pipeline.workers.sinks``): by default, for the last stage, the output
+        (``outputs``). The arrays a sink writes are created here (``fresh``: anew; else opened, resuming)."""
+        if s != len(stages) - 1:
+            raise NotImplementedError(f"{self.name} has one stage; stage {s} has no sink")
+        return output_sink(outputs, out)
+
+    def finish_stage(self, stages: list[StagePlan], s: int, out: ImageOutput, outputs: OutputArrays | None,
+                     tiles: tuple[tuple[int, int], ...] | None, chunk: int, scheduler: Any) -> None:
+        """Stage ``s``'s work on the driver once all its blocks are written (``tiles``: the ones that ran;
+        ``outputs`` given for the last stage); nothing by default."""
 
     # ---------------------------------------------------------------- worker
 
@@ -171,5 +154,12 @@ class Framework(ABC):
         """The model on this worker; ``read(url)`` fetches a weights file."""
 
 
-__all__ = ["STAGE_MAP", "ArrayRef", "DeviceConfig", "Framework", "ModelSource", "OpenArray", "Resolution", "StagePlan",
+def output_sink(outputs: OutputArrays, out: ImageOutput) -> OutputSink:
+    """The sink that writes a stage's blend as the image's masks (level-0 labels, the extras asked for)."""
+    labels = outputs.labels[0]
+    return OutputSink(outputs.ref(labels, out), str(labels.dtype), outputs.ref(outputs.confidence, out),
+                      outputs.ref(outputs.probabilities, out))
+
+
+__all__ = ["STAGE_MAP", "output_sink", "ArrayRef", "DeviceConfig", "Framework", "ModelSource", "OpenArray", "Resolution", "StagePlan",
            "TileInput", "TileModel"]

@@ -13,15 +13,16 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 
 from models.errors import CheckpointError
 from models.fctl_checkpoint import is_fctl_checkpoint, read_fctl_info, seeded_fctl
 from pipeline.errors import ImageReadError, SpecError
-from pipeline.frameworks.base import ArrayRef, Framework, ModelSource, OpenArray, Resolution, StagePlan
+from pipeline.frameworks.base import Framework, ModelSource, OpenArray, Resolution, StagePlan
 from pipeline.frameworks.fctl_contexts import check_power_of_two, context_levels, read_contexts
 from pipeline.frameworks.segment import image_stage
 from pipeline.output.layout import ImageOutput
-from pipeline.plan import TilingPlan, WeightsRef
+from pipeline.plan import ArrayRef, TilingPlan, WeightsRef
 from pipeline.pyramid import Pyramid
 from pipeline.tiling import Window
 from pipeline.workers.predictor import DeviceConfig, TilePredictor
@@ -58,12 +59,11 @@ class FctlModel:
     """``TileModel``: the FCtL network on each tile and its contexts."""
 
     def __init__(self, predictor: TilePredictor) -> None:
-        self.predictor = predictor
-        self.device = predictor.device
+        self.predictor, self.runner, self.device = predictor, predictor.runner, predictor.device
 
-    def __call__(self, stage: int, tiles: np.ndarray, inputs: Sequence[np.ndarray]) -> np.ndarray:
+    def __call__(self, stage: int, tiles: torch.Tensor, inputs: Sequence[np.ndarray]) -> torch.Tensor:
         (contexts,) = inputs
-        return self.predictor(tiles, contexts)
+        return self.predictor.probabilities(tiles, contexts)
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ class Fctl(Framework):
     def stages(self, pyramid: Pyramid, out: ImageOutput, tiling: TilingPlan, num_classes: int) -> list[StagePlan]:
         needed = context_levels(self.contexts, pyramid.n_levels)
         check_power_of_two(pyramid.shapes, needed)
-        levels = tuple(ArrayRef.level(pyramid, lv) for lv in range(max(needed) + 1))
+        levels = tuple(pyramid.level_ref(lv) for lv in range(max(needed) + 1))
         return [image_stage(0, pyramid, 0, out, tiling, num_classes, (Contexts(self.contexts, levels),))]
 
     def load(self, read: Callable[[str], bytes], device: DeviceConfig) -> FctlModel:

@@ -4,9 +4,10 @@ one stage per scale, coarse to fine.
 Stage ``s`` covers pyramid level ``L_s = scales − 1 − s``. Stage 0 is plain tiled segmentation. A stage-s tile
 (s ≥ 1) also reads the stage-(s−1) map over its footprint, upsampled ×2 (``UpsampledMap``), and its model gives
 ``R = softmax(refiner(softmax(segmenter(x)), Y_up))``; the stage's result merges ``R`` into ``Y_up`` where the
-error score ranks among the image's top ``replace`` (``pipeline.frameworks.magnet_maps``), so it is not its
-blend and the last stage is stored after all its tiles. MagNet-Fast (``patches``) runs each refinement stage
-only on the tiles whose footprint is most uncertain in the previous map.
+error score ranks among the image's top ``replace`` (``pipeline.frameworks.magnet_maps``): a block writes ``R``
+and ``E``, and once all blocks are in, the driver median-filters ``E``, finds the image-wide threshold and merges,
+with Dask. MagNet-Fast (``patches``) runs each refinement stage only on the tiles whose footprint is most
+uncertain in the previous map.
 
 The refiner reads only the segmenter's probabilities, so any segmenter a ``segment`` job runs works here.
 """
@@ -20,22 +21,45 @@ from typing import Any, ClassVar
 import dask.array as da
 import numpy as np
 import torch
+import zarr
 
+from models import magnet as mg
 from models.errors import CheckpointError
 from models.magnet import load_refiner, refine_step, seeded_refiner
+from pipeline.blend import store_outputs
 from pipeline.errors import SpecError, UnsupportedImageError
 from pipeline.frameworks import magnet_maps as maps
-from pipeline.frameworks.base import STAGE_MAP, ArrayRef, Framework, ModelSource, OpenArray, Resolution, StagePlan
+from pipeline.frameworks.base import STAGE_MAP, Framework, ModelSource, OpenArray, Resolution, StagePlan
 from pipeline.frameworks.magnet_maps import MagnetConfig
 from pipeline.frameworks.segment import image_stage, segmenter_resolution
-from pipeline.output.arrays import create_map
+from pipeline.output.arrays import OutputArrays, create_map, map_ref
 from pipeline.output.layout import ImageOutput
-from pipeline.plan import TilingPlan, WeightsRef
+from pipeline.plan import ArrayRef, TilingPlan, WeightsRef
 from pipeline.pyramid import Pyramid
 from pipeline.reader import upsample2x_window
-from pipeline.storage import read_bytes
+from pipeline.storage import read_bytes, zarr_store
 from pipeline.tiling import Window
 from pipeline.workers.predictor import DeviceConfig, TilePredictor
+from pipeline.workers.sinks import BlockSink, MapSink, host
+
+
+@dataclass(frozen=True)
+class RefineSink:
+    """What a refinement stage's block writes: ``R`` (its blend; ``Y_up`` where no chosen tile ran) and the error
+    score ``E = certainty(R) · uncertainty(Y_up)`` (0 where no tile ran), both float16, for ``finish_stage``."""
+
+    refined: ArrayRef
+    error: ArrayRef
+    previous: ArrayRef  # the previous stage's map (C, H/2, W/2)
+
+    def write(self, open_array, region: Window, probs: torch.Tensor, covered: torch.Tensor) -> list:
+        up = upsample2x_window(open_array(self.previous), self.previous.shape_yx, self.refined.shape_yx, region)
+        up = torch.from_numpy(up).to(probs.device)
+        refined = torch.where(covered[None], probs, up)
+        error = torch.where(covered, mg.error_score(refined[None], up[None])[0], torch.zeros_like(up[0]))
+        y, x = slice(region.y0, region.y1), slice(region.x0, region.x1)
+        return [(self.refined, (slice(None), y, x), host(refined, "float16")),
+                (self.error, (y, x), host(error, "float16"))]
 
 
 @dataclass(frozen=True)
@@ -58,14 +82,13 @@ class MagnetModel:
         self.device = predictor.device
 
     @torch.inference_mode()
-    def __call__(self, stage: int, tiles: np.ndarray, inputs: Sequence[np.ndarray]) -> np.ndarray:
+    def __call__(self, stage: int, tiles: torch.Tensor, inputs: Sequence[np.ndarray]) -> torch.Tensor:
         if not inputs:
-            return self.predictor(tiles)
+            return self.predictor.probabilities(tiles)
         (previous_up,) = inputs
         with self.runner.autocast():
-            probs = refine_step(self.predictor.model, self.refiner, self.runner.input(tiles),
-                                self.runner.tensor(previous_up))
-        return probs.to(torch.float16).cpu().numpy()
+            return refine_step(self.predictor.model, self.refiner, self.runner.input(tiles),
+                               self.runner.tensor(previous_up))
 
 
 @dataclass(frozen=True)
@@ -75,7 +98,6 @@ class Magnet(Framework):
     config: MagnetConfig
 
     name: ClassVar[str] = "magnet"
-    streams_last_stage: ClassVar[bool] = False  # the last merge needs a threshold over the whole image
 
     @classmethod
     def resolve(cls, options: Mapping[str, Any], source: ModelSource) -> Resolution:
@@ -131,23 +153,44 @@ class Magnet(Framework):
             return None
         return maps.select_tiles(maps.tile_uncertainty(stage.inputs[0].ref.open(), stage.grid, scheduler), n)
 
-    def stage_result(self, stages: list[StagePlan], s: int, out: ImageOutput, blended: da.Array,
-                     tiles: tuple[tuple[int, int], ...] | None, chunk: int, scheduler: Any) -> da.Array:
-        """Stage 0: its blend. After: ``where(E ≥ t, R, Y_up)`` with the image-wide threshold ``t``
-        (``magnet_maps``), its intermediate maps stored in the stage's maps group."""
+    def stage_sink(self, stages: list[StagePlan], s: int, out: ImageOutput, outputs: OutputArrays | None,
+                   chunk: int, fresh: bool) -> BlockSink:
+        """Stage 0 writes its blend as the map stage 1 reads; a refinement stage writes ``R`` and ``E``
+        (``RefineSink``), which ``finish_stage`` merges."""
+        stage, so = stages[s], out.storage_options
+        c, h, w = stage.num_classes, stage.grid.height, stage.grid.width
         if not s:
-            return blended
-        stage = stages[s]
-        c, h, w = blended.shape
-        so = out.storage_options
-        stage_maps = maps.StageMaps(refined=create_map(stage.maps_url, "refined", (c, h, w), chunk, so),
-                                    error=create_map(stage.maps_url, "error", (h, w), chunk, so),
+            return MapSink(map_ref(create_map(stage.maps_url, STAGE_MAP, (c, h, w), chunk, so, fresh), stage.maps_url,
+                                   so))
+        refined = create_map(stage.maps_url, "refined", (c, h, w), chunk, so, fresh)
+        error = create_map(stage.maps_url, "error", (h, w), chunk, so, fresh)
+        return RefineSink(map_ref(refined, stage.maps_url, so), map_ref(error, stage.maps_url, so),
+                          stage.inputs[0].ref)
+
+    def finish_stage(self, stages: list[StagePlan], s: int, out: ImageOutput, outputs: OutputArrays | None,
+                     tiles: tuple[tuple[int, int], ...] | None, chunk: int, scheduler: Any) -> None:
+        """After a refinement stage's blocks: the median-filtered ``E``, the image-wide threshold ``t`` and
+        ``Y_s = where(E ≥ t, R, Y_up)`` (``magnet_maps``), stored as the next stage's map or as the output."""
+        if not s:
+            return
+        stage, so = stages[s], out.storage_options
+        c, h, w = stage.num_classes, stage.grid.height, stage.grid.width
+        group = zarr.open_group(store=zarr_store(stage.maps_url, so), mode="r+")
+        stage_maps = maps.StageMaps(refined=group["refined"], error=group["error"],
                                     error_median=create_map(stage.maps_url, "error_median", (h, w), chunk, so))
         previous = stage.inputs[0].ref.open()
-        maps.refine_pass(blended, previous, stage_maps, self.config.median, scheduler)
+        maps.median_pass(stage_maps, self.config.median, scheduler)
         share = 1.0 if tiles is None else len(tiles) / len(stage.grid)
         t = maps.stage_threshold(stage_maps, self.config.count(h, w, share), scheduler)
-        return maps.merged(stage_maps, previous, t)
+        probs = maps.merged(stage_maps, previous, t)
+        if s < len(stages) - 1:
+            target = create_map(stage.maps_url, STAGE_MAP, (c, h, w), chunk, so)
+            da.store(probs.astype(np.float16), target, lock=False, scheduler=scheduler)
+            return
+        targets = {"labels": outputs.labels[0]}
+        targets.update({k: a for k, a in (("confidence", outputs.confidence),
+                                          ("probabilities", outputs.probabilities)) if a is not None})
+        store_outputs(probs, targets, c, scheduler)
 
     def load(self, read: Callable[[str], bytes], device: DeviceConfig) -> MagnetModel:
         predictor = TilePredictor(read(self.model.url), device)

@@ -7,7 +7,8 @@ tiled segmentation; its blended probabilities are the map ``Y₀``. A stage-s ti
 gives ``R = softmax(refiner(softmax(segmenter(x)), Y_up))``. The stage's result is then computed chunk by
 chunk from the blend of its tiles, never holding a whole map:
 
-1. ``R`` = blend of the tiles; ``E = certainty(R) · uncertainty(Y_up)``; both stored (float16).
+1. ``R`` = blend of the tiles; ``E = certainty(R) · uncertainty(Y_up)``; both stored (float16) by the stage's
+   blocks on the workers (``pipeline.frameworks.magnet.RefineSink``).
 2. ``E`` median-filtered (``map_overlap`` with a ``k//2`` halo, edges replicated) and stored; a histogram
    of its exact float16 values is summed over all chunks.
 3. The image-wide top-k becomes one threshold every chunk can apply: ``t`` = the largest value with
@@ -107,29 +108,8 @@ class StageMaps:
     error_median: zarr.Array  # (H, W) float16
 
 
-def refine_pass(blended: da.Array, previous: zarr.Array, maps: StageMaps, median: int,
-                scheduler: Any = "threads") -> None:
-    """Steps 1–2: ``R`` (the stage's lazy blend ``(C, H, W)``, NaN where no tile ran) and ``E``, stored, then
-    the median-filtered ``E``, stored."""
-    num_classes, h, w = blended.shape
-    prev_shape = previous.shape[1:]
-
-    def block(refined, block_info=None):
-        (y0, y1), (x0, x1) = block_info[None]["array-location"][1:]
-        region = Window(y0, x0, y1 - y0, x1 - x0)
-        previous_up = upsample2x_window(previous, prev_shape, (h, w), region)
-        out = np.empty((num_classes + 1, region.h, region.w), np.float32)
-        uncovered = np.isnan(refined[0])  # MagNet-Fast: no chosen tile here, so R = Y_up and E = 0
-        if uncovered.any():
-            refined = np.where(uncovered[None], previous_up, refined)
-        out[:-1] = refined
-        out[-1] = np.where(uncovered, 0.0, error_block(refined, previous_up))
-        return out
-
-    chunks = ((num_classes + 1,), *blended.chunks[1:])
-    both = blended.map_blocks(block, dtype=np.float32, chunks=chunks, meta=np.empty((0, 0, 0), np.float32))
-    da.store([both[:-1].astype(np.float16), both[-1].astype(np.float16)], [maps.refined, maps.error], lock=False,
-             scheduler=scheduler)
+def median_pass(maps: StageMaps, median: int, scheduler: Any = "threads") -> None:
+    """Step 2: ``E`` (written by the stage's blocks) median-filtered, stored; a ``k//2`` halo across chunks."""
     err = da.from_zarr(maps.error).astype(np.float32)
     med = err
     if median > 1:
@@ -200,10 +180,6 @@ def select_tiles(scores: np.ndarray, n: int) -> tuple[tuple[int, int], ...]:
     order = np.lexsort((np.arange(flat.size), -flat))[:n]
     nx = scores.shape[1]
     return tuple((int(i) // nx, int(i) % nx) for i in sorted(order))
-
-
-def _sizes(n: int, c: int) -> tuple[int, ...]:
-    return tuple(min(c, n - i) for i in range(0, n, c))
 
 
 # ---------------------------------------------------------------- the same algorithm on whole arrays

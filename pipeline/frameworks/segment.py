@@ -2,7 +2,7 @@
 
 The stage is a tile grid over pyramid level 0 (``pipeline.tiling``); a tile reads its image window and nothing
 else, and the model is one gigaseg segmenter (any head, with or without PointRend) returning softmax
-probabilities. The stage's result is its blend, so the output can be stored band by band as tiles finish.
+probabilities. The stage's blend is the output: each block writes its masks as its rows are blended.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from models.checkpoint import read_info, seeded_checkpoint
 from models.errors import CheckpointError
 from models.fctl_checkpoint import is_fctl_checkpoint
 from pipeline.errors import SpecError
-from pipeline.frameworks.base import ArrayRef, Framework, ModelSource, Resolution, StagePlan, TileInput, TileModel
+from pipeline.frameworks.base import Framework, ModelSource, Resolution, StagePlan, TileInput, TileModel
 from pipeline.output.layout import ImageOutput
 from pipeline.plan import TilingPlan, WeightsRef
 from pipeline.pyramid import Pyramid
@@ -47,20 +47,19 @@ def image_stage(index: int, pyramid: Pyramid, level: int, out: ImageOutput, tili
                 inputs: tuple[TileInput, ...] = ()) -> StagePlan:
     """A stage whose tiles cover level ``level`` of ``pyramid`` on ``tiling``'s grid."""
     h, w = pyramid.shapes[level]
-    return StagePlan(index=index, image=ArrayRef.level(pyramid, level), grid=tiling.grid(h, w),
-                     tiles_url=out.tiles_url(index), maps_url=out.maps_url(index), num_classes=num_classes,
-                     storage_options=dict(out.storage_options), inputs=inputs)
+    return StagePlan(index=index, image=pyramid.level_ref(level), grid=tiling.grid(h, w),
+                     maps_url=out.maps_url(index), num_classes=num_classes, storage_options=dict(out.storage_options),
+                     inputs=inputs)
 
 
 class SegmenterModel:
     """``TileModel`` of one segmenter: softmax probabilities of each tile."""
 
     def __init__(self, predictor: TilePredictor) -> None:
-        self.predictor = predictor
-        self.device = predictor.device
+        self.predictor, self.runner, self.device = predictor, predictor.runner, predictor.device
 
-    def __call__(self, stage: int, tiles: np.ndarray, inputs: Sequence[np.ndarray]) -> np.ndarray:
-        return self.predictor(tiles)
+    def __call__(self, stage: int, tiles: torch.Tensor, inputs: Sequence[np.ndarray]) -> torch.Tensor:
+        return self.predictor.probabilities(tiles)
 
 
 @dataclass(frozen=True)
@@ -83,7 +82,6 @@ class Segment(Framework):
     def stages(self, pyramid: Pyramid, out: ImageOutput, tiling: TilingPlan, num_classes: int) -> list[StagePlan]:
         return [image_stage(0, pyramid, 0, out, tiling, num_classes)]
 
-    @torch.inference_mode()
     def load(self, read: Callable[[str], bytes], device: DeviceConfig) -> TileModel:
         return SegmenterModel(TilePredictor(read(self.model.url), device))
 

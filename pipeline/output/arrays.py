@@ -1,19 +1,35 @@
-"""The arrays of an image's output: the label pyramid and extras with their NGFF metadata, and the tile store a
-stage writes while it runs (paths: ``pipeline.output.layout``)."""
+"""The arrays of an image's output: the label pyramid and extras with their NGFF metadata, and the maps a stage
+leaves for the next (paths: ``pipeline.output.layout``)."""
 
 from __future__ import annotations
 
 import logging
-import re
-from typing import Any
+from dataclasses import dataclass
 
 import zarr
 
 from pipeline import ome
 from pipeline.output.layout import ImageOutput
-from pipeline.storage import filesystem, fs_path, zarr_store
+from pipeline.plan import ArrayRef
+from pipeline.storage import zarr_store
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OutputArrays:
+    """An image's masks: the label pyramid (level 0 first) and the extras asked for."""
+
+    labels: list[zarr.Array]
+    confidence: zarr.Array | None = None
+    probabilities: zarr.Array | None = None
+
+    def ref(self, array: zarr.Array | None, out: ImageOutput) -> ArrayRef | None:
+        """``array`` as workers open it (an array of ``out``'s group)."""
+        if array is None:
+            return None
+        shape = tuple(array.shape[-2:])
+        return ArrayRef(out.group_url, array.path, "cyx"[-array.ndim:], shape, dict(out.storage_options))
 
 
 def create_outputs(
@@ -26,12 +42,9 @@ def create_outputs(
     chunk: int,
     extras: list[str],
     labels_dtype,
-) -> dict[str, Any]:
-    """Create (or recreate) the label pyramid and extra arrays with their NGFF metadata.
-
-    Returns ``{"labels": [level arrays], "confidence": array?, "probabilities": array?}``. Arrays are
-    recreated on every blend, so a blend interrupted half-way never leaves stale chunks behind.
-    """
+) -> OutputArrays:
+    """Create (or recreate, so an interrupted run leaves no stale chunk behind) the label pyramid and the extra
+    arrays, with their NGFF metadata."""
     root = zarr.open_group(store=zarr_store(out.group_url, out.storage_options), mode="a")
     labels = root.require_group("labels")
     labels.attrs["ome"] = ome.labels_group_attrs([label_name])["ome"]
@@ -39,7 +52,7 @@ def create_outputs(
     levels = [
         group.create_array(
             str(level), shape=shape, chunks=(min(chunk, shape[0]), min(chunk, shape[1])),
-            dtype=labels_dtype, fill_value=0, overwrite=True, compressors=_zstd(),
+            dtype=labels_dtype, fill_value=0, overwrite=True, compressors=_codec("labels"),
             dimension_names=("y", "x"),
         )
         for level, shape in enumerate(shapes)
@@ -50,75 +63,57 @@ def create_outputs(
         properties=[(i, name) for i, name in enumerate(class_names)],
     )
     group.attrs["ome"] = meta
-    arrays: dict[str, Any] = {"labels": levels}
     h, w = shapes[0]
     c = min(chunk, h), min(chunk, w)
+    confidence = probabilities = None
     if "confidence" in extras:
-        arrays["confidence"] = root.create_array(
+        confidence = root.create_array(
             "confidence", shape=(h, w), chunks=c, dtype="float32", fill_value=0.0, overwrite=True,
-            compressors=_zstd(), dimension_names=("y", "x"),
+            compressors=_codec("confidence"), dimension_names=("y", "x"),
         )
     if "probabilities" in extras:
         n = len(class_names)
-        arrays["probabilities"] = root.create_array(
+        probabilities = root.create_array(
             "probabilities", shape=(n, h, w), chunks=(n, *c), dtype="float16", fill_value=0.0,
-            overwrite=True, compressors=_zstd(), dimension_names=("c", "y", "x"),
+            overwrite=True, compressors=_codec("probabilities"), dimension_names=("c", "y", "x"),
         )
-        arrays["probabilities"].attrs["classes"] = class_names
-    return arrays
+        probabilities.attrs["classes"] = class_names
+    return OutputArrays(levels, confidence, probabilities)
 
 
-def _zstd():
-    return zarr.codecs.ZstdCodec(level=3)
+def open_outputs(out: ImageOutput, *, label_name: str, shapes: list[tuple[int, int]], extras: list[str]) -> OutputArrays:
+    """The arrays ``create_outputs`` made, as they are (resuming an image whose blocks wrote some of them)."""
+    root = zarr.open_group(store=zarr_store(out.group_url, out.storage_options), mode="r+")
+    labels = [root[f"labels/{label_name}/{level}"] for level in range(len(shapes))]
+    return OutputArrays(labels, root["confidence"] if "confidence" in extras else None,
+                        root["probabilities"] if "probabilities" in extras else None)
 
 
-_CHUNK_KEY = re.compile(r"/c/(\d+)/(\d+)/0/0/0$")
+def _codec(kind: str):
+    """Labels: zstd (runs of one class compress far); floats: LZ4 on shuffled bytes (Blosc), fast to encode."""
+    if kind == "labels":
+        return zarr.codecs.ZstdCodec(level=3)
+    return zarr.codecs.BloscCodec(cname="lz4", clevel=3, shuffle="shuffle")
 
 
-def finished_tiles(tiles_url: str, storage_options: dict[str, Any]) -> set[tuple[int, int]]:
-    """Tiles whose chunk exists in the tile store (one listing, not one request per tile).
-
-    A chunk exists only once written whole: LocalStore writes temp + rename, object stores PUT
-    atomically, and the tile store writes empty chunks too (``write_empty_chunks``).
-    """
-    fs = filesystem(tiles_url, storage_options)
-    root = fs_path(tiles_url)
-    try:
-        keys = fs.find(root + "/c")
-    except FileNotFoundError:
-        return set()
-    found = set()
-    for key in keys:
-        m = _CHUNK_KEY.search("/" + key.replace("\\", "/"))
-        if m:
-            found.add((int(m.group(1)), int(m.group(2))))
-    return found
-
-
-def create_tile_store(tiles_url: str, storage_options, shape: tuple[int, ...]) -> zarr.Array:
-    """The tile store ``(ny, nx, C, T, T)`` float16: one chunk per tile, NaN until written."""
-    store = zarr_store(tiles_url, storage_options)
-    try:
-        arr = zarr.open_array(store=store, mode="r")
-        if arr.shape == shape:
-            return arr
-        log.info("tile store %s has shape %s, expected %s: recreating", tiles_url, arr.shape, shape)
-    except (FileNotFoundError, zarr.errors.ArrayNotFoundError, KeyError):
-        pass
-    return zarr.create_array(
-        store=store, shape=shape, chunks=(1, 1, *shape[2:]), dtype="float16", fill_value=float("nan"),
-        compressors=zarr.codecs.BloscCodec(cname="lz4", clevel=3, shuffle="shuffle", typesize=2),
-        config={"write_empty_chunks": True}, overwrite=True,
-    )
-
-
-def create_map(group_url: str, name: str, shape: tuple[int, ...], chunk: int, storage_options) -> zarr.Array:
+def create_map(group_url: str, name: str, shape: tuple[int, ...], chunk: int, storage_options,
+               fresh: bool = True) -> zarr.Array:
     """A stage map ``name`` ((C, H, W) or (H, W) float16) in the group at ``group_url``, chunked like the masks
-    (each chunk one task's), created anew (a map of an interrupted stage is recomputed whole)."""
+    (each chunk one writer's). ``fresh``: created anew; else the one there is opened (resuming a stage whose
+    blocks wrote some of it), or created if there is none."""
     group = zarr.open_group(store=zarr_store(group_url, storage_options), mode="a")
+    if not fresh and name in group:
+        existing = group[name]
+        if tuple(existing.shape) == tuple(shape):
+            return existing
     chunks = (*shape[:-2], min(chunk, shape[-2]), min(chunk, shape[-1]))
     return group.create_array(name, shape=shape, chunks=chunks, dtype="float16", fill_value=0, overwrite=True,
-                              compressors=zarr.codecs.BloscCodec(cname="lz4", clevel=3, shuffle="shuffle"))
+                              compressors=_codec("map"))
 
 
-__all__ = ["create_map", "create_outputs", "create_tile_store", "finished_tiles"]
+def map_ref(array: zarr.Array, group_url: str, storage_options) -> ArrayRef:
+    """A stage map as workers open it."""
+    return ArrayRef(group_url, array.path, "cyx"[-array.ndim:], tuple(array.shape[-2:]), dict(storage_options))
+
+
+__all__ = ["OutputArrays", "create_map", "create_outputs", "map_ref", "open_outputs"]

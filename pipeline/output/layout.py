@@ -9,7 +9,8 @@
         probabilities                          optional: blended probabilities (C, H, W) float16
     <output>/_work/plan.json                   the images of the job, in order (``gigaseg status``)
     <output>/_work/<kind>-<sha256[:16]>.safetensors   the weights the workers load (copied once per content)
-    <output>/_work/<name>/stage-<s>/tiles      stage s's tile store while the image runs
+    <output>/_work/<name>/stage-<s>/blocks/<by>-<bx>.json   a block of stage s done (its chunks written)
+    <output>/_work/<name>/stage-<s>/done.json  stage s done (its result stored)
     <output>/_work/<name>/stage-<s>/maps/…     a stage's map (and MagNet's intermediate maps) for the next
     (``_work/<name>`` is removed once the image is complete)
 
@@ -71,9 +72,15 @@ class ImageOutput:
     def stage_url(self, stage: int) -> str:
         return join(self.work_url, f"stage-{stage}")
 
-    def tiles_url(self, stage: int) -> str:
-        """Stage ``stage``'s tile store ``(ny, nx, C, T, T)``."""
-        return join(self.stage_url(stage), "tiles")
+    def blocks_url(self, stage: int) -> str:
+        """Where stage ``stage`` marks its blocks done, one small file each."""
+        return join(self.stage_url(stage), "blocks")
+
+    def block_url(self, stage: int, block: str) -> str:
+        return join(self.blocks_url(stage), f"{block}.json")
+
+    def stage_done_url(self, stage: int) -> str:
+        return join(self.stage_url(stage), "done.json")
 
     def maps_url(self, stage: int) -> str:
         """The group of stage ``stage``'s maps: ``map`` (what the next stage reads) and MagNet's intermediates."""

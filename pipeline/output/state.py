@@ -15,7 +15,7 @@ import zarr
 
 from pipeline.errors import OutputConflictError
 from pipeline.output.layout import ImageOutput
-from pipeline.storage import open_group, remove, zarr_store
+from pipeline.storage import filesystem, fs_path, open_group, read_json, remove, write_json, zarr_store
 
 log = logging.getLogger(__name__)
 
@@ -72,4 +72,35 @@ def safe_remove_work(out: ImageOutput) -> None:
         log.warning("could not remove work area %s: %s", out.work_url, err)
 
 
-__all__ = ["check_resumable", "fingerprint", "mark", "read_state", "safe_remove_work"]
+def mark_block(out: ImageOutput, stage: int, block, **info: Any) -> None:
+    """Block ``block`` of stage ``stage`` is done: every chunk it owns is written (called after its writes)."""
+    write_json(out.block_url(stage, block.name), info, out.storage_options)
+
+
+def blocks_done(out: ImageOutput, stage: int) -> dict[str, dict[str, Any]]:
+    """The blocks of stage ``stage`` marked done, by name, with what their markers say (one listing)."""
+    fs = filesystem(out.blocks_url(stage), out.storage_options)
+    try:
+        paths = fs.ls(fs_path(out.blocks_url(stage)), detail=False)
+    except FileNotFoundError:
+        return {}
+    done = {}
+    for path in paths:
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if name.endswith(".json") and not name.startswith("."):
+            info = read_json(out.block_url(stage, name[:-5]), out.storage_options)
+            if info is not None:
+                done[name[:-5]] = info
+    return done
+
+
+def mark_stage(out: ImageOutput, stage: int) -> None:
+    write_json(out.stage_done_url(stage), {"done": True}, out.storage_options)
+
+
+def stage_done(out: ImageOutput, stage: int) -> bool:
+    return bool((read_json(out.stage_done_url(stage), out.storage_options) or {}).get("done"))
+
+
+__all__ = ["blocks_done", "check_resumable", "fingerprint", "mark", "mark_block", "mark_stage", "read_state",
+           "safe_remove_work", "stage_done"]

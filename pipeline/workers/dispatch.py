@@ -1,11 +1,12 @@
-"""Dispatch tile batches over a pool of GPU-pinned Ray actors with bounded in-flight work.
+"""Dispatch blocks over a pool of GPU-pinned Ray actors with bounded in-flight work.
 
-The driver only ever holds batch descriptions (tile indices) and small results; pixels flow from Zarr
-to the actors and back to Zarr. At most ``in_flight_per_worker`` calls are queued per actor (Ray's
-"limit pending tasks" pattern with ``ray.wait``), so memory stays bounded whatever the image count.
-Actors restart on death (``max_restarts=-1``); the calls they lose come back to this loop, which runs
-them on the other actors (see ``WorkerPool.run``). An exception raised by a batch is retried
-``retries`` times, then its tiles are reported as failed.
+The driver only ever holds block descriptions and small results; pixels flow from Zarr to the actors and back
+to Zarr. At most ``in_flight_per_worker`` calls are queued per actor (Ray's "limit pending tasks" pattern with
+``ray.wait``), so memory stays bounded whatever the image count. The calls come from a ``CallSource`` that may
+grow while the pool runs (the engine adds an image's next stage, or the next image, as they become ready), so
+the workers go from one image to the next without draining. Actors restart on death (``max_restarts=-1``); the
+calls they lose come back to this loop, which runs them on the other actors (see ``WorkerPool.run``). A call
+that raises is retried ``retries`` times, then reported as failed.
 """
 
 from __future__ import annotations
@@ -15,30 +16,57 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 import ray
 from ray.exceptions import RayActorError
 
-from pipeline.frameworks.base import Framework, StagePlan
+from pipeline.frameworks.base import Framework
 from pipeline.plan import PoolPlan
 from pipeline.storage import is_local
 from pipeline.workers.predictor import DeviceConfig
-from pipeline.workers.worker import BatchResult, TileBatch, TileWorker
+from pipeline.workers.worker import BlockResult, BlockTask, BlockWorker
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class _Call:
-    batch: TileBatch
+class Call:
+    """One call: ``task`` for a worker, ``tag`` for the caller (which image and stage it belongs to)."""
+
+    task: BlockTask
+    tag: Any = None
     attempt: int = 0
 
 
-@dataclass(frozen=True)
-class StageOutcome:
-    failed: tuple[tuple[tuple[int, int], ...], ...]
-    error: str | None
-    retried_tiles: int
+class CallSource(Protocol):
+    """Where the pool takes its calls from, in the order they should run; thread-safe (the engine adds calls
+    from its own threads while the pool runs)."""
+
+    def next(self) -> Call | None:
+        """A call to run now, or None (none ready yet, or none any more)."""
+
+    def exhausted(self) -> bool:
+        """Whether no call will come any more."""
+
+    def wait(self, timeout: float) -> None:
+        """Block until a call may be ready, or ``timeout`` seconds."""
+
+
+class CallList:
+    """A ``CallSource`` of a fixed list of calls."""
+
+    def __init__(self, calls) -> None:
+        self.calls = deque(calls)
+
+    def next(self) -> Call | None:
+        return self.calls.popleft() if self.calls else None
+
+    def exhausted(self) -> bool:
+        return not self.calls
+
+    def wait(self, timeout: float) -> None:
+        pass
 
 
 def placement_for(urls: Iterable[str]) -> str:
@@ -58,25 +86,6 @@ def scheduling_strategy(placement: str):
     if placement == "anywhere":
         return "SPREAD"
     raise ValueError(f"placement must be 'driver' or 'anywhere', got {placement!r}")
-
-
-def batches(stage: StagePlan, tiles: Iterable[tuple[int, int]], size: int, per_call: int | None = None) -> list[TileBatch]:
-    """Calls of ``per_call`` tiles (default ``size``), each run by its worker ``size`` tiles per model batch."""
-    tiles = list(tiles)
-    per_call = per_call or size
-    return [TileBatch(stage, tuple(tiles[i : i + per_call]), size) for i in range(0, len(tiles), per_call)]
-
-
-def call_size(n_tiles: int, batch: int, workers: int, cap: int = 256, calls_per_worker: int = 4) -> int:
-    """Tiles per call: ``⌈n / (workers · calls_per_worker)⌉`` rounded up to a multiple of ``batch``, within
-    ``[batch, cap]`` (``cap`` rounded down to a multiple of ``batch``, at least ``batch``).
-
-    Big calls spread the driver's per-call cost (``benchmarks/dispatch_scale.py``) so one driver feeds many
-    GPUs; ``calls_per_worker`` calls per worker per stage keep the load balanced at the end of small images.
-    """
-    per = -(-n_tiles // max(1, workers * calls_per_worker))
-    per = -(-per // batch) * batch
-    return max(batch, min(per, max(batch, cap // batch * batch)))
 
 
 def error_text(err: BaseException) -> str:
@@ -147,10 +156,10 @@ class WorkerPool:
     (its weights read from ``storage_options``' store)."""
 
     def __init__(self, framework: Framework, storage_options: dict, config: PoolPlan,
-                 worker_cls: type[TileWorker] = TileWorker):
+                 worker_cls: type[BlockWorker] = BlockWorker):
         self.config = config
         remote = ray.remote(worker_cls).options(
-            max_concurrency=2,  # I/O of one batch overlaps the model call of the next (see TileWorker)
+            max_concurrency=2,  # the reads and writes of one block overlap the model work of the next (BlockWorker)
             num_gpus=config.gpus_per_worker,
             num_cpus=config.cpus_per_worker,
             max_restarts=-1,  # Ray restarts a dead actor (on another node if its node is gone) ...
@@ -171,44 +180,47 @@ class WorkerPool:
 
     def run(
         self,
-        calls: list[TileBatch],
+        calls: CallSource,
         *,
         retries: int,
-        on_result: Callable[[BatchResult], None],
-    ) -> StageOutcome:
-        """Run every batch; stop dispatching after the first batch that fails on all its attempts.
+        on_result: Callable[[Call, BlockResult], None],
+        on_failure: Callable[[Call, str], None] = lambda call, error: None,
+        on_retry: Callable[[Call], None] = lambda call: None,
+    ) -> None:
+        """Run every call ``calls`` gives until it is exhausted and nothing runs.
 
-        Two kinds of failure are told apart. A batch that raises (bad data, a bug) is retried ``retries``
-        times, then its tiles fail. A batch whose actor died (process killed, node lost) is not the
-        batch's fault: it goes back to the queue for the other actors at once, without using an attempt,
-        and the dead actor gets no work until a probe shows Ray has restarted it. Both count as retried
-        tiles. Writes are idempotent (a tile owns its chunk), so a re-run tile rewrites the same bytes.
+        Two kinds of failure are told apart. A call that raises (bad data, a bug) is retried ``retries`` times,
+        then ``on_failure`` reports it. A call whose actor died (process killed, node lost) is not the call's
+        fault: it goes back to the front of the queue for the other actors at once, without using an attempt,
+        and the dead actor gets no work until a probe shows Ray has restarted it. ``on_retry`` sees both. Writes
+        are idempotent (a block owns its chunks), so a re-run block rewrites the same bytes.
         """
-        pending = deque(_Call(b) for b in calls)
-        running: dict[ray.ObjectRef, tuple[int, _Call]] = {}
+        again: deque[Call] = deque()  # calls to run again before any new one
+        running: dict[ray.ObjectRef, tuple[int, Call]] = {}
         health = _Health(self.actors)
         load = [0] * len(self.actors)
         limit = self.config.in_flight_per_worker
-        failed: list[tuple[tuple[int, int], ...]] = []
-        first_error: str | None = None
-        retried = 0
-        while pending or running:
-            while pending and not failed:
+        while True:
+            while True:
                 idle = [i for i in health.up() if load[i] < limit]
                 if not idle:
                     break
+                call = again.popleft() if again else calls.next()
+                if call is None:
+                    break
                 idx = min(idle, key=load.__getitem__)
-                call = pending.popleft()
-                running[self.actors[idx].run.remote(call.batch)] = (idx, call)
+                running[self.actors[idx].run.remote(call.task)] = (idx, call)
                 load[idx] += 1
-            if not running and (failed or not health.waiting()):
+            if not running and not again and not health.waiting() and calls.exhausted():
                 break
             health.check_patience(self.config.unavailable_timeout_s)
             waiting_on = [*running, *health.probes()]
-            if not waiting_on:  # every lost actor is between probes
-                time.sleep(health.PROBE_EVERY_S)
+            if not waiting_on:  # nothing runs: wait for the caller's next calls, or a lost actor's next probe
+                calls.wait(min(health.PROBE_EVERY_S, 0.05))
                 continue
-            done, _ = ray.wait(waiting_on, num_returns=1, timeout=health.wait_timeout())
+            idle_now = any(load[i] < limit for i in health.up())
+            timeout = 0.05 if idle_now and not calls.exhausted() else health.wait_timeout()
+            done, _ = ray.wait(waiting_on, num_returns=1, timeout=timeout)
             for ref in done:
                 if health.is_probe(ref):
                     health.on_probe(ref)
@@ -217,24 +229,23 @@ class WorkerPool:
                 load[idx] -= 1
                 try:
                     result = ray.get(ref)
-                except RayActorError as err:  # the worker died, not the batch: run it elsewhere
-                    log.warning("worker %d lost batch %s (%s); re-queued", idx, call.batch.tiles, error_text(err))
-                    retried += len(call.batch.tiles)
-                    pending.appendleft(call)
+                except RayActorError as err:  # the worker died, not the call: run it elsewhere
+                    log.warning("worker %d lost block %s (%s); re-queued", idx, call.task.block.index,
+                                error_text(err))
+                    on_retry(call)
+                    again.appendleft(call)
                     health.mark_down(idx)
                     continue
-                except Exception as err:  # the batch raised: retry, then report
+                except Exception as err:  # the call raised: retry, then report
                     text = error_text(err)
                     if call.attempt < retries:
-                        log.warning("batch %s failed (%s); retrying", call.batch.tiles, text)
-                        retried += len(call.batch.tiles)
-                        pending.appendleft(replace(call, attempt=call.attempt + 1))
+                        log.warning("block %s failed (%s); retrying", call.task.block.index, text)
+                        on_retry(call)
+                        again.appendleft(replace(call, attempt=call.attempt + 1))
                     else:
-                        failed.append(call.batch.tiles)
-                        first_error = first_error or text
+                        on_failure(call, text)
                     continue
-                on_result(result)
-        return StageOutcome(tuple(failed), first_error, retried)
+                on_result(call, result)
 
     def shutdown(self) -> None:
         for a in self.actors:

@@ -66,17 +66,51 @@ def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype
     return torch.bfloat16 if cpu_has_bf16() else None
 
 
+class Uploader:
+    """Host → device copies of the arrays a worker feeds its model. On CUDA each goes through one of two pinned
+    host buffers (reused, grown as needed) with an asynchronous copy, so the next batch is staged while the
+    device works on this one; on a CPU device the array is used where it is (``torch.from_numpy``)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._slots: list[tuple[torch.Tensor | None, object]] = [(None, None), (None, None)]
+        self._next = 0
+
+    def __call__(self, array: np.ndarray) -> torch.Tensor:
+        array = np.ascontiguousarray(array)
+        if self.device.type != "cuda":
+            return torch.from_numpy(array)
+        buf, event = self._slots[self._next]
+        if event is not None:
+            event.synchronize()  # the copy that last used this buffer has finished
+        flat = torch.from_numpy(array).reshape(-1)
+        if buf is None or buf.dtype != flat.dtype or buf.numel() < flat.numel():
+            buf = torch.empty(max(flat.numel(), 1), dtype=flat.dtype, pin_memory=True)
+        staged = buf[: flat.numel()]
+        staged.copy_(flat)
+        out = staged.view(array.shape).to(self.device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._slots[self._next] = (buf, event)
+        self._next = 1 - self._next
+        return out
+
+
 class DeviceRunner:
     """What every model on a worker shares: its device, autocast dtype, memory format and input normalisation
-    (``(pixel − 255·mean) / (255·std)`` with the checkpoint's ``normalization``)."""
+    (``(pixel − 255·mean) / (255·std)`` with the checkpoint's ``normalization``). On CUDA, cuDNN picks its
+    fastest convolution algorithms for the tile size (``cudnn.benchmark``: every tile of a job has one shape)."""
 
     def __init__(self, config: DeviceConfig, normalization, device=None) -> None:
         torch.set_num_threads(config.torch_threads)
         self.device = torch.device(device) if device is not None else resolve_device()
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self.autocast_dtype = resolve_precision(config.precision, self.device)
         self.mean = torch.tensor(normalization.mean, device=self.device).view(1, -1, 1, 1) * 255.0
         self.std = torch.tensor(normalization.std, device=self.device).view(1, -1, 1, 1) * 255.0
+        self.upload = Uploader(self.device)
 
     def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
         return module.to(self.device).eval().to(memory_format=self.memory_format)
@@ -86,15 +120,15 @@ class DeviceRunner:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
-    def input(self, tiles: np.ndarray) -> torch.Tensor:
-        """uint8 ``(B, C, T, T)`` → normalised float ``(B, C, T, T)`` on the device."""
-        x = torch.from_numpy(np.ascontiguousarray(tiles)).to(self.device, non_blocking=True)
+    def input(self, tiles: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 ``(B, C, T, T)`` (host array, or a tensor on the device) → normalised float on the device."""
+        x = self.upload(tiles) if isinstance(tiles, np.ndarray) else tiles
         return ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
 
-    def tensor(self, values: np.ndarray) -> torch.Tensor:
+    def tensor(self, values: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Float values (probabilities, maps) ``(B, C, T, T)`` on the device, float32."""
-        x = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(self.device)
-        return x.contiguous(memory_format=self.memory_format)
+        x = self.upload(np.asarray(values, dtype=np.float32)) if isinstance(values, np.ndarray) else values
+        return x.float().contiguous(memory_format=self.memory_format)
 
 
 class TilePredictor:
@@ -136,16 +170,21 @@ class TilePredictor:
         return out.float()
 
     @torch.inference_mode()
-    def __call__(self, tiles: np.ndarray, contexts: np.ndarray | None = None) -> np.ndarray:
-        """Contexts are normalised like the tiles (zero padding past the image becomes ``−mean/std``, as in
-        training, which normalises the zero-padded crops the same way)."""
+    def probabilities(self, tiles: np.ndarray | torch.Tensor,
+                      contexts: np.ndarray | torch.Tensor | None = None) -> torch.Tensor:
+        """Softmax probabilities ``(B, C, T, T)`` float32 on the device, of uint8 tiles (and contexts ``(B, n, 3, T,
+        T)``, normalised like the tiles: zero padding past the image becomes ``−mean/std``, as in training, which
+        normalises the zero-padded crops the same way)."""
         ctx = None
         if contexts is not None:
             b, n = contexts.shape[:2]
             ctx = self.runner.input(contexts.reshape(b * n, *contexts.shape[2:]))
             ctx = ctx.reshape(b, n, *ctx.shape[1:])
-        probs = torch.softmax(self.logits(self.runner.input(tiles), ctx), dim=1)
-        return probs.to(torch.float16).cpu().numpy()
+        return torch.softmax(self.logits(self.runner.input(tiles), ctx), dim=1)
+
+    def __call__(self, tiles: np.ndarray, contexts: np.ndarray | None = None) -> np.ndarray:
+        """``probabilities`` as a float16 host array."""
+        return self.probabilities(tiles, contexts).to(torch.float16).cpu().numpy()
 
 
-__all__ = ["DeviceConfig", "DeviceRunner", "PredictorConfig", "TilePredictor", "cpu_has_bf16", "resolve_device", "resolve_precision"]
+__all__ = ["DeviceConfig", "DeviceRunner", "Uploader", "PredictorConfig", "TilePredictor", "cpu_has_bf16", "resolve_device", "resolve_precision"]

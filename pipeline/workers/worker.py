@@ -1,58 +1,164 @@
-"""GPU-pinned tile workers.
+"""GPU-pinned block workers: each call runs one block's tiles, blends them on the device, writes its chunks.
 
-``TileWorker`` is a plain class (unit-testable without Ray); the dispatcher wraps it with
-``ray.remote(num_gpus=…)`` so each actor holds its share of a GPU — a logical one on machines without
-CUDA, so placement is the same as on a GPU cluster. An actor loads its framework's model once
-(``Framework.load``), reads its tile windows (and whatever else the stage's tiles read: ``StagePlan.inputs``)
-straight from Zarr, and writes each tile's probabilities straight to its own chunk of the tile store. ``run``
-is idempotent: a retried batch rewrites the same chunks with the same values.
+``BlockWorker`` is a plain class (unit-testable without Ray); the dispatcher wraps it with ``ray.remote(num_gpus=…)``
+so each actor holds its share of a GPU — a logical one on machines without CUDA, so placement is the same as on
+a GPU cluster. An actor loads its framework's model once (``Framework.load``). For a block (``pipeline.blocks``)
+it goes down the block's tile rows:
+
+1. a reader thread reads each tile row's window once (``reader.RowReader``: each image chunk decoded once) and
+   whatever else the stage's tiles read (``StagePlan.inputs``), one row ahead of the device;
+2. the row goes to the device in one copy; its tiles are views of it; the model runs ``batch`` tiles at a time;
+3. each tile's probabilities, weighted by the blend window, are added into the block's running sums
+   ``Σ w·p`` and ``Σ w`` on the device (``BlockBlend``), which hold only the rows still open (about one chunk
+   row plus a tile), so memory depends on the block's width, not its height;
+4. once no later tile row reaches a band of whole chunk rows, the band is final: ``P = Σ w·p / Σ w`` goes to
+   the stage's sink (labels and extras, or a stage map), and a writer thread encodes and stores its chunks.
+
+Tiles are added in grid order, so a block's sums, and the output, are the same whatever the block size or the
+worker. A call is idempotent: a retried block rewrites its own chunks with the same values.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import time
-from dataclasses import dataclass
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import ray
+import torch
 import zarr
 
+from pipeline.blocks import Block, Tile
 from pipeline.errors import ImageReadError
-from pipeline.frameworks.base import ArrayRef, Framework, StagePlan
-from pipeline.reader import read_windows
+from pipeline.frameworks.base import Framework, StagePlan
+from pipeline.plan import ArrayRef
+from pipeline.reader import RowReader
 from pipeline.storage import AuditStore, join, read_bytes, zarr_store
-from pipeline.tiling import Window
+from pipeline.tiling import BlendWindow, Window, window_2d
 from pipeline.workers.predictor import DeviceConfig
+from pipeline.workers.sinks import BlockSink
 
 
 @dataclass(frozen=True)
-class TileBatch:
-    """One call to a worker: ``tiles`` of one stage, run through the model ``batch_size`` at a time.
-
-    A call holds more tiles than one model batch so the driver's cost per call (about a millisecond of Ray
-    submission and result handling) is spread over many tiles; the worker streams them, holding one model
-    batch of pixels at a time.
-    """
+class BlockTask:
+    """One call to a worker: block ``block`` of stage ``stage``, running ``tiles`` (all that overlap it, in grid
+    order; MagNet-Fast: the chosen ones) ``batch`` at a time, blended with ``window`` into ``sink``."""
 
     stage: StagePlan
-    tiles: tuple[tuple[int, int], ...]
-    batch_size: int | None = None  # None: all tiles in one model batch
+    block: Block
+    tiles: tuple[Tile, ...]
+    sink: BlockSink
+    owned: int  # grid tiles this block owns (``pipeline.blocks.owner``): what progress counts
+    batch: int = 8
+    window: BlendWindow = "gaussian"
+    sigma_scale: float = 0.125
+    chunk: int = 1024
 
 
 @dataclass(frozen=True)
-class BatchResult:
-    tiles: tuple[tuple[int, int], ...]
+class BlockResult:
+    stage: int
+    block: tuple[int, int]
+    tiles_run: int  # tiles the block ran (a tile on a block edge runs in each block it overlaps)
+    owned: int
     seconds: float
     model_seconds: float
-    megapixels: float
+    megapixels: float  # tile pixels through the model
     worker: str
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU-seconds by phase: read, device, write
 
 
-class TileWorker:
-    """Loads the framework's model once; ``run(batch)`` reads, predicts and writes the batch's tiles.
+class BlockBlend:
+    """The running sums of one block on the device: ``Σ w·p`` ``(C, rows, w)`` and ``Σ w`` ``(rows, w)`` for the
+    block's rows from ``top`` (the first row not yet handed on) down, ``capacity`` rows (a chunk row plus a
+    tile is enough: rows above the current tile row's top are final once it is added)."""
+
+    def __init__(self, num_classes: int, region: Window, capacity: int, device: torch.device) -> None:
+        self.region, self.capacity = region, capacity
+        self.top = region.y0
+        self.acc = torch.zeros((num_classes, capacity, region.w), dtype=torch.float32, device=device)
+        self.wsum = torch.zeros((capacity, region.w), dtype=torch.float32, device=device)
+
+    def add(self, window: Window, probs: torch.Tensor, weights: torch.Tensor) -> None:
+        """Add ``probs (C, T, T)`` of the tile at ``window``, weighted by ``weights (T, T)``, where it meets the
+        block (rows above ``top`` are final and not touched: no tile added later reaches them)."""
+        part = window.intersect(Window(self.top, self.region.x0, self.capacity, self.region.w))
+        part = part.intersect(self.region)
+        if part.empty:
+            return
+        ty, tx = part.y0 - window.y0, part.x0 - window.x0
+        ay, ax = part.y0 - self.top, part.x0 - self.region.x0
+        w = weights[ty : ty + part.h, tx : tx + part.w]
+        self.acc[:, ay : ay + part.h, ax : ax + part.w].addcmul_(probs[:, ty : ty + part.h, tx : tx + part.w], w)
+        self.wsum[ay : ay + part.h, ax : ax + part.w].add_(w)
+
+    def ready(self, final: int, chunk: int):
+        """The bands of whole chunk rows (from ``top``, the block's last band cut at its bottom) that lie above
+        ``final``, the first row a later tile can still reach: ``take``'s ``(region, P, covered)`` of each."""
+        while self.top < final:
+            bottom = min(self.region.y1, self.top + chunk)
+            if bottom > final:
+                return
+            yield self.take(bottom)
+
+    def take(self, bottom: int) -> tuple[Window, torch.Tensor, torch.Tensor]:
+        """Rows ``[top, bottom)`` as ``(region, P = Σw·p / Σw (C, h, w), covered (h, w))`` (P is NaN where no
+        tile ran), and the sums move up past them."""
+        n = bottom - self.top
+        wsum = self.wsum[:n]
+        covered = wsum > 0
+        probs = self.acc[:, :n] / torch.where(covered, wsum, torch.full_like(wsum, float("nan")))[None]
+        out = Window(self.top, self.region.x0, n, self.region.w)
+        self.acc = torch.cat([self.acc[:, n:], torch.zeros_like(self.acc[:, :n])], dim=1)
+        self.wsum = torch.cat([self.wsum[n:], torch.zeros_like(self.wsum[:n])], dim=0)
+        self.top = bottom
+        return out, probs, covered
+
+
+def _tick(cpu: dict[str, float], phase: str, since: float) -> float:
+    """Add this thread's CPU-seconds since ``since`` to ``cpu[phase]``; the new mark."""
+    now = time.thread_time()
+    cpu[phase] += now - since
+    return now
+
+
+class _Writer:
+    """Carries out a block's writes in its own thread(s), so encoding overlaps the device; errors re-raised."""
+
+    def __init__(self, open_writable, threads: int = 2) -> None:
+        self.open = open_writable
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="gigaseg-write")
+        self.futures = []
+        self.cpu = 0.0
+        self._lock = threading.Lock()
+
+    def submit(self, writes) -> None:
+        self.futures.append(self.pool.submit(self._write, writes))
+
+    def _write(self, writes) -> None:
+        c0 = time.thread_time()
+        for ref, selection, values in writes:
+            self.open(ref)[selection] = values
+        with self._lock:
+            self.cpu += time.thread_time() - c0
+
+    def finish(self) -> float:
+        try:
+            for f in self.futures:
+                f.result()
+        finally:
+            self.pool.shutdown(wait=True)
+        return self.cpu
+
+
+class BlockWorker:
+    """Loads the framework's model once; ``run(task)`` runs, blends and writes one block.
 
     The weights are read from URLs (the job copies them into the output store), not passed through the
     driver's object store, so an actor restarted on another node after its driver-side references are
@@ -62,14 +168,14 @@ class TileWorker:
     def __init__(self, framework: Framework, storage_options: dict[str, Any], device: DeviceConfig = DeviceConfig(),
                  audit_dir: str | None = None):
         self.model = framework.load(lambda url: read_bytes(url, storage_options), device)
-        # The actor runs up to two calls at once (max_concurrency=2): one reads or writes Zarr while the
-        # other holds the model. Model calls never overlap, so the device and torch's threads are used by
-        # one batch at a time.
+        # The actor runs up to two calls at once (max_concurrency=2): one block's reads and writes overlap the
+        # other's model work. Model calls never overlap, so the device and torch's threads serve one batch at a time.
         self._model_lock = threading.Lock()
         self._arrays_lock = threading.Lock()
         self.audit_dir = audit_dir
         self.name = f"worker-{os.getpid()}"
         self._arrays: dict[tuple[str, str, bool], zarr.Array] = {}
+        self._weights: dict[tuple, torch.Tensor] = {}
 
     def info(self) -> dict[str, Any]:
         if not ray.is_initialized():
@@ -92,46 +198,122 @@ class TileWorker:
         """An array this worker reads, opened once per actor (the ``OpenArray`` tile inputs get)."""
         return self._array(ref.group_url, ref.path, ref.storage_options, write=False)
 
-    def _read(self, ref: ArrayRef, windows: list[Window]) -> np.ndarray:
-        """The batch's tiles ``(N, 3, T, T)``, side-by-side tiles read as one window (``read_windows``)."""
-        try:
-            return read_windows(self.open(ref), ref.axes, ref.shape_yx, windows, value_range=ref.value_range)
-        except Exception as err:  # name the array and windows: the decoder's own message says neither
-            y0, y1 = min(w.y0 for w in windows), max(w.y1 for w in windows)
-            x0, x1 = min(w.x0 for w in windows), max(w.x1 for w in windows)
-            raise ImageReadError(
-                f"{join(ref.group_url, ref.path)}: cannot read window y {y0}:{y1}, x {x0}:{x1} "
-                f"({len(windows)} tile(s)): {type(err).__name__}: {err}"
-            ) from err
+    def open_writable(self, ref: ArrayRef) -> zarr.Array:
+        return self._array(ref.group_url, ref.path, ref.storage_options, write=True)
 
-    def run(self, batch: TileBatch) -> BatchResult:
+    def _blend_weights(self, task: BlockTask) -> torch.Tensor:
+        key = (task.window, task.stage.grid.tile, task.sigma_scale)
+        if key not in self._weights:
+            w = window_2d(task.window, task.stage.grid.tile, task.sigma_scale)
+            self._weights[key] = torch.from_numpy(np.array(w)).to(self.model.device)
+        return self._weights[key]
+
+    @torch.inference_mode()
+    def run(self, task: BlockTask) -> BlockResult:
         t0 = time.perf_counter()
-        size = batch.batch_size or len(batch.tiles)
+        stage, grid, region = task.stage, task.stage.grid, task.block.region
+        rows: dict[int, list[int]] = defaultdict(list)
+        for iy, ix in task.tiles:
+            rows[iy].append(ix)
+        order = sorted(rows)
+        cpu: dict[str, float] = defaultdict(float)
         model_seconds = 0.0
-        for i in range(0, len(batch.tiles), size):
-            model_seconds += self._run_batch(batch.stage, batch.tiles[i : i + size])
-        tile = batch.stage.grid.tile
-        return BatchResult(
-            tiles=batch.tiles,
-            seconds=time.perf_counter() - t0,
-            model_seconds=model_seconds,
-            megapixels=len(batch.tiles) * tile * tile / 1e6,
-            worker=self.name,
-        )
+        writer = _Writer(self.open_writable)
+        if not order:  # MagNet-Fast: no chosen tile here; the sink still writes the block, band by band, uncovered
+            try:
+                blend = BlockBlend(stage.num_classes, region, task.chunk, self.model.device)
+                for band in blend.ready(region.y1, task.chunk):
+                    writer.submit(task.sink.write(self.open, *band))
+            finally:
+                cpu["write"] += writer.finish()
+            return BlockResult(stage.index, task.block.index, 0, task.owned, time.perf_counter() - t0, 0.0, 0.0,
+                               self.name, dict(cpu))
+        x_lo = grid.window(0, min(ix for ixs in rows.values() for ix in ixs)).x0
+        x_hi = grid.window(0, max(ix for ixs in rows.values() for ix in ixs)).x1
+        weights = self._blend_weights(task)
+        blend = BlockBlend(stage.num_classes, region, task.chunk + grid.tile, self.model.device)
+        reads = self._read_rows(task, order, rows, x_lo, x_hi)
+        try:
+            for k, (iy, row, inputs, read_cpu) in enumerate(reads):
+                cpu["read"] += read_cpu
+                windows = [grid.window(iy, ix) for ix in rows[iy]]
+                writes = []
+                with self._model_lock:
+                    t1, c = time.perf_counter(), time.thread_time()
+                    tiles = self._tiles(row, [w.x0 - x_lo for w in windows], grid.tile)
+                    c = _tick(cpu, "h2d", c)
+                    for b in range(0, len(windows), task.batch):
+                        probs = self.model(stage.index, tiles[b : b + task.batch],
+                                           [inp[b : b + task.batch] for inp in inputs])
+                        c = _tick(cpu, "model", c)
+                        for j in range(probs.shape[0]):
+                            blend.add(windows[b + j], probs[j].float(), weights)
+                        c = _tick(cpu, "blend", c)
+                    next_top = grid.window(order[k + 1], 0).y0 if k + 1 < len(order) else region.y1
+                    for band in blend.ready(min(region.y1, next_top), task.chunk):
+                        writes += task.sink.write(self.open, *band)
+                    _tick(cpu, "sink", c)
+                    model_seconds += time.perf_counter() - t1
+                if writes:
+                    writer.submit(writes)
+        finally:
+            reads.close()
+            cpu["write"] += writer.finish()
+        return BlockResult(stage.index, task.block.index, len(task.tiles), task.owned, time.perf_counter() - t0,
+                           model_seconds, len(task.tiles) * grid.tile * grid.tile / 1e6, self.name, dict(cpu))
 
-    def _run_batch(self, stage: StagePlan, indices: tuple[tuple[int, int], ...]) -> float:
-        """Read, predict and write one model batch; returns the seconds spent in the model."""
-        windows = [stage.grid.window(iy, ix) for iy, ix in indices]
-        tiles = self._read(stage.image, windows)
-        inputs = [source.read(self.open, stage.image, windows) for source in stage.inputs]
-        with self._model_lock:
-            t1 = time.perf_counter()
-            probs = self.model(stage.index, tiles, inputs)
-            model_seconds = time.perf_counter() - t1
-        out = self._array(stage.tiles_url, "", stage.storage_options, write=True)
-        for k, (iy, ix) in enumerate(indices):
-            out[iy, ix] = probs[k]
-        return model_seconds
+    def _tiles(self, row: np.ndarray, offsets: list[int], tile: int) -> torch.Tensor:
+        """The row's tiles ``(n, 3, T, T)`` uint8 on the device: the row window copied once, tiles cut there."""
+        dev = self.model.runner.upload(row)
+        return torch.stack([dev[:, :, o : o + tile] for o in offsets])
+
+    def _read_rows(self, task: BlockTask, order: list[int], rows: dict[int, list[int]], x_lo: int, x_hi: int):
+        """``(iy, row window (3, T, x_hi − x_lo), inputs, CPU-seconds)`` per tile row, read one row ahead in a
+        thread of its own (a generator; ``close()`` stops it)."""
+        stage, grid = task.stage, task.stage.grid
+        ref = stage.image
+        out: queue.Queue = queue.Queue(maxsize=2)
+        stop = threading.Event()
+        done = object()
+
+        def produce() -> None:
+            try:
+                reader = RowReader(self.open(ref), ref.axes, ref.shape_yx, x_lo, x_hi, ref.value_range)
+                for iy in order:
+                    if stop.is_set():
+                        return
+                    c0 = time.thread_time()
+                    window = grid.window(iy, rows[iy][0])
+                    try:
+                        row = reader.rows(window.y0, window.y1)
+                    except Exception as err:  # name the array and rows: the decoder's own message says neither
+                        raise ImageReadError(
+                            f"{join(ref.group_url, ref.path)}: cannot read window y {window.y0}:{window.y1}, x "
+                            f"{x_lo}:{x_hi} (tile row {iy}, {len(rows[iy])} tile(s)): {type(err).__name__}: {err}"
+                        ) from err
+                    windows = [grid.window(iy, ix) for ix in rows[iy]]
+                    inputs = [source.read(self.open, ref, windows) for source in stage.inputs]
+                    item = (iy, row, inputs, time.thread_time() - c0)
+                    while not stop.is_set():
+                        try:
+                            out.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                out.put(done)
+            except BaseException as err:  # noqa: BLE001 - handed to the consumer, which raises it
+                out.put(err)
+
+        thread = threading.Thread(target=produce, name="gigaseg-read", daemon=True)
+        thread.start()
+        try:
+            while (item := out.get()) is not done:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            thread.join()
 
 
-__all__ = ["BatchResult", "TileBatch", "TileWorker"]
+__all__ = ["BlockBlend", "BlockResult", "BlockTask", "BlockWorker"]

@@ -8,18 +8,18 @@ a process of its own, because ``ray.cluster_utils.Cluster`` needs a driver that 
 ``ray/`` itself: nothing depends on what an earlier run left on the machine.
 
 The cluster: a head node with no GPU and two worker nodes with one logical GPU each, so each of the two
-tile workers lands on its own node. Once both workers have written tiles and 10 of the image's 169 tiles
-are done, the first worker node is killed without a graceful shutdown, as when a machine disappears, and
+workers lands on its own node. Once both workers have written chunks and the blocks done hold 10 of the image's
+169 tiles, the first worker node is killed without a graceful shutdown, as when a machine disappears, and
 only then a spare GPU node joins (so Ray has somewhere to restart the lost actor).
 
 Two conditions make the removal land on work in flight, whatever the machine's speed:
-- both workers have written tiles (their write logs, ``audit_dir``): a call queued to an actor that is
+- both workers have written chunks (their write logs, ``audit_dir``): a call queued to an actor that is
   still starting is not lost when its node dies; Ray hands it to the restarted actor, and nothing counts
   as re-run;
 - the node is killed before the spare one is added: adding a node takes seconds, in which the job could
   run on until the doomed node had no call left.
-The image has 8 calls of 22 tiles, two in flight per worker, so when the later of the two workers writes
-its first tile, both still hold calls.
+The image has 25 blocks of 256 px (``tiling.tiles_per_call`` 16), two in flight per worker, so when the later of
+the two workers writes its first chunk, both still hold calls.
 
 Health checks every 0.5 s with 2 misses allowed make Ray declare the node dead in ~1 s instead of the
 default ~30 s (the settings a user can put in their cluster's ``_system_config``).
@@ -37,7 +37,7 @@ from ray.cluster_utils import Cluster
 
 from jobs.runner import run_spec
 from jobs.spec import parse_spec
-from pipeline.output.arrays import finished_tiles
+from tests.jobs.test_resume import done_tiles
 
 HEALTH_CHECKS = {
     "health_check_period_ms": 500,
@@ -62,7 +62,6 @@ def main(spec_path: str, result_path: str, temp_dir: str) -> int:
     name = spec_data.pop("_image")
     spec_data["cluster"] = {"address": cluster.address}
     spec = parse_spec(spec_data)
-    tiles_url = f"{spec.output.url}/_work/{name}/stage-0/tiles"
     removed: dict[str, object] = {}
     results: list = []
     errors: list[BaseException] = []
@@ -81,7 +80,7 @@ def main(spec_path: str, result_path: str, temp_dir: str) -> int:
         runner.start()
         deadline = time.monotonic() + 300
         while runner.is_alive() and time.monotonic() < deadline:
-            done = len(finished_tiles(tiles_url, {}))
+            done = done_tiles(spec.output.url, name)
             writing = [p for p in os.listdir(audit_dir) if os.path.getsize(os.path.join(audit_dir, p))]
             if done >= REMOVE_AFTER_TILES and len(writing) == 2:
                 cluster.remove_node(nodes[0], allow_graceful=False)

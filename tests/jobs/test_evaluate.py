@@ -31,7 +31,7 @@ def write_prediction(output, name, mask):
     arrays = create_outputs(out, label_name="segmentation", shapes=[mask.shape], class_names=NAMES,
                             class_colors=[tuple(c) for c in COLORS.tolist()], chunk=48, extras=[],
                             labels_dtype="uint8")
-    arrays["labels"][0][:] = mask
+    arrays.labels[0][:] = mask
     mark(out, fingerprint="test", complete=True)
 
 

@@ -1,4 +1,4 @@
-"""A worker process killed with SIGKILL mid-job: its tiles run elsewhere, the job completes, the output is
+"""A worker process killed with SIGKILL mid-job: its block runs elsewhere, the job completes, the output is
 bit-identical to a run without failure, and the report counts the retried tiles."""
 
 from __future__ import annotations
@@ -15,19 +15,19 @@ import zarr
 
 from jobs.runner import run_spec
 from jobs.spec import parse_spec
-from pipeline.output.arrays import finished_tiles
 from tests.archive import spec_dict
+from tests.jobs.test_resume import done_tiles
 
 pytestmark = pytest.mark.integration
 
 
 def _busy_tile_workers() -> list[psutil.Process]:
-    """This test process's tile workers that are running a batch right now (Ray titles them
-    ``ray::TileWorker.run`` while the method runs); other sessions' clusters are not ours to kill."""
+    """This test process's workers that are running a block right now (Ray titles them ``ray::BlockWorker.run``
+    while the method runs); other sessions' clusters are not ours to kill."""
     busy = []
     for p in psutil.Process().children(recursive=True):
         try:
-            if "TileWorker.run" in " ".join(p.cmdline() or []):
+            if "BlockWorker.run" in " ".join(p.cmdline() or []):
                 busy.append(p)
         except psutil.NoSuchProcess:
             pass
@@ -41,14 +41,14 @@ def test_sigkilled_worker_mid_job(tmp_path, ray_cluster):
     arr = zarr.create_array(store=str(tmp_path / "in" / "big.zarr"), shape=(1024, 1024, 3), chunks=(512, 512, 3),
                             dtype="uint8")
     arr[:] = land_cover(0, 0, 1024, 1024, seed=8)
-    spec = spec_dict(str(tmp_path / "in"), str(tmp_path / "out"), tiling__batch=1)
-    tiles_url = str(tmp_path / "out" / "_work" / "big" / "stage-0" / "tiles")
+    # about 16 tiles a block (256 px blocks, 4 × 4): a kill lands while blocks are running
+    spec = spec_dict(str(tmp_path / "in"), str(tmp_path / "out"), tiling__batch=1, tiling__tiles_per_call=16)
     killed: list[int] = []
 
     def kill_one_worker() -> None:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            if len(finished_tiles(tiles_url, {})) >= 10:
+            if done_tiles(tmp_path / "out") >= 10:
                 busy = _busy_tile_workers()
                 if busy:
                     os.kill(busy[0].pid, signal.SIGKILL)  # mid-batch: its calls are lost
@@ -64,7 +64,8 @@ def test_sigkilled_worker_mid_job(tmp_path, ray_cluster):
     assert result.status == "ok", result.error
     assert result.tiles_retried > 0, "the killed worker's batch was re-run and counted"
 
-    [clean] = run_spec(parse_spec(spec_dict(str(tmp_path / "in"), str(tmp_path / "clean"), tiling__batch=1)))
+    [clean] = run_spec(parse_spec(spec_dict(str(tmp_path / "in"), str(tmp_path / "clean"), tiling__batch=1,
+                                            tiling__tiles_per_call=16)))
     assert clean.tiles_retried == 0
     for path in ("labels/segmentation/0", "labels/segmentation/1"):
         a = zarr.open_array(str(tmp_path / "out" / "big.zarr" / path), mode="r")[:]

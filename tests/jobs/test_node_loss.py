@@ -31,7 +31,7 @@ def test_node_removed_mid_job(tmp_path, ray_cluster):
     arr = zarr.create_array(store=str(tmp_path / "in" / "big.zarr"), shape=(1280, 1280, 3), chunks=(512, 512, 3),
                             dtype="uint8")
     arr[:] = land_cover(0, 0, 1280, 1280, seed=9)
-    spec = spec_dict(str(tmp_path / "in"), str(tmp_path / "out"), tiling__batch=1,
+    spec = spec_dict(str(tmp_path / "in"), str(tmp_path / "out"), tiling__batch=1, tiling__tiles_per_call=16,
                      resources__cpus_per_worker=0.5)
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps({**spec, "_image": "big"}))
@@ -52,7 +52,7 @@ def test_node_removed_mid_job(tmp_path, ray_cluster):
     assert outcome["tiles_retried"] > 0, f"the removed node's batches were not re-run or not counted: {outcome}"
 
     [clean] = run_spec(parse_spec(spec_dict(str(tmp_path / "in"), str(tmp_path / "clean"), tiling__batch=1,
-                                            resources__cpus_per_worker=0.5)))
+                                            tiling__tiles_per_call=16, resources__cpus_per_worker=0.5)))
     assert clean.tiles_retried == 0
     for path in ("labels/segmentation/0", "labels/segmentation/1"):
         a = zarr.open_array(str(tmp_path / "out" / "big.zarr" / path), mode="r")[:]

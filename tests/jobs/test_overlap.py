@@ -1,9 +1,10 @@
-"""What the driver overlaps: bands blended while tiles run, Ray started during the first ingest and released
-during the last blend. Each test would hang (and then fail on its timeout) or fail outright if the overlap
-were serial again."""
+"""What the driver overlaps: blocks writing their masks while others run, Ray started during the first ingest and
+released during the last image's finish. Each test would hang (and then fail on its timeout) or fail outright if
+the overlap were serial again."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import Counter
 
@@ -14,7 +15,6 @@ import jobs.runner as runner
 import pipeline.engine as engine
 from jobs.runner import job_plan, resolve_model, run_spec
 from jobs.spec import parse_spec
-from pipeline import blend
 from pipeline.errors import SpecError
 from pipeline.synth.land_cover import land_cover
 from tests.archive import spec_dict
@@ -31,41 +31,25 @@ def _one_scene(root, h=520, w=610):
     arr[:] = land_cover(0, 0, h, w, seed=11)
 
 
-class _Count:
-    """A progress sink that counts the tiles reported so far."""
-
-    def __init__(self):
-        self.tiles = self.total = 0
-
-    def start_image(self, name, total_tiles, done_tiles):
-        self.total, self.tiles = total_tiles, done_tiles
-
-    def advance(self, tiles, megapixels):
-        self.tiles += tiles
-
-    def end_image(self, result):
-        pass
-
-
-def test_bands_are_blended_while_the_tiles_run_and_give_the_same_masks(tmp_path, ray_cluster, monkeypatch):
+def test_blocks_write_their_masks_while_other_blocks_run_and_give_the_same_masks(tmp_path, ray_cluster):
     _one_scene(tmp_path / "in")
     spec = parse_spec(spec_dict(str(tmp_path / "in"), str(tmp_path / "out"), tiling__chunk=64,
-                                tiling__tiles_per_call=1, tiling__batch=1))
-    progress, calls = _Count(), []
-    original = blend.store_outputs
+                                tiling__tiles_per_call=4, tiling__batch=1))
+    labels_dir = tmp_path / "out" / "scene.zarr" / "labels" / "segmentation" / "0" / "c"
+    seen = []
 
-    def recording(probs, targets, num_classes, scheduler=None, rows=None):
-        calls.append((rows, progress.tiles, progress.total))
-        return original(probs, targets, num_classes, scheduler, rows)
+    class Watch:
+        def phase(self, name):
+            return contextlib.nullcontext()
 
-    monkeypatch.setattr(blend, "store_outputs", recording)
-    [result] = run_spec(spec, progress=progress)
+        def batch(self, result):  # a block is back: how many mask chunks are on disk now
+            seen.append(sum(1 for p in labels_dir.rglob("*") if p.is_file()) if labels_dir.exists() else 0)
+
+    [result] = run_spec(spec, events=Watch())
     assert result.status == "ok"
-
-    bands = sorted(rows for rows, _, _ in calls)
-    assert bands == [(y, min(y + 64, 520)) for y in range(0, 520, 64)]  # every band once: one writer per chunk
-    early = [rows for rows, done, total in calls if done < total]
-    assert len(early) >= 3, f"bands blended before the last tile: {early}"
+    total = sum(1 for p in labels_dir.rglob("*") if p.is_file())  # ≤ 9 × 10: chunks of class 0 only are not stored
+    assert len(seen) > 3 and 0 < seen[0] < total, seen  # the first block's chunks, written with it
+    assert seen == sorted(seen) and seen[-1] == total
 
     group = str(tmp_path / "out" / "scene.zarr")
     labels = zarr.open_array(f"{group}/labels/segmentation/0", mode="r")[:]
@@ -79,9 +63,9 @@ def test_the_pool_starts_while_the_first_image_is_prepared(tmp_path, ray_cluster
     pool_started, seen = threading.Event(), []
     prepare, start = engine.JobSteps.prepare_image, runner.JobWorkers.start
 
-    def slow_prepare(steps, ref):
+    def slow_prepare(steps, work):
         seen.append(pool_started.wait(WAIT_S))  # the pool must start without waiting for this
-        return prepare(steps, ref)
+        return prepare(steps, work)
 
     def recording_start(self):
         pool_started.set()

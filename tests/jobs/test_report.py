@@ -6,26 +6,24 @@ import hashlib
 
 from jobs.plan import stage_weights
 from jobs.report import status
-from pipeline.output.arrays import create_tile_store
+from pipeline.blocks import Block
 from pipeline.output.layout import JobLayout
-from pipeline.output.state import mark
+from pipeline.output.state import mark, mark_block
 from pipeline.plan import OutputPlan
 from pipeline.storage import write_json
+from pipeline.tiling import Window
 
 
 def test_status_counts_the_tiles_of_every_stage(tmp_path):
-    """A MagNet image in progress: stage 0 (4 tiles) done, stage 1 (16 tiles) 6 done; ``tiles`` counts both."""
+    """A MagNet image in progress: stage 0 (4 tiles, one block) done, stage 1 (16 tiles, 4 blocks of 4) 6 done
+    in two blocks; ``tiles`` counts both stages."""
     layout = JobLayout(str(tmp_path))
     write_json(layout.plan_url, {"images": ["scene"]})
     out = layout.image("scene")
     mark(out, fingerprint="f", complete=False, shape=[64, 64], tiles=4 + 16)
-    stage0 = create_tile_store(out.tiles_url(0), {}, (2, 2, 3, 8, 8))
-    stage1 = create_tile_store(out.tiles_url(1), {}, (4, 4, 3, 8, 8))
-    for iy in range(2):
-        for ix in range(2):
-            stage0[iy, ix] = 0.5
-    for i in range(6):
-        stage1[i // 4, i % 4] = 0.25
+    mark_block(out, 0, Block((0, 0), Window(0, 0, 32, 32)), owned=4, tiles=4)
+    mark_block(out, 1, Block((0, 0), Window(0, 0, 32, 32)), owned=4, tiles=6)
+    mark_block(out, 1, Block((0, 1), Window(0, 32, 32, 32)), owned=2, tiles=4)
     [row] = status(str(tmp_path), {})["images"]
     assert (row["status"], row["tiles_done"], row["tiles"]) == ("in progress", 4 + 6, 20)
 

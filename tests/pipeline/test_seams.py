@@ -18,12 +18,10 @@ import numpy as np
 import pytest
 
 from models.checkpoint import seeded_checkpoint
-from pipeline.blend import BlendPlan, blended_probabilities
-from pipeline.output.arrays import create_tile_store
-from pipeline.reader import read_window
 from pipeline.synth.land_cover import land_cover
 from pipeline.tiling import TileGrid
 from pipeline.workers.predictor import PredictorConfig, TilePredictor
+from tests.pipeline.blockrun import block_worker, run_blocks
 
 H = W = 1024
 TILE, OVERLAP, MARGIN = 512, 192, 64
@@ -31,27 +29,24 @@ BORDER = 64  # "away from the image border": whole-image inference zero-pads the
 
 
 @pytest.fixture(scope="module")
-def setup():
+def setup(tmp_path_factory):
     ckpt = seeded_checkpoint("fpn_resnet18", 4, ["a", "b", "c", "d"], seed=7, width=16)
     predictor = TilePredictor(ckpt, PredictorConfig(precision="fp32", torch_threads=2))
     image = np.ascontiguousarray(land_cover(0, 0, H, W, seed=21).transpose(2, 0, 1))
     whole = predictor(image[None])[0].astype(np.float32)
-    return predictor, image, whole
+    return block_worker(tmp_path_factory.mktemp("seams"), ckpt, threads=2), image, whole
 
 
-def tiled(predictor, image, tmp_path, offset=0) -> np.ndarray:
+def tiled(worker, image, tmp_path, offset=0) -> np.ndarray:
+    """The blended probabilities of the grid at ``offset``, as the workers compute them (2 × 2 blocks)."""
     grid = TileGrid(H, W, TILE, OVERLAP, offset, offset, margin=MARGIN)
-    url = str(tmp_path / f"tiles-{offset}")
-    store = create_tile_store(url, {}, (grid.ny, grid.nx, 4, TILE, TILE))
-    for iy, ix in grid.indices():
-        store[iy, ix] = predictor(read_window(image, "cyx", (H, W), grid.window(iy, ix))[None])[0]
-    plan = BlendPlan(grid=grid, tiles_url=url, num_classes=4, chunk=256)
-    return blended_probabilities(plan).compute(scheduler="threads")
+    _, probs = run_blocks(worker, tmp_path, image, grid, side=512, chunk=256, num_classes=4, name=f"grid-{offset}")
+    return probs.astype(np.float32)
 
 
 def test_blended_tiles_match_whole_image(setup, tmp_path):
-    predictor, image, whole = setup
-    blended = tiled(predictor, image, tmp_path)
+    worker, image, whole = setup
+    blended = tiled(worker, image, tmp_path)
     inner = (slice(None), slice(BORDER, H - BORDER), slice(BORDER, W - BORDER))
     diff = np.abs(blended[inner] - whole[inner])
     # stated tolerance: mean |Δp| < 0.005, 99.9th percentile < 0.05
@@ -62,8 +57,8 @@ def test_blended_tiles_match_whole_image(setup, tmp_path):
 
 
 def test_shifted_grids_agree(setup, tmp_path):
-    predictor, image, _ = setup
-    a = tiled(predictor, image, tmp_path, offset=0).argmax(0)
-    b = tiled(predictor, image, tmp_path, offset=TILE // 2).argmax(0)
+    worker, image, _ = setup
+    a = tiled(worker, image, tmp_path, offset=0).argmax(0)
+    b = tiled(worker, image, tmp_path, offset=TILE // 2).argmax(0)
     differ = (a != b).mean()
     assert differ <= 0.001, f"{differ:.4%} of pixels differ between grids shifted by half a tile"

@@ -1,0 +1,118 @@
+"""Blocks: the geometry of the work units, and the on-device blend of a block's tiles (``BlockBlend``) against
+the whole-canvas formula, whatever the block size."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.blocks import block_tiles, duplication, owned_counts, owner, plan_blocks
+from pipeline.tiling import TileGrid, Window, window_2d
+from pipeline.workers.worker import BlockBlend
+
+
+@pytest.mark.parametrize(("h", "w", "chunk", "side"), [(203, 171, 50, 100), (1000, 700, 256, 512), (90, 60, 64, 64)])
+def test_blocks_tile_the_level_with_whole_chunks(h, w, chunk, side):
+    blocks = plan_blocks(h, w, chunk, side)
+    cover = np.zeros((h, w), int)
+    for b in blocks:
+        r = b.region
+        assert r.y0 % chunk == 0 and r.x0 % chunk == 0  # a block owns whole chunks: one writer each
+        assert (r.h % chunk == 0 or r.y1 == h) and (r.w % chunk == 0 or r.x1 == w)
+        cover[r.y0 : r.y1, r.x0 : r.x1] += 1
+    assert (cover == 1).all()
+
+
+def test_every_tile_has_one_owner_among_the_blocks_that_run_it():
+    grid = TileGrid(700, 500, 64, 16, 8, 24, margin=8)
+    side, chunk = 128, 64
+    blocks = {b.index: b for b in plan_blocks(700, 500, chunk, side)}
+    owned = owned_counts(grid, side, chunk)
+    assert sum(owned.values()) == len(grid)
+    for t in grid.indices():
+        assert t in block_tiles(grid, blocks[owner(grid, t, side, chunk)])
+
+
+def test_duplication_is_the_share_of_tiles_run_twice():
+    grid = TileGrid(2048, 2048, 512, 128, margin=64)
+    assert duplication(grid, plan_blocks(2048, 2048, 256, 4096)) == 0.0  # one block
+    halves = duplication(grid, plan_blocks(2048, 2048, 256, 1024))  # 2 × 2 blocks
+    assert 0 < halves < 2 * 512 / 1024 + 0.1
+    assert duplication(grid, plan_blocks(2048, 2048, 256, 512)) > halves
+
+
+def _brute_force(grid, data, kind):
+    """Whole-canvas weighted average of float32 tile probabilities, in float64."""
+    c = data.shape[2]
+    pad = grid.tile
+    acc = np.zeros((c, grid.height + 2 * pad, grid.width + 2 * pad))
+    ws = np.zeros((grid.height + 2 * pad, grid.width + 2 * pad))
+    w = window_2d(kind, grid.tile).astype(np.float64)
+    for iy, ix in grid.indices():
+        win = grid.window(iy, ix)
+        y, x = win.y0 + pad, win.x0 + pad
+        acc[:, y : y + grid.tile, x : x + grid.tile] += data[iy, ix].astype(np.float64) * w
+        ws[y : y + grid.tile, x : x + grid.tile] += w
+    return (acc / np.maximum(ws, 1e-12))[:, pad : pad + grid.height, pad : pad + grid.width]
+
+
+def _blend_blocks(grid, data, kind, side, chunk, subset=None):
+    """What the worker does with each block's tiles: add them row by row into ``BlockBlend``, hand on each band
+    as soon as no later tile row reaches it."""
+    c = data.shape[2]
+    out = np.full((c, grid.height, grid.width), -1.0, np.float32)
+    covered_all = np.zeros((grid.height, grid.width), bool)
+    weights = torch.from_numpy(np.array(window_2d(kind, grid.tile)))
+    for block in plan_blocks(grid.height, grid.width, chunk, side):
+        tiles = block_tiles(grid, block, subset)
+        blend = BlockBlend(c, block.region, chunk + grid.tile, torch.device("cpu"))
+        rows = sorted({iy for iy, _ in tiles})
+        bands = []
+        for k, iy in enumerate(rows):
+            for ix in sorted(ix for jy, ix in tiles if jy == iy):
+                blend.add(grid.window(iy, ix), torch.from_numpy(data[iy, ix]), weights)
+            final = grid.window(rows[k + 1], 0).y0 if k + 1 < len(rows) else block.region.y1
+            bands += list(blend.ready(min(final, block.region.y1), chunk))
+        if not rows:
+            bands = list(blend.ready(block.region.y1, chunk))
+        for region, probs, covered in bands:
+            assert region.y0 % chunk == 0 or region.y0 == block.region.y0
+            out[:, region.y0 : region.y1, region.x0 : region.x1] = probs.numpy()
+            covered_all[region.y0 : region.y1, region.x0 : region.x1] = covered.numpy()
+    return out, covered_all
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "cosine", "constant"])
+@pytest.mark.parametrize("offset", [0, 40])
+def test_block_blend_is_the_whole_canvas_blend_for_any_block_size(kind, offset):
+    grid = TileGrid(203, 171, tile=64, overlap=16, offset_y=offset, offset_x=offset // 2)
+    data = np.random.default_rng(0).random((grid.ny, grid.nx, 3, 64, 64)).astype(np.float32)
+    expected = _brute_force(grid, data, kind)
+    one, covered = _blend_blocks(grid, data, kind, side=1024, chunk=50)
+    assert covered.all()
+    np.testing.assert_allclose(one, expected, rtol=1e-5, atol=1e-6)
+    for side in (50, 100, 150):  # tiles are added in grid order in every block: the very same sums
+        blocks, _ = _blend_blocks(grid, data, kind, side=side, chunk=50)
+        np.testing.assert_array_equal(blocks, one)
+
+
+def test_pixels_no_chosen_tile_covers_are_nan_and_not_covered():
+    grid = TileGrid(128, 128, tile=64, overlap=16)
+    data = np.random.default_rng(1).random((grid.ny, grid.nx, 2, 64, 64)).astype(np.float32)
+    subset = frozenset({(0, 0)})
+    probs, covered = _blend_blocks(grid, data, "gaussian", side=64, chunk=32, subset=subset)
+    window = grid.window(0, 0).clip(128, 128)
+    inside = np.zeros((128, 128), bool)
+    inside[window.y0 : window.y1, window.x0 : window.x1] = True
+    assert (covered == inside).all()
+    assert np.isnan(probs[:, ~inside]).all() and not np.isnan(probs[:, inside]).any()
+
+
+def test_a_band_is_handed_on_only_when_no_later_tile_reaches_it():
+    blend = BlockBlend(1, Window(0, 0, 100, 10), 60, torch.device("cpu"))
+    blend.add(Window(0, 0, 40, 10), torch.ones((1, 40, 10)), torch.ones((40, 10)))
+    assert [r for r, _, _ in blend.ready(30, 25)] == [Window(0, 0, 25, 10)]  # rows 25..50 still open
+    assert blend.top == 25
+    assert [r for r, _, _ in blend.ready(100, 25)] == [Window(25, 0, 25, 10), Window(50, 0, 25, 10),
+                                                        Window(75, 0, 25, 10)]
