@@ -49,7 +49,7 @@ from pipeline.output.state import (
     stage_done,
 )
 from pipeline.plan import JobPlan
-from pipeline.pyramid import Pyramid, ingest, pyramid_in_place
+from pipeline.pyramid import Pyramid, level_shapes, prepare_pyramid
 from pipeline.sources.discover import ImageRef, discover
 from pipeline.sources.formats import open_source
 from pipeline.storage import AuditStore, zarr_store
@@ -399,12 +399,12 @@ class JobSteps:
             work.fail(err)
 
     def _pyramid(self, ref: ImageRef, out: ImageOutput) -> Pyramid:
+        """Level 0 read in place where it can be; the coarser levels the framework reads built (``prepare_pyramid``)."""
         inputs = self.plan.inputs
         source = open_source(ref, inputs.storage_options, inputs.value_range)
-        if source.has_pyramid:
-            return pyramid_in_place(source)
-        return ingest(source, out.group_url, chunk=self.plan.tiling.image_chunk,
-                      storage_options=self.plan.output.storage_options, scheduler=self.scheduler)
+        levels = self.plan.framework.levels(len(level_shapes(source.shape_yx)))
+        return prepare_pyramid(source, out.group_url, levels, chunk=self.plan.tiling.image_chunk,
+                               storage_options=self.plan.output.storage_options, scheduler=self.scheduler)
 
     def stage_calls(self, work: _Work, s: int, progress: Progress) -> list[Call]:
         """The calls of stage ``s``'s blocks not done yet; the arrays they write created (or, resuming, opened)."""

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import zarr
 
 from pipeline.output.layout import JobLayout
+from pipeline.sources.pixels import LazyLevel
 from pipeline.storage import zarr_store
 from pipeline.tiling import BlendWindow, TileGrid
 
@@ -38,7 +39,8 @@ Extra = Literal["confidence", "probabilities"]
 @dataclass(frozen=True)
 class ArrayRef:
     """One array a worker reads or writes: ``<group_url>/<path>`` with named axes and its y/x shape; values
-    mapped from ``value_range`` to 0..255 on read where it is an image read in place."""
+    mapped from ``value_range`` to 0..255 on read where it is an image read in place. ``tiff_level``: the array
+    is that level of the TIFF at ``group_url`` (read through tifffile's Zarr store), not a Zarr array."""
 
     group_url: str
     path: str
@@ -46,9 +48,12 @@ class ArrayRef:
     shape_yx: tuple[int, int]
     storage_options: dict[str, Any] = field(default_factory=dict)
     value_range: tuple[float, float] | None = None
+    tiff_level: int | None = None
 
-    def open(self) -> zarr.Array:
-        """The array, read-only."""
+    def open(self):
+        """The array, read-only (array-like for a TIFF level: ``shape``, ``chunks``, slicing)."""
+        if self.tiff_level is not None:
+            return LazyLevel(self.group_url, self.storage_options, self.tiff_level)
         return zarr.open_array(store=zarr_store(self.group_url, self.storage_options, read_only=True), path=self.path,
                                mode="r")
 

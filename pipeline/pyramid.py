@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import dask.array as da
@@ -47,10 +47,14 @@ class Pyramid:
     Ingested pyramids are ``(3, H, W)`` uint8, axes ``"cyx"``. In-place OME-Zarr pyramids keep the source's
     ``axes``, ``dtype`` and ``channels``: readers must drop ``t``/``z`` (index 0), move axes to ``cyx`` and
     pass each window through ``convert.to_rgb8(window, value_range)`` (``needs_conversion``).
+
+    ``base``: level 0 read where the source is (a Zarr array or a TIFF, no copy); the group at ``url`` then
+    holds only the coarser levels built for the framework, and a level not built has path None. ``shapes``
+    lists every level (the label pyramid has them all) whether built or not.
     """
 
     url: str
-    paths: tuple[str, ...]
+    paths: tuple[str | None, ...]
     shapes: tuple[tuple[int, int], ...]
     axes: str
     in_place: bool
@@ -58,6 +62,7 @@ class Pyramid:
     dtype: str = "uint8"
     channels: int = 3
     value_range: tuple[float, float] | None = None
+    base: ArrayRef | None = None
 
     def __post_init__(self) -> None:
         if not self.paths or len(self.paths) != len(self.shapes):
@@ -78,8 +83,15 @@ class Pyramid:
     def level_ref(self, level: int) -> ArrayRef:
         """Level ``level`` as a worker reads it: converted on read where it is read in place (its own dtype and
         axes)."""
+        if level == 0 and self.base is not None:
+            return self.base
+        if self.paths[level] is None:
+            raise UnsupportedImageError(
+                f"{self.url}: pyramid level {level} was not built (levels built: "
+                f"{[i for i, p in enumerate(self.paths) if p is not None]}); the framework asked for fewer levels")
+        in_place = self.in_place and self.base is None  # an OME-Zarr pyramid read as it is
         return ArrayRef(self.url, self.paths[level], self.axes, tuple(self.shapes[level]), dict(self.storage_options),
-                        self.value_range if self.in_place else None)
+                        self.value_range if in_place else None)
 
 
 def level_shapes(shape_yx: tuple[int, int], min_size: int = 256) -> list[tuple[int, int]]:
@@ -114,6 +126,53 @@ def downsample_mean2(block: np.ndarray) -> np.ndarray:
     return s.astype(np.uint8)
 
 
+#: Storage chunks (or TIFF tiles and strips) up to this side are read in place: a block's rows decode each once.
+IN_PLACE_CHUNK = 4096
+
+
+def source_level_ref(source: ImageSource, level: int = 0) -> ArrayRef | None:
+    """Level ``level`` of ``source`` as a worker reads it where it is, or None when it cannot be read by window
+    cheaply: PNG/JPEG (no random access), or storage chunks over ``IN_PLACE_CHUNK`` a side (a striped TIFF's strips
+    may span the width up to ``8 · IN_PLACE_CHUNK``)."""
+    fmt, url, so = source.ref.format, source.ref.url, source.storage_options
+    if fmt not in ("zarr", "ome-zarr", "tiff"):
+        return None
+    path = source.levels[level].path
+    tiff_level = int(path) if fmt == "tiff" else None
+    ref = ArrayRef(url if fmt == "tiff" else (source.group_url or url), "" if fmt == "tiff" else path, source.axes,
+                   tuple(source.levels[level].shape_yx), dict(so), source.value_range, tiff_level)
+    array = ref.open()
+    iy, ix = source.axes.index("y"), source.axes.index("x")
+    cy, cx = array.chunks[iy], array.chunks[ix]
+    h, w = ref.shape_yx
+    strips = cx >= w and w <= 8 * IN_PLACE_CHUNK
+    return ref if cy <= IN_PLACE_CHUNK and (cx <= IN_PLACE_CHUNK or strips) else None
+
+
+def prepare_pyramid(source: ImageSource, group_url: str, levels: set[int], *, chunk: int = 512,
+                    storage_options: Mapping[str, Any] | None = None, scheduler: Any = "threads") -> Pyramid:
+    """The pyramid the workers read for a framework that reads ``levels``, at the least cost:
+
+    - an OME-Zarr pyramid: read in place, every level (``pyramid_in_place``);
+    - a chunked Zarr array or TIFF (``source_level_ref``): level 0 read in place, no copy; the coarser levels
+      ``levels`` asks for (MagNet's scales, FCtL's contexts) built from it at ``group_url``, level 0 not written;
+    - anything else (PNG/JPEG, huge storage chunks): ingested whole (``ingest``).
+    """
+    if source.has_pyramid:
+        return pyramid_in_place(source)
+    base = source_level_ref(source)
+    if base is None:
+        return ingest(source, group_url, chunk=chunk, storage_options=storage_options, scheduler=scheduler)
+    shapes = level_shapes(source.shape_yx)
+    top = max(levels)
+    if top == 0:
+        return Pyramid(group_url, ("",) + (None,) * (len(shapes) - 1), tuple(shapes), "cyx", True,
+                       dict(storage_options or {}), base=base)
+    built = ingest(source, group_url, chunk=chunk, storage_options=storage_options, scheduler=scheduler,
+                   levels=top + 1, write_level0=False)
+    return replace(built, in_place=True, base=base)
+
+
 def ingest(
     source: ImageSource,
     group_url: str,
@@ -123,14 +182,23 @@ def ingest(
     overwrite: bool = False,
     scheduler: Any = "threads",
     storage_options: Mapping[str, Any] | None = None,
+    levels: int | None = None,
+    write_level0: bool = True,
 ) -> Pyramid:
     """Write ``source`` as an RGB uint8 pyramid at ``group_url`` (see the module docstring) and describe it.
 
     A complete earlier ingest of the same size is reused unless ``overwrite``; an interrupted one is redone.
     ``scheduler`` goes to ``dask.array.store`` (``"threads"``, ``"sync"``, a ``distributed.Client``...).
     ``storage_options`` are the output's (default: the source's, right when both live in one store).
+    ``levels``: build only the first ``levels`` levels (default all; the pyramid still describes every level's
+    shape, with path None for those not built); ``write_level0=False``: level 0 is not copied (it is read in
+    place), level 1 is averaged from the source directly.
     """
     so = dict(source.storage_options if storage_options is None else storage_options)
+    shapes = level_shapes(source.shape_yx, min_size)
+    n_built = len(shapes) if levels is None else min(levels, len(shapes))
+    if not write_level0 or n_built < len(shapes):
+        return _ingest_some(source, group_url, shapes, n_built, write_level0, chunk, so, scheduler, overwrite)
     if not overwrite:
         done = _existing(group_url, so)
         if done is not None:
@@ -174,6 +242,40 @@ def ingest(
     state = {**group.attrs.get(_MARKER, {}), "ingest_complete": True}
     group.attrs.update({"ome": ome.image_multiscales(source.ref.name, len(shapes)), _MARKER: state})
     return Pyramid(group_url, tuple(str(i) for i in range(len(shapes))), tuple(shapes), "cyx", False, dict(so))
+
+
+def _ingest_some(source: ImageSource, group_url: str, shapes: list[tuple[int, int]], n_built: int,
+                 write_level0: bool, chunk: int, so: dict, scheduler: Any, overwrite: bool) -> Pyramid:
+    """``ingest`` of the levels ``first … n_built − 1`` only (``first`` 1 without level 0); a complete earlier one
+    (the same levels of the same source and size, ``attrs["gigaseg"]["levels_built"]``) is reused."""
+    first = 0 if write_level0 else 1
+    built = list(range(first, n_built))
+    group = zarr.open_group(store=zarr_store(group_url, so), mode="a")
+    marker = dict(group.attrs.get(_MARKER, {}))
+    paths = tuple(str(i) if first <= i < n_built else None for i in range(len(shapes)))
+    done = Pyramid(group_url, paths, tuple(shapes), "cyx", False, dict(so))
+    if (not overwrite and marker.get("ingest_complete") is True and marker.get("levels_built") == built
+            and marker.get("source") == source.ref.url and marker.get("shape") == list(source.shape_yx)):
+        log.info("%s: complete ingest of levels %s found, reused", group_url, built)
+        return done
+    group.attrs.update({_MARKER: {**marker, "ingest_complete": False, "source": source.ref.url, "chunk": chunk}})
+    arrays = {level: group.create_array(str(level), shape=(3, *shapes[level]), chunks=(3, chunk, chunk),
+                                        dtype="uint8", compressors=ZstdCodec(level=3), fill_value=0,
+                                        dimension_names=("c", "y", "x"), overwrite=True)
+              for level in built}
+    level0 = source_to_dask(source, 2 * chunk)
+    if write_level0:
+        _store([level0, _mean2(level0)][: len(built)], [arrays[lv] for lv in built[:2]], chunk, scheduler)
+    elif built:
+        _store([_mean2(level0)], [arrays[1]], chunk, scheduler)
+    for level in built:
+        if level >= 2:
+            _store([_mean2(da.from_zarr(arrays[level - 1], chunks=(3, 2 * chunk, 2 * chunk)))], [arrays[level]],
+                   chunk, scheduler)
+    state = {**group.attrs.get(_MARKER, {}), "ingest_complete": True, "levels_built": built,
+             "shape": list(source.shape_yx)}
+    group.attrs.update({_MARKER: state})
+    return done
 
 
 def _mean2(data: da.Array) -> da.Array:

@@ -126,6 +126,11 @@ class Framework(ABC):
 
     # ---------------------------------------------------------------- driver, per image
 
+    def levels(self, n_levels: int) -> set[int]:
+        """The pyramid levels this framework's tiles read, of an image with ``n_levels`` (level 0 only by default:
+        coarser levels are built only for frameworks that read them)."""
+        return {0}
+
     @abstractmethod
     def stages(self, pyramid: Pyramid, out: ImageOutput, tiling: TilingPlan, num_classes: int) -> list[StagePlan]:
         """The image's stages, in the order they run."""

@@ -19,7 +19,13 @@ from models.errors import CheckpointError
 from models.fctl_checkpoint import is_fctl_checkpoint, read_fctl_info, seeded_fctl
 from pipeline.errors import ImageReadError, SpecError
 from pipeline.frameworks.base import Framework, ModelSource, OpenArray, Resolution, StagePlan
-from pipeline.frameworks.fctl_contexts import check_power_of_two, context_levels, read_contexts
+from pipeline.frameworks.fctl_contexts import (
+    check_power_of_two,
+    context_level,
+    context_levels,
+    context_window,
+    read_context,
+)
 from pipeline.frameworks.segment import image_stage
 from pipeline.output.layout import ImageOutput
 from pipeline.plan import ArrayRef, TilingPlan, WeightsRef
@@ -43,16 +49,21 @@ class Contexts:
 
     def read(self, open_array: OpenArray, image: ArrayRef, windows: list[Window]) -> np.ndarray:
         shapes = tuple(ref.shape_yx for ref in self.levels)
+        check_power_of_two(shapes, context_levels(self.factors, len(shapes)))
         arrays = {lv: open_array(self.levels[lv]) for lv in context_levels(self.factors, len(self.levels))}
-        out = []
-        for w in windows:
-            try:
-                out.append(read_contexts(arrays, shapes, image.axes, w, self.factors, w.h, image.value_range))
-            except Exception as err:  # name the image and the tile: the decoder's own message says neither
-                raise ImageReadError(
-                    f"{image.group_url}: cannot read the FCtL contexts of tile y {w.y0}:{w.y1}, x {w.x0}:{w.x1}: "
-                    f"{type(err).__name__}: {err}") from err
-        return np.stack(out)
+        out = np.empty((len(windows), len(self.factors), 3, windows[0].h, windows[0].h), np.uint8)
+        for k, w in enumerate(windows):
+            for i, factor in enumerate(self.factors):
+                level = context_level(factor, len(shapes))
+                ref = self.levels[level]  # each level as stored: level 0 may be the source's own array
+                try:
+                    out[k, i] = read_context(arrays[level], ref.axes, shapes[level], context_window(w, factor, level),
+                                             w.h, ref.value_range)
+                except Exception as err:  # name the image and the tile: the decoder's own message says neither
+                    raise ImageReadError(
+                        f"{image.group_url}: cannot read the FCtL contexts of tile y {w.y0}:{w.y1}, x {w.x0}:{w.x1}: "
+                        f"{type(err).__name__}: {err}") from err
+        return out
 
 
 class FctlModel:
@@ -101,6 +112,9 @@ class Fctl(Framework):
 
     def fingerprint(self) -> dict[str, Any]:
         return {"framework": self.name, "checkpoint": self.model.sha256, "contexts": list(self.contexts)}
+
+    def levels(self, n_levels: int) -> set[int]:
+        return {0, *range(max(context_levels(self.contexts, n_levels)) + 1)}
 
     def stages(self, pyramid: Pyramid, out: ImageOutput, tiling: TilingPlan, num_classes: int) -> list[StagePlan]:
         needed = context_levels(self.contexts, pyramid.n_levels)

@@ -127,6 +127,9 @@ class Magnet(Framework):
         return {"framework": self.name, "checkpoint": self.model.sha256, "refiner": self.refiner.sha256,
                 "scales": c.scales, "replace": c.replace, "median": c.median, "patches": c.patches}
 
+    def levels(self, n_levels: int) -> set[int]:
+        return {lv for lv in self.config.levels() if lv < n_levels}  # too few: ``stages`` says so
+
     def stages(self, pyramid: Pyramid, out: ImageOutput, tiling: TilingPlan, num_classes: int) -> list[StagePlan]:
         levels = self.config.levels()
         if max(levels) >= pyramid.n_levels:

@@ -194,9 +194,15 @@ class BlockWorker:
                 self._arrays[key] = zarr.open_array(store=store, path=path, mode="r+" if write else "r")
             return self._arrays[key]
 
-    def open(self, ref: ArrayRef) -> zarr.Array:
+    def open(self, ref: ArrayRef):
         """An array this worker reads, opened once per actor (the ``OpenArray`` tile inputs get)."""
-        return self._array(ref.group_url, ref.path, ref.storage_options, write=False)
+        if ref.tiff_level is None:
+            return self._array(ref.group_url, ref.path, ref.storage_options, write=False)
+        key = (ref.group_url, f"tiff:{ref.tiff_level}", False)
+        with self._arrays_lock:
+            if key not in self._arrays:
+                self._arrays[key] = ref.open()
+            return self._arrays[key]
 
     def open_writable(self, ref: ArrayRef) -> zarr.Array:
         return self._array(ref.group_url, ref.path, ref.storage_options, write=True)

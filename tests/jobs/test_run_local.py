@@ -11,7 +11,7 @@ import zarr
 
 from jobs.runner import resolve_model, run_spec
 from jobs.spec import parse_spec
-from pipeline.pyramid import open_pyramid
+from pipeline.pyramid import level_shapes, open_pyramid
 from pipeline.reader import read_window
 from pipeline.tiling import TileGrid, window_2d
 from pipeline.workers.predictor import PredictorConfig, TilePredictor
@@ -25,9 +25,14 @@ def reference_labels(spec, group_url: str) -> np.ndarray:
     blended on a whole canvas in float64."""
     model = resolve_model(spec)
     predictor = TilePredictor(model.checkpoint, PredictorConfig(precision="fp32"))
-    pyr = open_pyramid(group_url, {})
-    src = zarr.open_array(store=f"{group_url}/{pyr.paths[0]}", mode="r")
-    h, w = pyr.shapes[0]
+    state = zarr.open_group(group_url, mode="r").attrs["gigaseg"]
+    if state["in_place"]:  # a Zarr array (H, W, 3) read where it is
+        src, axes = zarr.open_array(store=state["source"], mode="r"), "yxc"
+        h, w = src.shape[:2]
+    else:
+        pyr = open_pyramid(group_url, {})
+        src, axes = zarr.open_array(store=f"{group_url}/{pyr.paths[0]}", mode="r"), pyr.axes
+        h, w = pyr.shapes[0]
     t = spec.tiling
     grid = TileGrid(h, w, t.tile, t.overlap, *t.offset, margin=t.margin)
     pad = t.tile
@@ -36,7 +41,7 @@ def reference_labels(spec, group_url: str) -> np.ndarray:
     win = window_2d(t.blend, t.tile, t.sigma_scale).astype(np.float64)
     for iy, ix in grid.indices():
         tw = grid.window(iy, ix)
-        probs = predictor.probabilities(read_window(src, pyr.axes, (h, w), tw)[None])[0].cpu().numpy()
+        probs = predictor.probabilities(read_window(src, axes, (h, w), tw)[None])[0].cpu().numpy()
         acc[:, tw.y0 + pad : tw.y1 + pad, tw.x0 + pad : tw.x1 + pad] += probs.astype(np.float64) * win
         wsum[tw.y0 + pad : tw.y1 + pad, tw.x0 + pad : tw.x1 + pad] += win
     return (acc / np.maximum(wsum, 1e-12)).argmax(0)[pad : pad + h, pad : pad + w]
@@ -56,16 +61,20 @@ def test_local_job_end_to_end(tmp_path, ray_cluster):
     entry = next(e for e in report["images"] if e["name"] == "scene")
     assert entry["shape"] == [520, 610] and entry["tiles"] == 6 * 7 and entry["error"] is None
 
-    # masks read back with plain zarr, same height and width as the input, a pyramid like the image's
+    # masks read back with plain zarr, same height and width as the input, a pyramid like the image's: the
+    # chunked Zarr input is read in place (no copy), the PNG ingested, and both get every level of the image
     labels = zarr.open_array(str(out / "scene.zarr" / "labels" / "segmentation" / "0"), mode="r")
     assert labels.shape == (520, 610) and labels.dtype == np.uint8
     image = zarr.open_group(str(out / "scene.zarr"), mode="r")
-    n_levels = len(image.attrs["ome"]["multiscales"][0]["datasets"])
+    assert image.attrs["gigaseg"]["in_place"] is True and "0" not in list(image.array_keys())
+    n_levels = len(level_shapes((520, 610)))
     label_group = zarr.open_group(str(out / "scene.zarr" / "labels" / "segmentation"), mode="r")
     assert len(label_group.attrs["ome"]["multiscales"][0]["datasets"]) == n_levels
+    small = zarr.open_group(str(out / "small.zarr"), mode="r")
+    assert len(small.attrs["ome"]["multiscales"][0]["datasets"]) == len(level_shapes((200, 260)))
     props = label_group.attrs["ome"]["image-label"]["properties"]
     assert [p["name"] for p in props] == ["a", "b", "c"]
-    assert not (out / "_work" / "scene").exists(), "the tile store is removed once the image is done"
+    assert not (out / "_work" / "scene").exists(), "the work area is removed once the image is done"
 
     # exactly right for the loaded model: same as a whole-canvas blend computed in one process
     ref = reference_labels(spec, str(out / "scene.zarr"))

@@ -187,7 +187,9 @@ def test_tiled_magnet_matches_the_whole_image_algorithm(tmp_path, ray_cluster, p
     segmenter, info = load_checkpoint(model.checkpoint)
     refiner = mg.load_refiner(model.weights["refiner"], 4)
     group = zarr.open_group(str(tmp_path / "out" / "scene.zarr"), mode="r")
-    levels = [np.asarray(group[str(level)][:]) for level in range(3)]
+    # level 0 is read where it is (the input Zarr, (H, W, 3)); the coarser levels MagNet reads were built
+    source = zarr.open_array(str(tmp_path / "in" / "scene.zarr"), mode="r")[:]
+    levels = [np.ascontiguousarray(source.transpose(2, 0, 1))] + [np.asarray(group[str(lv)][:]) for lv in (1, 2)]
     grids = [TileGrid(256 * 2**s, 256 * 2**s, 256, 128, margin=64) for s in range(3)]
     whole = whole_image(levels, segmenter, refiner, MagnetConfig(scales=3, replace=0.75, median=3, patches=patches),
                         margin=64, normalization=info.normalization, grids=grids).argmax(0)
