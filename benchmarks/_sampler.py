@@ -54,6 +54,7 @@ class TreeSampler:
         self._thread = threading.Thread(target=self._loop, name="tree-sampler", daemon=True)
         self._procs: dict[int, Any] = {}
         self._cpu: dict[int, float] = {}
+        self._roles: dict[int, str] = {}
         self._cpu0 = sum(self.root.cpu_times()[:2])
         self.strays: set[int] = set()
         self.samples = 0
@@ -92,6 +93,14 @@ class TreeSampler:
                   and self._psutil.pid_exists(pid)]
         return procs
 
+    def cpu_by_role(self) -> dict[str, float]:
+        """CPU-seconds by role (``role``) since the sampler was made (the driver's counted from its start)."""
+        out: dict[str, float] = defaultdict(float)
+        for pid, cpu in self._cpu.items():
+            out[self._roles.get(pid, "ray system")] += cpu
+        out["driver"] -= self._cpu0
+        return dict(out)
+
     def tree_cpu(self) -> float:
         """CPU-seconds the tree has used since this sampler was made (ended processes: as last seen)."""
         for p in self._tree(scan=False):
@@ -119,7 +128,7 @@ class TreeSampler:
             try:
                 with p.oneshot():
                     self._cpu[p.pid] = sum(p.cpu_times()[:2])
-                    r = role(p, self.root.pid)
+                    r = self._roles[p.pid] = role(p, self.root.pid)
                     if pss and self.pss_interval is not None:
                         info = p.memory_full_info()
                         pss_roles[r] += info.pss

@@ -24,7 +24,7 @@ from pipeline.workers.ray_cluster import start_ray
 log = logging.getLogger(__name__)
 
 __all__ = ["JobWorkers", "ResolvedModel", "auto_workers", "check_resources", "embedded_resources", "job_plan",
-           "resolve_model", "run_spec"]
+           "resolve_model", "run_plan", "run_spec"]
 
 
 def embedded_resources(spec: JobSpec) -> tuple[float, float]:
@@ -159,6 +159,12 @@ def run_spec(spec: JobSpec, *, progress: ProgressBar | None = None, audit_dir: s
     ``events`` listens to the job's phases (``pipeline.engine.Events``)."""
     with events.phase("model"):
         plan = job_plan(spec, resolve_model(spec), audit_dir)
+    return run_plan(spec, plan, progress=progress, events=events)
+
+
+def run_plan(spec: JobSpec, plan: JobPlan, *, progress: ProgressBar | None = None,
+             events: Events = NoEvents()) -> list[ImageResult]:
+    """Run ``plan`` (``jobs.plan.job_plan`` of ``spec``; a benchmark may swap its framework for a null model)."""
     refs = list_images(plan)
     log.info("%d image(s) under %s", len(refs), spec.inputs.url)
     workers = JobWorkers(spec, plan, events)
