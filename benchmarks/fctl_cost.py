@@ -1,14 +1,15 @@
 """FCtL's cost: wall time of an FCtL run ÷ the patch-only run on the same image, and bytes read per output MP.
 
 Wall time: in one process on one embedded Ray cluster, interleaved, fresh jobs (``if_exists: overwrite``,
-so ingest, tiles, blend and label pyramid all count): patch-only (seeded fpn_resnet18) and FCtL with
+so the pyramid, the blocks and the label pyramid all count): patch-only (seeded fpn_resnet18) and FCtL with
 contexts ×2 and ×4 around the same local segmenter (a seeded FCtL with γ = 0.5, so the correlation runs
 for real; its cost does not depend on the weights).
 
-Bytes read: every tile of the job's grid read in one process through the pipeline's own ``TileWorker``
-(image window, and for FCtL its context windows from pyramid levels 1 and 2) with the image store wrapped
-in a counter of the bytes each chunk GET returns; ÷ the image's megapixels. These are the compressed bytes
-a worker pulls from the store (what an object store bills and a network carries).
+Bytes read: every block of the job run in one process by the pipeline's own ``BlockWorker`` with the null model
+(``benchmarks._null``; level 0 read in place, and for FCtL its context windows from the pyramid levels 1 and 2
+built beside the output), every store a worker reads wrapped in a counter of the bytes each chunk GET returns;
+÷ the image's megapixels. These are the compressed bytes a worker pulls from the store (what an object store
+bills and a network carries).
 
     python -m benchmarks.fctl_cost [--size 4096] [--repeats 2] [--quick]
 """
@@ -40,17 +41,28 @@ def _spec(inputs: Path, output: Path, *, args, framework: str):
     return parse_spec(data, "benchmark spec")
 
 
-def bytes_read(spec, pyramid_url: str) -> tuple[int, int, float]:
-    """(bytes of image chunks read, tiles, image megapixels) for every tile of ``spec``'s grid, in process."""
+class _Discard:
+    """A sink that computes the labels of each band and stores nothing: only the reads are counted."""
+
+    def write(self, open_array, band) -> list:
+        band.labels("uint8")
+        return []
+
+
+def bytes_read(spec, workdir: Path) -> tuple[int, int, float]:
+    """(bytes of image chunks read, tiles, image megapixels) when the pipeline's own ``BlockWorker`` runs every
+    block of ``spec``'s single image, in this process, with the null model (the reads do not depend on it)."""
     import zarr
 
     import pipeline.workers.worker as worker_module
+    from benchmarks._null import NullFramework
     from jobs.plan import job_plan, resolve_model
-    from pipeline.output.arrays import create_tile_store
-    from pipeline.output.layout import image_output
-    from pipeline.pyramid import open_pyramid
+    from pipeline.blocks import block_tiles, owned_counts, plan_blocks
+    from pipeline.pyramid import level_shapes, prepare_pyramid
+    from pipeline.sources.discover import discover
+    from pipeline.sources.formats import open_source
     from pipeline.workers.predictor import DeviceConfig
-    from pipeline.workers.worker import TileBatch, TileWorker
+    from pipeline.workers.worker import BlockTask, BlockWorker
 
     class Counting(zarr.storage.WrapperStore):
         total = 0
@@ -62,33 +74,37 @@ def bytes_read(spec, pyramid_url: str) -> tuple[int, int, float]:
             return buf
 
     job = job_plan(spec, resolve_model(spec))
-    work = Path(tempfile.mkdtemp(prefix="gsb-fctl-bytes-"))
+    framework = NullFramework(job.framework, job.num_classes)
+    (ref,) = discover(job.inputs.url, job.inputs.patterns, job.inputs.storage_options)
+    source = open_source(ref, job.inputs.storage_options, job.inputs.value_range)
+    out = job.output.layout.image(ref.name)
+    pyramid = prepare_pyramid(source, out.group_url, framework.levels(len(level_shapes(source.shape_yx))),
+                              chunk=job.tiling.image_chunk)
+    stages = framework.stages(pyramid, out, job.tiling, job.num_classes)
+    original = worker_module.zarr_store
+
+    def counted(url, storage_options=None, *, read_only=False):
+        store = original(url, storage_options, read_only=read_only)
+        return Counting(store) if read_only else store  # what a worker reads: level 0 in place, the levels built
+
+    worker_module.zarr_store = counted
     try:
-        out = image_output(str(work), "scene", {})
-        pyramid = open_pyramid(pyramid_url, {})
-        plan = job.framework.stages(pyramid, out, job.tiling, job.num_classes)[-1]
-        grid = plan.grid
-        create_tile_store(plan.tiles_url, {}, (grid.ny, grid.nx, plan.num_classes, grid.tile, grid.tile))
-        original = worker_module.zarr_store
-
-        def counted(url, storage_options=None, *, read_only=False):
-            store = original(url, storage_options, read_only=read_only)
-            return Counting(store) if read_only and url.rstrip("/") == pyramid_url.rstrip("/") else store
-
-        worker_module.zarr_store = counted
-        try:
-            worker = TileWorker(job.framework, job.output.storage_options,
-                                DeviceConfig(job.pool.precision, job.pool.torch_threads))
-            Counting.total = 0
-            indices = grid.indices()
-            for i in range(0, len(indices), 8):
-                worker.run(TileBatch(plan, tuple(indices[i : i + 8])))
-        finally:
-            worker_module.zarr_store = original
-        h, w = pyramid.shapes[0]
-        return Counting.total, len(grid), h * w / 1e6
+        worker = BlockWorker(framework, {}, DeviceConfig("fp32", 1))
+        Counting.total = 0
+        tiles = 0
+        for stage in stages:
+            tiling, grid = job.tiling, stage.grid
+            side = tiling.block_side(job.num_classes)
+            owned = owned_counts(grid, side, tiling.chunk)
+            for block in plan_blocks(grid.height, grid.width, tiling.chunk, side):
+                worker.run(BlockTask(stage, block, tuple(block_tiles(grid, block)), _Discard(),
+                                     owned.get(block.index, 0), tiling.batch, tiling.blend, tiling.sigma_scale,
+                                     tiling.chunk))
+            tiles += len(grid)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        worker_module.zarr_store = original
+    h, w = pyramid.shapes[0]
+    return Counting.total, tiles, h * w / 1e6
 
 
 def main() -> None:
@@ -100,10 +116,8 @@ def main() -> None:
     configs = {"patch-only": "segment", f"FCtL, contexts ×{CONTEXTS[0]} ×{CONTEXTS[1]}": "fctl"}
     out = workdir / "out"
     runs = interleaved_runs({name: functools.partial(_spec, scene.parent, args=args, framework=fw)
-                             for name, fw in configs.items()}, args.repeats, out, keep_last=True)
-    # the last run left the ingested pyramid in the output: count the reads against it
-    pyramid_url = str(out / "scene.zarr")
-    read = {name: bytes_read(_spec(scene.parent, workdir / "unused", args=args, framework=fw), pyramid_url)
+                             for name, fw in configs.items()}, args.repeats, out)
+    read = {name: bytes_read(_spec(scene.parent, workdir / f"bytes-{fw}", args=args, framework=fw), workdir)
             for name, fw in configs.items()}
     shutil.rmtree(out, ignore_errors=True)
     rows = []
@@ -114,9 +128,9 @@ def main() -> None:
                             "MB read per output MP", "bytes ratio"], rows)
     print(table)
     body = (
-        f"Scene {args.size}² (Zarr v3, ingested as a zstd pyramid with 512² chunks), seeded fpn_resnet18 width "
+        f"Scene {args.size}² (Zarr v3, 1024² chunks; level 0 read in place, coarser levels built with 512² chunks), seeded fpn_resnet18 width "
         f"{args.width}, precision auto, 4 classes, tile 512, overlap 128, batch 4, 2 workers × 1 thread; FCtL "
-        f"contexts {CONTEXTS} (levels 1 and 2 read as they are), seeded γ = 0.5; {args.repeats} interleaved "
+        f"contexts {CONTEXTS} (levels 1 and 2 of the built pyramid), seeded γ = 0.5; {args.repeats} interleaved "
         f"repeat(s); load average during runs {min(runs.loads):.1f}–{max(runs.loads):.1f}. Bytes: compressed image-chunk "
         f"bytes all tiles' reads pull from the pyramid (tile windows, plus context windows for FCtL), per "
         f"megapixel of the image.\n\n{table}\n"

@@ -39,6 +39,7 @@ from pipeline.pyramid import Pyramid
 from pipeline.reader import upsample2x_window
 from pipeline.storage import read_bytes, zarr_store
 from pipeline.tiling import Window
+from pipeline.workers.device_blend import Band
 from pipeline.workers.predictor import DeviceConfig, TilePredictor
 from pipeline.workers.sinks import BlockSink, MapSink, host
 
@@ -52,7 +53,8 @@ class RefineSink:
     error: ArrayRef
     previous: ArrayRef  # the previous stage's map (C, H/2, W/2)
 
-    def write(self, open_array, region: Window, probs: torch.Tensor, covered: torch.Tensor) -> list:
+    def write(self, open_array, band: Band) -> list:
+        region, probs, covered = band.region, band.probabilities(), band.covered()
         up = upsample2x_window(open_array(self.previous), self.previous.shape_yx, self.refined.shape_yx, region)
         up = torch.from_numpy(up).to(probs.device)
         refined = torch.where(covered[None], probs, up)

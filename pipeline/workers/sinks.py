@@ -1,10 +1,10 @@
 """What a block writes once its rows are blended: the sinks a stage's blocks hand their finished rows to.
 
 A worker blends a block's tiles on its device and, for every finished band of rows (whole chunk rows of the
-block), calls its sink with the blended probabilities ``(C, h, w)`` float32 on the device (NaN where no tile
-ran: MagNet-Fast) and where tiles ran ``covered (h, w)``. The sink computes what it stores on the device and
-returns the writes ``(array, selection, host array)``, which the worker's writer thread carries out, so encoding
-and storing overlap the next rows' model work. Frameworks add sinks of their own (MagNet's refinement).
+block), calls its sink with the band (``device_blend.Band``: labels, confidence, probabilities, coverage, computed
+on the device). The sink returns the writes ``(array, selection, host array)``, which the worker's writer thread
+carries out, so encoding and storing overlap the next rows' model work. Frameworks add sinks of their own
+(MagNet's refinement).
 """
 
 from __future__ import annotations
@@ -17,23 +17,19 @@ import torch
 
 from pipeline.plan import ArrayRef
 from pipeline.tiling import Window
+from pipeline.workers.device_blend import Band
 
 #: One write: ``(array, selection, values)``; ``array`` is opened writable by the worker (audited if asked).
 Write = tuple[ArrayRef, tuple[slice, ...], np.ndarray]
 
 
 class BlockSink(Protocol):
-    def write(self, open_array, region: Window, probs: torch.Tensor, covered: torch.Tensor) -> list[Write]:
-        """The writes for the finished rows ``region`` (global coordinates of the level, whole chunks)."""
+    def write(self, open_array, band: Band) -> list[Write]:
+        """The writes for the finished rows ``band.region`` (global coordinates of the level, whole chunks)."""
 
 
 def _yx(region: Window) -> tuple[slice, slice]:
     return slice(region.y0, region.y1), slice(region.x0, region.x1)
-
-
-def argmax_labels(probs: torch.Tensor, dtype: str) -> torch.Tensor:
-    """``argmax`` over classes, ties to the lower class (as NumPy's and ``torch.argmax``'s first maximum)."""
-    return probs.argmax(0).to(torch.uint8 if dtype == "uint8" else torch.int32)
 
 
 @dataclass(frozen=True)
@@ -46,13 +42,13 @@ class OutputSink:
     confidence: ArrayRef | None = None
     probabilities: ArrayRef | None = None
 
-    def write(self, open_array, region: Window, probs: torch.Tensor, covered: torch.Tensor) -> list[Write]:
-        y, x = _yx(region)
-        writes = [(self.labels, (y, x), host(argmax_labels(probs, self.labels_dtype), self.labels_dtype))]
+    def write(self, open_array, band: Band) -> list[Write]:
+        y, x = _yx(band.region)
+        writes = [(self.labels, (y, x), band.labels(self.labels_dtype))]
         if self.confidence is not None:
-            writes.append((self.confidence, (y, x), host(probs.amax(0), "float32")))
+            writes.append((self.confidence, (y, x), band.confidence()))
         if self.probabilities is not None:
-            writes.append((self.probabilities, (slice(None), y, x), host(probs, "float16")))
+            writes.append((self.probabilities, (slice(None), y, x), band.host_probabilities()))
         return writes
 
 
@@ -62,9 +58,9 @@ class MapSink:
 
     map: ArrayRef
 
-    def write(self, open_array, region: Window, probs: torch.Tensor, covered: torch.Tensor) -> list[Write]:
-        y, x = _yx(region)
-        return [(self.map, (slice(None), y, x), host(probs, "float16"))]
+    def write(self, open_array, band: Band) -> list[Write]:
+        y, x = _yx(band.region)
+        return [(self.map, (slice(None), y, x), band.host_probabilities())]
 
 
 def host(t: torch.Tensor, dtype: str) -> np.ndarray:
@@ -74,4 +70,4 @@ def host(t: torch.Tensor, dtype: str) -> np.ndarray:
     return out.astype(np.uint16) if dtype == "uint16" else out
 
 
-__all__ = ["BlockSink", "MapSink", "OutputSink", "Write", "argmax_labels", "host"]
+__all__ = ["BlockSink", "MapSink", "OutputSink", "Write", "host"]

@@ -40,7 +40,8 @@ from pipeline.frameworks.base import Framework, StagePlan
 from pipeline.plan import ArrayRef
 from pipeline.reader import RowReader
 from pipeline.storage import AuditStore, join, read_bytes, zarr_store
-from pipeline.tiling import BlendWindow, Window, window_2d
+from pipeline.tiling import BlendWindow, window_2d
+from pipeline.workers.device_blend import BlockBlend
 from pipeline.workers.predictor import DeviceConfig
 from pipeline.workers.sinks import BlockSink
 
@@ -72,53 +73,6 @@ class BlockResult:
     megapixels: float  # tile pixels through the model
     worker: str
     cpu: dict[str, float] = field(default_factory=dict)  # CPU-seconds by phase: read, device, write
-
-
-class BlockBlend:
-    """The running sums of one block on the device: ``Σ w·p`` ``(C, rows, w)`` and ``Σ w`` ``(rows, w)`` for the
-    block's rows from ``top`` (the first row not yet handed on) down, ``capacity`` rows (a chunk row plus a
-    tile is enough: rows above the current tile row's top are final once it is added)."""
-
-    def __init__(self, num_classes: int, region: Window, capacity: int, device: torch.device) -> None:
-        self.region, self.capacity = region, capacity
-        self.top = region.y0
-        self.acc = torch.zeros((num_classes, capacity, region.w), dtype=torch.float32, device=device)
-        self.wsum = torch.zeros((capacity, region.w), dtype=torch.float32, device=device)
-
-    def add(self, window: Window, probs: torch.Tensor, weights: torch.Tensor) -> None:
-        """Add ``probs (C, T, T)`` of the tile at ``window``, weighted by ``weights (T, T)``, where it meets the
-        block (rows above ``top`` are final and not touched: no tile added later reaches them)."""
-        part = window.intersect(Window(self.top, self.region.x0, self.capacity, self.region.w))
-        part = part.intersect(self.region)
-        if part.empty:
-            return
-        ty, tx = part.y0 - window.y0, part.x0 - window.x0
-        ay, ax = part.y0 - self.top, part.x0 - self.region.x0
-        w = weights[ty : ty + part.h, tx : tx + part.w]
-        self.acc[:, ay : ay + part.h, ax : ax + part.w].addcmul_(probs[:, ty : ty + part.h, tx : tx + part.w], w)
-        self.wsum[ay : ay + part.h, ax : ax + part.w].add_(w)
-
-    def ready(self, final: int, chunk: int):
-        """The bands of whole chunk rows (from ``top``, the block's last band cut at its bottom) that lie above
-        ``final``, the first row a later tile can still reach: ``take``'s ``(region, P, covered)`` of each."""
-        while self.top < final:
-            bottom = min(self.region.y1, self.top + chunk)
-            if bottom > final:
-                return
-            yield self.take(bottom)
-
-    def take(self, bottom: int) -> tuple[Window, torch.Tensor, torch.Tensor]:
-        """Rows ``[top, bottom)`` as ``(region, P = Σw·p / Σw (C, h, w), covered (h, w))`` (P is NaN where no
-        tile ran), and the sums move up past them."""
-        n = bottom - self.top
-        wsum = self.wsum[:n]
-        covered = wsum > 0
-        probs = self.acc[:, :n] / torch.where(covered, wsum, torch.full_like(wsum, float("nan")))[None]
-        out = Window(self.top, self.region.x0, n, self.region.w)
-        self.acc = torch.cat([self.acc[:, n:], torch.zeros_like(self.acc[:, :n])], dim=1)
-        self.wsum = torch.cat([self.wsum[n:], torch.zeros_like(self.wsum[:n])], dim=0)
-        self.top = bottom
-        return out, probs, covered
 
 
 def _tick(cpu: dict[str, float], phase: str, since: float) -> float:
@@ -227,9 +181,9 @@ class BlockWorker:
         writer = _Writer(self.open_writable)
         if not order:  # MagNet-Fast: no chosen tile here; the sink still writes the block, band by band, uncovered
             try:
-                blend = BlockBlend(stage.num_classes, region, task.chunk, self.model.device)
-                for band in blend.ready(region.y1, task.chunk):
-                    writer.submit(task.sink.write(self.open, *band))
+                blend = BlockBlend(stage.num_classes, region, task.chunk, task.chunk, self.model.device)
+                for band in blend.ready(region.y1):
+                    writer.submit(task.sink.write(self.open, band))
             finally:
                 cpu["write"] += writer.finish()
             return BlockResult(stage.index, task.block.index, 0, task.owned, time.perf_counter() - t0, 0.0, 0.0,
@@ -237,7 +191,7 @@ class BlockWorker:
         x_lo = grid.window(0, min(ix for ixs in rows.values() for ix in ixs)).x0
         x_hi = grid.window(0, max(ix for ixs in rows.values() for ix in ixs)).x1
         weights = self._blend_weights(task)
-        blend = BlockBlend(stage.num_classes, region, task.chunk + grid.tile, self.model.device)
+        blend = BlockBlend(stage.num_classes, region, task.chunk + grid.tile, task.chunk, self.model.device)
         reads = self._read_rows(task, order, rows, x_lo, x_hi)
         try:
             for k, (iy, row, inputs, read_cpu) in enumerate(reads):
@@ -246,6 +200,9 @@ class BlockWorker:
                 writes = []
                 with self._model_lock:
                     t1, c = time.perf_counter(), time.thread_time()
+                    for band in blend.ready(min(region.y1, windows[0].y0)):  # rows no chosen tile reaches
+                        writes += task.sink.write(self.open, band)
+                    c = _tick(cpu, "sink", c)
                     tiles = self._tiles(row, [w.x0 - x_lo for w in windows], grid.tile)
                     c = _tick(cpu, "h2d", c)
                     for b in range(0, len(windows), task.batch):
@@ -256,8 +213,8 @@ class BlockWorker:
                             blend.add(windows[b + j], probs[j].float(), weights)
                         c = _tick(cpu, "blend", c)
                     next_top = grid.window(order[k + 1], 0).y0 if k + 1 < len(order) else region.y1
-                    for band in blend.ready(min(region.y1, next_top), task.chunk):
-                        writes += task.sink.write(self.open, *band)
+                    for band in blend.ready(min(region.y1, next_top)):
+                        writes += task.sink.write(self.open, band)
                     _tick(cpu, "sink", c)
                     model_seconds += time.perf_counter() - t1
                 if writes:
@@ -322,4 +279,4 @@ class BlockWorker:
             thread.join()
 
 
-__all__ = ["BlockBlend", "BlockResult", "BlockTask", "BlockWorker"]
+__all__ = ["BlockResult", "BlockTask", "BlockWorker"]

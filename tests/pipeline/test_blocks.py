@@ -9,7 +9,7 @@ import torch
 
 from pipeline.blocks import block_tiles, duplication, owned_counts, owner, plan_blocks
 from pipeline.tiling import TileGrid, Window, window_2d
-from pipeline.workers.worker import BlockBlend
+from pipeline.workers.device_blend import BlockBlend
 
 
 @pytest.mark.parametrize(("h", "w", "chunk", "side"), [(203, 171, 50, 100), (1000, 700, 256, 512), (90, 60, 64, 64)])
@@ -66,21 +66,28 @@ def _blend_blocks(grid, data, kind, side, chunk, subset=None):
     weights = torch.from_numpy(np.array(window_2d(kind, grid.tile)))
     for block in plan_blocks(grid.height, grid.width, chunk, side):
         tiles = block_tiles(grid, block, subset)
-        blend = BlockBlend(c, block.region, chunk + grid.tile, torch.device("cpu"))
+        blend = BlockBlend(c, block.region, chunk + grid.tile, chunk, torch.device("cpu"))
         rows = sorted({iy for iy, _ in tiles})
         bands = []
         for k, iy in enumerate(rows):
             for ix in sorted(ix for jy, ix in tiles if jy == iy):
                 blend.add(grid.window(iy, ix), torch.from_numpy(data[iy, ix]), weights)
             final = grid.window(rows[k + 1], 0).y0 if k + 1 < len(rows) else block.region.y1
-            bands += list(blend.ready(min(final, block.region.y1), chunk))
+            bands += [_taken(band) for band in blend.ready(min(final, block.region.y1))]
         if not rows:
-            bands = list(blend.ready(block.region.y1, chunk))
-        for region, probs, covered in bands:
-            assert region.y0 % chunk == 0 or region.y0 == block.region.y0
-            out[:, region.y0 : region.y1, region.x0 : region.x1] = probs.numpy()
-            covered_all[region.y0 : region.y1, region.x0 : region.x1] = covered.numpy()
+            bands = [_taken(band) for band in blend.ready(block.region.y1)]
+        for region, probs, covered, labels in bands:
+            assert region.y0 % chunk == 0
+            out[:, region.y0 : region.y1, region.x0 : region.x1] = probs
+            covered_all[region.y0 : region.y1, region.x0 : region.x1] = covered
+            if covered.all():  # the labels (argmax of Σ w·p, no division) are the argmax of P
+                np.testing.assert_array_equal(labels, probs.argmax(0))
     return out, covered_all
+
+
+def _taken(band):
+    """What a sink takes from a band before the blend moves on (its rows are then zeroed for reuse)."""
+    return band.region, band.probabilities().numpy(), band.covered().numpy(), band.labels("int32")
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "cosine", "constant"])
@@ -110,9 +117,31 @@ def test_pixels_no_chosen_tile_covers_are_nan_and_not_covered():
 
 
 def test_a_band_is_handed_on_only_when_no_later_tile_reaches_it():
-    blend = BlockBlend(1, Window(0, 0, 100, 10), 60, torch.device("cpu"))
+    blend = BlockBlend(1, Window(0, 0, 100, 10), 60, 25, torch.device("cpu"))
+    assert blend.capacity == 75  # whole chunk rows
     blend.add(Window(0, 0, 40, 10), torch.ones((1, 40, 10)), torch.ones((40, 10)))
-    assert [r for r, _, _ in blend.ready(30, 25)] == [Window(0, 0, 25, 10)]  # rows 25..50 still open
+    assert [b.region for b in blend.ready(30)] == [Window(0, 0, 25, 10)]  # rows 25..50 still open
     assert blend.top == 25
-    assert [r for r, _, _ in blend.ready(100, 25)] == [Window(25, 0, 25, 10), Window(50, 0, 25, 10),
-                                                        Window(75, 0, 25, 10)]
+    assert [b.region for b in blend.ready(100)] == [Window(25, 0, 25, 10), Window(50, 0, 25, 10),
+                                                    Window(75, 0, 25, 10)]
+
+
+def test_the_ring_reuses_rows_handed_on_and_refuses_a_tile_beyond_it():
+    blend = BlockBlend(2, Window(0, 0, 100, 8), 50, 25, torch.device("cpu"))  # 50 rows of ring
+    probs = torch.rand((2, 40, 8))
+    blend.add(Window(0, 0, 40, 8), probs, torch.ones((40, 8)))
+    assert [b.region for b in blend.ready(25)] == [Window(0, 0, 25, 8)]
+    blend.add(Window(30, 0, 40, 8), probs, torch.ones((40, 8)))  # rows 50..70 land where rows 0..20 were
+    bands = [(b.region, b.probabilities().clone()) for b in blend.ready(100)]
+    expected = torch.zeros((2, 100, 8))
+    expected[:, 0:40] += probs
+    expected[:, 30:70] += probs
+    weights = torch.zeros((100, 8))
+    weights[0:40] += 1
+    weights[30:70] += 1
+    for region, p in bands:
+        want = expected[:, region.y0 : region.y1] / weights[region.y0 : region.y1]
+        torch.testing.assert_close(p, want, equal_nan=True)
+    with pytest.raises(ValueError, match="ring"):
+        BlockBlend(1, Window(0, 0, 100, 8), 50, 25, torch.device("cpu")).add(
+            Window(30, 0, 40, 8), probs[:1], torch.ones((40, 8)))
