@@ -25,6 +25,9 @@ test: $(STAMP)
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,bench]'
+	$(BIN)/python -m benchmarks.feed_rate
+	$(BIN)/python -m benchmarks.vs_monai
 	$(BIN)/python -m benchmarks.pipeline_efficiency
 	$(BIN)/python -m benchmarks.pipeline_efficiency --size 8192 --images 4 --threads 1
 	$(BIN)/python -m benchmarks.memory_scaling

@@ -36,7 +36,7 @@ from benchmarks._sampler import TreeSampler
 from benchmarks._timing import Phases, TileClock, check_ok
 
 TARGET = 0.9
-PHASES = ["model", "ray start", "actors", "ingest", "tiles", "blend", "label pyramid", "shutdown"]
+PHASES = ["model", "ray start", "actors", "ingest", "tiles", "stage", "label pyramid", "shutdown"]
 
 
 def read_tiles(scene: Path, tiling) -> tuple[np.ndarray, int]:

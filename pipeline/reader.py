@@ -66,6 +66,36 @@ def reflect_index(start: int, length: int, size: int) -> np.ndarray:
     return np.where(m < size, m, period - m)
 
 
+def index_slices(index: np.ndarray) -> list[slice]:
+    """``index`` (a ``reflect_index`` result) as the runs of consecutive indices it is made of, each a slice
+    (a mirrored run is a reversed slice), so ``take_slices`` copies the whole with memcpy-speed slicing instead
+    of an element-by-element gather (a few runs: the inside and a mirrored margin at each end)."""
+    out: list[slice] = []
+    i, n = 0, len(index)
+    while i < n:
+        j = i + 1
+        step = int(index[j] - index[i]) if j < n and abs(int(index[j] - index[i])) == 1 else 1
+        while j < n and int(index[j] - index[j - 1]) == step:
+            j += 1
+        a, b = int(index[i]), int(index[j - 1])
+        out.append(slice(a, b + 1) if step == 1 else slice(a, b - 1 if b > 0 else None, -1))
+        i = j
+    return out
+
+
+def take_slices(array: np.ndarray, slices: list[slice], axis: int) -> np.ndarray:
+    """``array`` indexed along ``axis`` by the runs of ``index_slices``: a view for one forward run, else one copy."""
+    pick = [slice(None)] * array.ndim
+    if len(slices) == 1 and slices[0].step is None:
+        pick[axis] = slices[0]
+        return array[tuple(pick)]
+    parts = []
+    for s in slices:
+        pick[axis] = s
+        parts.append(array[tuple(pick)])
+    return np.concatenate(parts, axis=axis)
+
+
 def row_runs(windows: list[Window]) -> list[list[int]]:
     """Indices of ``windows`` grouped into runs that can be read as one: the same rows (``y0``, ``h``) and
     x ranges that overlap or touch, in x order. Windows apart in x stay apart, so a run's union never
@@ -187,7 +217,8 @@ def read_window(
     ix = reflect_index(window.x0, window.w, shape_yx[1])
     region = Window(int(iy.min()), int(ix.min()), int(iy.max() - iy.min()) + 1, int(ix.max() - ix.min()) + 1)
     block = to_rgb8(read_region(array, axes, region), value_range)
-    return block[:, iy - region.y0][:, :, ix - region.x0]
+    rows = take_slices(block, index_slices(iy - region.y0), 1)
+    return take_slices(rows, index_slices(ix - region.x0), 2)
 
 
 class RowReader:
@@ -206,7 +237,7 @@ class RowReader:
         self.height, self.width = shape_yx
         cols = reflect_index(x0, x1 - x0, self.width)
         self.c0, self.c1 = int(cols.min()), int(cols.max()) + 1
-        self.col_index = None if (x0 >= 0 and x1 <= self.width) else cols - self.c0
+        self.col_slices = None if (x0 >= 0 and x1 <= self.width) else index_slices(cols - self.c0)
         chunks = getattr(array, "chunks", None)
         self.chunk_rows = int(chunks[axes.index("y")]) if chunks else 512
         self.lo = self.hi = 0  # source rows [lo, hi) are in buf[:, :hi - lo]
@@ -225,12 +256,8 @@ class RowReader:
                                                                        self.c1 - self.c0)), self.value_range)
             self.buf = np.concatenate([self.buf, block], axis=1) if self.buf.shape[1] else block
             self.hi = end
-        local = r - self.lo
-        if local[-1] - local[0] == len(local) - 1 and np.all(np.diff(local) == 1):
-            out = self.buf[:, local[0] : local[-1] + 1]
-        else:
-            out = self.buf[:, local]
-        return out if self.col_index is None else out[:, :, self.col_index]
+        out = take_slices(self.buf, index_slices(r - self.lo), 1)
+        return out if self.col_slices is None else take_slices(out, self.col_slices, 2)
 
     def _drop_below(self, row: int) -> None:
         if row > self.lo:

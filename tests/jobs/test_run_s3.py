@@ -45,7 +45,7 @@ def test_s3_job_end_to_end(tmp_path, s3_bucket, ray_cluster):
     run_spec(local)
     expected = zarr.open_array(str(tmp_path / "out" / "scene.zarr" / "labels" / "segmentation" / "0"), mode="r")
     assert np.array_equal(labels[:], expected[:])
-    assert not fs.exists(f"{bucket}/masks/_work/scene"), "the tile store is removed once the image is done"
+    assert not fs.exists(f"{bucket}/masks/_work/scene"), "block markers removed once the image is done"
 
 
 def test_missing_bucket_is_a_clear_error(s3_endpoint, tmp_path):

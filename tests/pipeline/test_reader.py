@@ -8,7 +8,7 @@ import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.reader import read_window, read_windows, row_runs
+from pipeline.reader import index_slices, read_window, read_windows, reflect_index, row_runs, take_slices
 from pipeline.tiling import TileGrid, Window
 from tests.pipeline.test_context import CountingStore
 
@@ -67,3 +67,13 @@ def test_windows_of_different_sizes_are_refused():
     arr = _array((16, 16), (8, 8), np.dtype("uint8"))
     with pytest.raises(ValueError, match="one size"):
         read_windows(arr, "yxc", (16, 16), [Window(0, 0, 4, 4), Window(0, 0, 8, 8)])
+
+
+@settings(max_examples=300, deadline=None)
+@given(size=st.integers(1, 40), start=st.integers(-120, 120), length=st.integers(1, 130))
+def test_mirrored_indices_taken_as_slices_equal_the_gather(size, start, length):
+    a = np.arange(2 * size * 3).reshape(2, size, 3)
+    index = reflect_index(start, length, size)
+    slices = index_slices(index)
+    assert len(slices) <= 2 + 2 * (length // max(1, size - 1) + 1)  # runs, not elements
+    np.testing.assert_array_equal(take_slices(a, slices, 1), a[:, index])
