@@ -27,11 +27,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DeviceConfig:
-    """How a worker runs its model: precision (``auto``: bf16 on GPUs and bf16-capable CPUs), torch threads."""
+    """How a worker runs its model: precision (``auto``: bf16 on GPUs and bf16-capable CPUs), torch threads, and
+    the device (None: CUDA when present, else the CPU; ``"cpu"`` keeps a worker on the CPU of a GPU node)."""
 
     precision: str = "auto"
     torch_threads: int = 1
     channels_last: bool = True
+    device: str | None = None
 
 
 
@@ -103,6 +105,7 @@ class DeviceRunner:
 
     def __init__(self, config: DeviceConfig, normalization, device=None) -> None:
         torch.set_num_threads(config.torch_threads)
+        device = device if device is not None else config.device
         self.device = torch.device(device) if device is not None else resolve_device()
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True

@@ -19,10 +19,12 @@ from pipeline.workers.sinks import OutputSink
 from pipeline.workers.worker import BlockTask, BlockWorker
 
 
-def block_worker(tmp_path: Path, checkpoint: bytes, threads: int = 1) -> BlockWorker:
+def block_worker(tmp_path: Path, checkpoint: bytes, threads: int = 1, device: PredictorConfig | None = None) -> BlockWorker:
+    """A worker of ``checkpoint`` (fp32, ``threads`` torch threads, unless ``device`` says otherwise)."""
     path = tmp_path / f"model-{hashlib.sha256(checkpoint).hexdigest()[:8]}.safetensors"
     path.write_bytes(checkpoint)
-    return BlockWorker(Segment(WeightsRef(str(path), "")), {}, PredictorConfig(precision="fp32", torch_threads=threads))
+    config = device or PredictorConfig(precision="fp32", torch_threads=threads)
+    return BlockWorker(Segment(WeightsRef(str(path), "")), {}, config)
 
 
 def run_blocks(worker: BlockWorker, tmp_path: Path, image: np.ndarray, grid: TileGrid, *, side: int, chunk: int,
