@@ -123,14 +123,14 @@ class TilingPlan:
     def block_side(self, num_classes: int) -> int:
         """The side of a block (``pipeline.blocks``), a multiple of ``chunk``: for ``tiles_per_call`` N, about
         √N tiles a side (``⌊√N·step⌋``); by default as large as a worker's running sums allow within
-        ``BLOCK_BYTES`` (``(C + 1)`` float32 channels of ``chunk + tile`` rows), at most ``MAX_BLOCK`` px. A large
-        block runs fewer tiles twice (each block runs the tiles on its edges: about ``tile / side`` more per
+        ``BLOCK_BYTES`` (``(C + 1)`` float32 channels of ``tile`` rows: ``device_blend``'s ring), at most
+        ``MAX_BLOCK`` px. A large block runs fewer tiles twice (each block runs the tiles on its edges: about ``tile / side`` more per
         axis) and every level up to ``MAX_BLOCK`` px is one block."""
         step = self.tile - self.overlap
         if self.tiles_per_call is not None:
             side = int(self.tiles_per_call ** 0.5 * step)
         else:
-            side = min(MAX_BLOCK, BLOCK_BYTES // ((num_classes + 1) * (self.chunk + self.tile) * 4))
+            side = min(MAX_BLOCK, BLOCK_BYTES // ((num_classes + 1) * self.tile * 4))
         return max(self.chunk, side // self.chunk * self.chunk)
 
 

@@ -5,9 +5,12 @@ For every pixel ``q`` of a block::
     P(q) = Σ_t w_t(q) · p_t(q) / Σ_t w_t(q)        over the tiles t whose window covers q,
 
 with ``w_t`` the tile's blend window (``tiling.window_2d``) placed at the tile's origin. ``BlockBlend`` keeps
-``Σ w·p`` ``(C, rows, w)`` and ``Σ w`` ``(rows, w)`` only for the rows still open, in a ring of whole chunk rows
-(about a chunk row plus a tile), so memory depends on the block's width, not its height, and nothing is moved as
-the block goes down: a band taken is zeroed in place for the rows that come next.
+``Σ w·p`` ``(C, rows, w)`` and ``Σ w`` ``(rows, w)`` only for the rows still open, in a ring of one tile's height:
+once a tile row is added, every row above the next tile row's top is final and handed on, so memory depends on
+the block's width and the tile, not on the block's height or the mask chunks; nothing is moved as the block goes
+down: a band taken is zeroed in place for the rows that come next. Bands are whatever rows became final (a
+tile step, typically); the worker assembles whole chunk rows of what sinks make of them before writing
+(``worker.ChunkRows``).
 
 A finished ``Band`` gives what sinks store, computed where the sums are (the GPU on a GPU node):
 ``labels`` (the argmax of ``Σ w·p``: dividing every class by the same ``Σ w`` does not change it, so no division
@@ -18,7 +21,6 @@ a reduction over the class axis.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -65,11 +67,11 @@ class Band:
 class BlockBlend:
     """The running sums of one block (module docstring); rows from ``top`` (the first not handed on) down."""
 
-    def __init__(self, num_classes: int, region: Window, rows: int, chunk: int, device: torch.device) -> None:
-        """``rows``: the most rows open at once (a chunk row plus a tile: rows above the current tile row's top
-        are final once it is added); the ring holds that many, rounded up to whole chunk rows."""
-        self.region, self.chunk = region, chunk
-        self.capacity = max(1, math.ceil(rows / chunk)) * chunk
+    def __init__(self, num_classes: int, region: Window, rows: int, device: torch.device) -> None:
+        """``rows``: the most rows open at once, the ring's size: a tile's height (once a tile row is added, the
+        rows above the next tile row's top are handed on before that row is added)."""
+        self.region = region
+        self.capacity = max(1, rows)
         self.top = region.y0
         self.acc = torch.zeros((num_classes, self.capacity, region.w), dtype=torch.float32, device=device)
         self.wsum = torch.zeros((self.capacity, region.w), dtype=torch.float32, device=device)
@@ -98,17 +100,17 @@ class BlockBlend:
             y, done = y + n, done + n
 
     def ready(self, final: int) -> Iterator[Band]:
-        """The bands of whole chunk rows (the block's last one cut at its bottom) above ``final``, the first row a
-        later tile can still reach. Each band's rows are zeroed for reuse once the consumer moves on."""
+        """The rows from ``top`` to ``final`` (the first row a later tile can still reach; at most the block's
+        bottom) as bands, one per contiguous piece of the ring. Each band's rows are zeroed for reuse once the
+        consumer moves on, so take what is needed from a band before asking for the next."""
+        final = min(final, self.region.y1)
         while self.top < final:
-            bottom = min(self.region.y1, self.top + self.chunk)
-            if bottom > final:
-                return
-            r, n = self._ring(self.top), bottom - self.top  # bands start on chunk rows: never across the ring's end
+            r = self._ring(self.top)
+            n = min(final - self.top, self.capacity - r)
             yield Band(Window(self.top, self.region.x0, n, self.region.w), self.acc[:, r : r + n], self.wsum[r : r + n])
             self.acc[:, r : r + n].zero_()
             self.wsum[r : r + n].zero_()
-            self.top = bottom
+            self.top += n
 
 
 __all__ = ["Band", "BlockBlend"]

@@ -9,10 +9,11 @@ it goes down the block's tile rows:
    whatever else the stage's tiles read (``StagePlan.inputs``), one row ahead of the device;
 2. the row goes to the device in one copy; its tiles are views of it; the model runs ``batch`` tiles at a time;
 3. each tile's probabilities, weighted by the blend window, are added into the block's running sums
-   ``Σ w·p`` and ``Σ w`` on the device (``BlockBlend``), which hold only the rows still open (about one chunk
-   row plus a tile), so memory depends on the block's width, not its height;
-4. once no later tile row reaches a band of whole chunk rows, the band is final: ``P = Σ w·p / Σ w`` goes to
-   the stage's sink (labels and extras, or a stage map), and a writer thread encodes and stores its chunks.
+   ``Σ w·p`` and ``Σ w`` on the device (``BlockBlend``), which hold only the rows still open (a tile's
+   height), so memory depends on the block's width, not its height;
+4. once no later tile row reaches a band of rows, the band is final: the stage's sink takes what it stores
+   from it (labels and extras, or a stage map) to the host, ``ChunkRows`` gathers those into whole chunk rows,
+   and a writer thread encodes and stores each chunk row.
 
 Tiles are added in grid order, so a block's sums, and the output, are the same whatever the block size or the
 worker. A call is idempotent: a retried block rewrites its own chunks with the same values.
@@ -40,10 +41,10 @@ from pipeline.frameworks.base import Framework, StagePlan
 from pipeline.plan import ArrayRef
 from pipeline.reader import RowReader
 from pipeline.storage import AuditStore, join, read_bytes, zarr_store
-from pipeline.tiling import BlendWindow, window_2d
+from pipeline.tiling import BlendWindow, Window, window_2d
 from pipeline.workers.device_blend import BlockBlend
 from pipeline.workers.predictor import DeviceConfig
-from pipeline.workers.sinks import BlockSink
+from pipeline.workers.sinks import BlockSink, Write
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,52 @@ class BlockResult:
     megapixels: float  # tile pixels through the model
     worker: str
     cpu: dict[str, float] = field(default_factory=dict)  # CPU-seconds by phase: read, device, write
+
+
+class ChunkRows:
+    """A block's writes, band by band, assembled into whole chunk rows before they are stored.
+
+    Bands end wherever the tile rows left rows final (``device_blend``), but each chunk is written once and
+    whole (one writer, one PUT), so what a sink makes of the bands is gathered on the host, per array, until a
+    chunk row of the block is complete; a band that is a whole chunk row passes through without a copy. The
+    row axis of every write is its second last; every write spans the block's width."""
+
+    def __init__(self, region: Window, chunk: int) -> None:
+        self.region, self.chunk = region, chunk
+        self._open: dict[tuple[str, str], list] = {}  # array → [ref, selection, buffer, first row, rows filled to]
+
+    def add(self, writes: list[Write]) -> list[Write]:
+        out: list[Write] = []
+        for ref, sel, values in writes:
+            key, rows = (ref.group_url, ref.path), sel[-2]
+            y, k = rows.start, 0
+            while y < rows.stop:
+                entry = self._open.get(key)
+                if entry is None:
+                    cy0 = self.region.y0 + (y - self.region.y0) // self.chunk * self.chunk
+                    cy1 = min(self.region.y1, cy0 + self.chunk)
+                    if y == cy0 and rows.stop - y >= cy1 - cy0:  # a whole chunk row: as it is
+                        n = cy1 - cy0
+                        out.append((ref, (*sel[:-2], slice(cy0, cy1), sel[-1]), values[..., k : k + n, :]))
+                        y, k = y + n, k + n
+                        continue
+                    buf = np.empty((*values.shape[:-2], cy1 - cy0, values.shape[-1]), values.dtype)
+                    entry = self._open[key] = [ref, sel, buf, cy0, cy0]
+                _, _, buf, cy0, filled = entry
+                if y != filled:
+                    raise ValueError(f"rows {y}.. of {key} after rows up to {filled}: bands must come in order")
+                n = min(rows.stop, cy0 + buf.shape[-2]) - y
+                buf[..., y - cy0 : y - cy0 + n, :] = values[..., k : k + n, :]
+                y, k = y + n, k + n
+                entry[4] = y
+                if y == cy0 + buf.shape[-2]:
+                    out.append((ref, (*sel[:-2], slice(cy0, y), sel[-1]), buf))
+                    del self._open[key]
+        return out
+
+    def finish(self) -> None:
+        if self._open:
+            raise RuntimeError(f"chunk rows left incomplete: {sorted(self._open)}")
 
 
 def _tick(cpu: dict[str, float], phase: str, since: float) -> float:
@@ -179,11 +226,13 @@ class BlockWorker:
         cpu: dict[str, float] = defaultdict(float)
         model_seconds = 0.0
         writer = _Writer(self.open_writable)
+        assembled = ChunkRows(region, task.chunk)
         if not order:  # MagNet-Fast: no chosen tile here; the sink still writes the block, band by band, uncovered
             try:
-                blend = BlockBlend(stage.num_classes, region, task.chunk, task.chunk, self.model.device)
+                blend = BlockBlend(stage.num_classes, region, task.chunk, self.model.device)
                 for band in blend.ready(region.y1):
-                    writer.submit(task.sink.write(self.open, band))
+                    writer.submit(assembled.add(task.sink.write(self.open, band)))
+                assembled.finish()
             finally:
                 cpu["write"] += writer.finish()
             return BlockResult(stage.index, task.block.index, 0, task.owned, time.perf_counter() - t0, 0.0, 0.0,
@@ -191,7 +240,7 @@ class BlockWorker:
         x_lo = grid.window(0, min(ix for ixs in rows.values() for ix in ixs)).x0
         x_hi = grid.window(0, max(ix for ixs in rows.values() for ix in ixs)).x1
         weights = self._blend_weights(task)
-        blend = BlockBlend(stage.num_classes, region, task.chunk + grid.tile, task.chunk, self.model.device)
+        blend = BlockBlend(stage.num_classes, region, grid.tile, self.model.device)
         reads = self._read_rows(task, order, rows, x_lo, x_hi)
         try:
             for k, (iy, row, inputs, read_cpu) in enumerate(reads):
@@ -200,8 +249,8 @@ class BlockWorker:
                 writes = []
                 with self._model_lock:
                     t1, c = time.perf_counter(), time.thread_time()
-                    for band in blend.ready(min(region.y1, windows[0].y0)):  # rows no chosen tile reaches
-                        writes += task.sink.write(self.open, band)
+                    for band in blend.ready(windows[0].y0):  # rows above: final (MagNet-Fast: rows no tile reaches)
+                        writes += assembled.add(task.sink.write(self.open, band))
                     c = _tick(cpu, "sink", c)
                     tiles = self._tiles(row, [w.x0 - x_lo for w in windows], grid.tile)
                     c = _tick(cpu, "h2d", c)
@@ -213,12 +262,13 @@ class BlockWorker:
                             blend.add(windows[b + j], probs[j].float(), weights)
                         c = _tick(cpu, "blend", c)
                     next_top = grid.window(order[k + 1], 0).y0 if k + 1 < len(order) else region.y1
-                    for band in blend.ready(min(region.y1, next_top)):
-                        writes += task.sink.write(self.open, band)
+                    for band in blend.ready(next_top):
+                        writes += assembled.add(task.sink.write(self.open, band))
                     _tick(cpu, "sink", c)
                     model_seconds += time.perf_counter() - t1
                 if writes:
                     writer.submit(writes)
+            assembled.finish()
         finally:
             reads.close()
             cpu["write"] += writer.finish()

@@ -9,7 +9,9 @@ import torch
 
 from pipeline.blocks import block_tiles, duplication, owned_counts, owner, plan_blocks
 from pipeline.tiling import TileGrid, Window, window_2d
+from pipeline.plan import ArrayRef
 from pipeline.workers.device_blend import BlockBlend
+from pipeline.workers.worker import ChunkRows
 
 
 @pytest.mark.parametrize(("h", "w", "chunk", "side"), [(203, 171, 50, 100), (1000, 700, 256, 512), (90, 60, 64, 64)])
@@ -66,18 +68,17 @@ def _blend_blocks(grid, data, kind, side, chunk, subset=None):
     weights = torch.from_numpy(np.array(window_2d(kind, grid.tile)))
     for block in plan_blocks(grid.height, grid.width, chunk, side):
         tiles = block_tiles(grid, block, subset)
-        blend = BlockBlend(c, block.region, chunk + grid.tile, chunk, torch.device("cpu"))
+        blend = BlockBlend(c, block.region, grid.tile, torch.device("cpu"))
         rows = sorted({iy for iy, _ in tiles})
         bands = []
         for k, iy in enumerate(rows):
             for ix in sorted(ix for jy, ix in tiles if jy == iy):
                 blend.add(grid.window(iy, ix), torch.from_numpy(data[iy, ix]), weights)
             final = grid.window(rows[k + 1], 0).y0 if k + 1 < len(rows) else block.region.y1
-            bands += [_taken(band) for band in blend.ready(min(final, block.region.y1))]
+            bands += [_taken(band) for band in blend.ready(final)]
         if not rows:
             bands = [_taken(band) for band in blend.ready(block.region.y1)]
         for region, probs, covered, labels in bands:
-            assert region.y0 % chunk == 0
             out[:, region.y0 : region.y1, region.x0 : region.x1] = probs
             covered_all[region.y0 : region.y1, region.x0 : region.x1] = covered
             if covered.all():  # the labels (argmax of Σ w·p, no division) are the argmax of P
@@ -117,17 +118,16 @@ def test_pixels_no_chosen_tile_covers_are_nan_and_not_covered():
 
 
 def test_a_band_is_handed_on_only_when_no_later_tile_reaches_it():
-    blend = BlockBlend(1, Window(0, 0, 100, 10), 60, 25, torch.device("cpu"))
-    assert blend.capacity == 75  # whole chunk rows
+    blend = BlockBlend(1, Window(0, 0, 100, 10), 60, torch.device("cpu"))
     blend.add(Window(0, 0, 40, 10), torch.ones((1, 40, 10)), torch.ones((40, 10)))
-    assert [b.region for b in blend.ready(30)] == [Window(0, 0, 25, 10)]  # rows 25..50 still open
-    assert blend.top == 25
-    assert [b.region for b in blend.ready(100)] == [Window(25, 0, 25, 10), Window(50, 0, 25, 10),
-                                                    Window(75, 0, 25, 10)]
+    assert [b.region for b in blend.ready(30)] == [Window(0, 0, 30, 10)]  # rows 30.. still open
+    assert blend.top == 30
+    # the ring's end falls at row 60: the rest comes in two pieces
+    assert [b.region for b in blend.ready(100)] == [Window(30, 0, 30, 10), Window(60, 0, 40, 10)]
 
 
 def test_the_ring_reuses_rows_handed_on_and_refuses_a_tile_beyond_it():
-    blend = BlockBlend(2, Window(0, 0, 100, 8), 50, 25, torch.device("cpu"))  # 50 rows of ring
+    blend = BlockBlend(2, Window(0, 0, 100, 8), 50, torch.device("cpu"))  # 50 rows of ring
     probs = torch.rand((2, 40, 8))
     blend.add(Window(0, 0, 40, 8), probs, torch.ones((40, 8)))
     assert [b.region for b in blend.ready(25)] == [Window(0, 0, 25, 8)]
@@ -139,9 +139,38 @@ def test_the_ring_reuses_rows_handed_on_and_refuses_a_tile_beyond_it():
     weights = torch.zeros((100, 8))
     weights[0:40] += 1
     weights[30:70] += 1
+    assert bands[0][0].y0 == 25 and bands[-1][0].y1 == 100
     for region, p in bands:
         want = expected[:, region.y0 : region.y1] / weights[region.y0 : region.y1]
         torch.testing.assert_close(p, want, equal_nan=True)
     with pytest.raises(ValueError, match="ring"):
-        BlockBlend(1, Window(0, 0, 100, 8), 50, 25, torch.device("cpu")).add(
-            Window(30, 0, 40, 8), probs[:1], torch.ones((40, 8)))
+        BlockBlend(1, Window(0, 0, 100, 8), 30, torch.device("cpu")).add(
+            Window(0, 0, 40, 8), probs[:1], torch.ones((40, 8)))
+
+
+@pytest.mark.parametrize("cuts", [[0, 7, 30, 64, 100, 128, 130], [0, 64, 128, 130], [0, 1, 2, 130]])
+def test_bands_are_written_as_whole_chunk_rows_once(cuts):
+    region, chunk = Window(64, 0, 130, 5), 64  # rows 64..194: chunk rows 64..128, 128..192, 192..194
+    ref = ArrayRef("mem://out", "labels", "yx", (194, 5))
+    pref = ArrayRef("mem://out", "probabilities", "cyx", (194, 5))
+    truth = np.arange(130 * 5).reshape(130, 5)
+    rows = ChunkRows(region, chunk)
+    writes = []
+    for a, b in zip(cuts, cuts[1:]):
+        y = slice(64 + a, 64 + b)
+        writes += rows.add([(ref, (y, slice(0, 5)), truth[a:b]),
+                            (pref, (slice(None), y, slice(0, 5)), np.stack([truth[a:b], -truth[a:b]]))])
+    rows.finish()
+    labels = [(sel[0].start, sel[0].stop) for r, sel, _ in writes if r.path == "labels"]
+    assert labels == [(64, 128), (128, 192), (192, 194)]  # each chunk row once, whole
+    for r, sel, values in writes:
+        y = sel[-2]
+        want = truth[y.start - 64 : y.stop - 64]
+        np.testing.assert_array_equal(values, want if r.path == "labels" else np.stack([want, -want]))
+
+
+def test_rows_left_incomplete_are_an_error():
+    rows = ChunkRows(Window(0, 0, 100, 4), 50)
+    rows.add([(ArrayRef("mem://o", "l", "yx", (100, 4)), (slice(0, 30), slice(0, 4)), np.zeros((30, 4)))])
+    with pytest.raises(RuntimeError, match="incomplete"):
+        rows.finish()
