@@ -1,4 +1,5 @@
-"""``gigaseg`` command line: validate, run, status, demo, synth, train, import-pairs, eval, submit, logs, job-status.
+"""``gigaseg`` command line: validate, run, status, inspect, demo, synth, train, import-pairs, eval, submit, logs,
+job-status.
 
 Exit codes (``jobs.console``, the same for every command): 0 every image succeeded (or was already done), 1 some
 image failed, 2 the spec or the command line is wrong. Problems print one line each; ``--debug`` adds tracebacks.
@@ -74,6 +75,45 @@ def cmd_status(args) -> int:
     return EXIT_FAILED if st["counts"]["failed"] else EXIT_OK
 
 
+def cmd_inspect(args) -> int:
+    """Print a model's card and what gigaseg found when it ran one tile through it."""
+    from pipeline.frameworks.base import ModelSource
+    from pipeline.frameworks.segmenters import check_segmenter, resolve_segmenter
+    from pipeline.storage import read_bytes
+
+    options = json.loads(args.storage_options) if args.storage_options else {}
+    try:
+        data = read_bytes(args.model, options)
+    except FileNotFoundError:
+        error(f"{args.model}: no such file")
+        return EXIT_USAGE
+    source = ModelSource(data, args.model, "fpn_resnet18", (), storage_options=options, factory=args.factory)
+    try:
+        resolution = resolve_segmenter(source, "segment")
+        check_segmenter(resolution, args.tile)
+    except SpecError as err:
+        print_problems(err)
+        return EXIT_USAGE
+    runtime = resolution.details["segmenter"]
+    card = runtime.card
+    facts = {"model": args.model, "kind": runtime.kind, "card": card.to_dict(),
+             "input size": list(runtime.fixed_size) if runtime.fixed_size else "any (a multiple of "
+             f"{card.size_multiple})", "batch": runtime.fixed_batch or "any",
+             "checked": f"a {args.tile}×{args.tile} tile gives {card.num_classes} class channels"
+             if runtime.kind != "gigaseg" else "a gigaseg checkpoint: its weights fit its architecture"}
+    if args.json:
+        print(json.dumps(facts, indent=2))
+        return EXIT_OK
+    print(f"{args.model}: {runtime.kind} model")
+    print(f"  classes      {', '.join(card.class_names)}")
+    print(f"  bands        {', '.join(card.bands)}")
+    norm = card.normalization
+    print(f"  normalize    mean {list(norm.mean)}, std {list(norm.std)} (pixel values in 0..1)")
+    print(f"  output       {card.output}; input size {facts['input size']}; batch {facts['batch']}")
+    print(f"  checked      {facts['checked']}")
+    return EXIT_OK
+
+
 def cmd_demo(args) -> int:
     from jobs.demo import run_demo
 
@@ -141,6 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--storage-options", default=None, help="fsspec storage options as JSON")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
+
+    i = sub.add_parser("inspect", help="print a model's card (classes, bands, normalisation, output) and check it "
+                       "against the model (exit 0 ok, 2 it does not fit)")
+    i.add_argument("model", help="a gigaseg checkpoint, an ONNX model, a torch.export archive, or factory weights")
+    i.add_argument("--factory", default=None, metavar="PKG.MODULE:FN", help="the module the weights are for")
+    i.add_argument("--tile", type=int, default=512, help="tile side to check the model with (default %(default)s)")
+    i.add_argument("--storage-options", default=None, help="fsspec storage options as JSON")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_inspect)
 
     d = sub.add_parser("demo", help="generate a small archive and run the main job on it")
     d.add_argument("--output", default="demo-output", help="directory for the archive, spec and masks")

@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from jobs.spec import JobSpec
+from models.card import CardError, parse_card
 from models.info import CheckpointInfo
 from pipeline.errors import SpecError
 from pipeline.evaluation.palette import default_colors
 from pipeline.frameworks import FRAMEWORKS
 from pipeline.frameworks.base import ModelSource, Resolution
+from pipeline.frameworks.segmenters import check_segmenter
 from pipeline.output.state import fingerprint
 from pipeline.plan import (
     ClassTable,
@@ -49,14 +51,17 @@ class ResolvedModel:
         return self.weights["model"]
 
     @property
-    def info(self) -> CheckpointInfo:
+    def info(self) -> CheckpointInfo | None:
+        """A gigaseg checkpoint's own description (None for a model you bring: see ``resolution.card``)."""
         return self.resolution.info
 
 
 def resolve_model(spec: JobSpec) -> ResolvedModel:
-    """The weights and the class table: from ``model.checkpoint``, or a seeded init of ``model.name``, plus what
-    the framework needs besides (MagNet's refiner). Class names and colours given in the spec override the
-    checkpoint's, but their count must match it."""
+    """The weights and the class table: from ``model.checkpoint`` (a gigaseg checkpoint, or a model you bring:
+    ONNX, torch.export, ``model.factory`` weights; ``pipeline.frameworks.segmenters``), or a seeded init of
+    ``model.name``, plus what the framework needs besides (MagNet's refiner). Class names and colours given in
+    the spec override the checkpoint's, but their count must match it. A model you bring is run once on a tile
+    of zeros here, so a model that does not fit its card fails now, naming the field, not in every worker."""
     m = spec.model
     data = None
     if m.checkpoint:
@@ -65,12 +70,29 @@ def resolve_model(spec: JobSpec) -> ResolvedModel:
         except FileNotFoundError:
             raise SpecError("model.checkpoint", [f"model.checkpoint: {m.checkpoint} does not exist"]) from None
     seeded = tuple(c.name for c in m.classes or ())
-    source = ModelSource(data, m.checkpoint, m.architecture, seeded, m.width, m.seed, dict(spec.inputs.storage_options))
+    try:
+        card = parse_card({**(m.card.fields() if m.card else {}),
+                           **({"classes": [c.model_dump(exclude_none=True) for c in m.classes]} if m.classes else {})},
+                          "model.card")
+    except CardError as err:
+        raise SpecError("model.card", [str(err)]) from None
+    source = ModelSource(data, m.checkpoint, m.architecture, seeded, m.width, m.seed, dict(spec.inputs.storage_options),
+                         factory=m.factory, card=card)
     resolution = FRAMEWORKS[m.framework].resolve(m.framework_options, source)
     info = resolution.info
     if data is None:
         colors = tuple(c.color for c in m.classes) if all(c.color for c in m.classes) else None
         return ResolvedModel(resolution, seeded, tuple(colors or default_colors(len(seeded))))
+    if info is None:  # a model you bring: its card, completed by the spec, is the class table
+        if m.name is not None:
+            raise SpecError("model.name", [f"model.name: {m.name!r} names a gigaseg architecture, but "
+                                           f"{m.checkpoint} is a model you bring; remove model.name"])
+        check_segmenter(resolution, spec.tiling.tile)
+        names, colors = resolution.card.class_names, resolution.card.class_colors
+        return ResolvedModel(resolution, tuple(names), tuple(colors or default_colors(len(names))))
+    if m.card is not None:
+        raise SpecError("model.card", [f"model.card: {m.checkpoint} is a gigaseg checkpoint, which carries its own "
+                                       "card; remove model.card (model.classes may rename its classes)"])
     if m.name is not None and info.config.name != m.name:
         raise SpecError("model", [f"model.name: {m.name!r} but {m.checkpoint} holds a {info.config.name!r}; "
                                   f"set model.name: {info.config.name}"])

@@ -120,11 +120,39 @@ class FctlSpec(Strict):
 FRAMEWORK_SECTIONS: dict[str, type[Strict]] = {"magnet": MagnetSpec, "fctl": FctlSpec}
 
 
+class NormalizationSpec(Strict):
+    mean: list[float] = Field(min_length=1, description="per band, on value_scale")
+    std: list[float] = Field(min_length=1, description="per band, on value_scale")
+    value_scale: float = Field(default=1.0, gt=0, description="1: mean/std of pixel values in 0..1; 255: in 0..255")
+
+
+class CardSpec(Strict):
+    """Fields of a model card (``models.card``) that complete or override the card a model you bring carries
+    (ONNX ``metadata_props``, a torch.export extra file or a ``<weights>.model.yaml`` sidecar); the classes are
+    ``model.classes``."""
+
+    bands: list[str] | None = Field(default=None, min_length=1, description="input bands in order (red, green, blue)")
+    normalization: NormalizationSpec | None = None
+    size_multiple: int | None = Field(default=None, ge=1, description="input height and width must be multiples")
+    output: Literal["logits", "probabilities"] | None = None
+
+    def fields(self) -> dict[str, Any]:
+        """The given fields in the card's form (``models.card.parse_card``'s input)."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
 class ModelSpec(Strict):
     name: str | None = Field(
         default=None, description="registry name (models.ARCHITECTURES); default: the checkpoint's, else fpn_resnet18"
     )
-    checkpoint: str | None = Field(default=None, description="safetensors checkpoint URL")
+    checkpoint: str | None = Field(
+        default=None, description="the weights: a gigaseg safetensors checkpoint, an ONNX model (.onnx), a "
+                                  "torch.export archive (.pt2), or safetensors weights for model.factory")
+    factory: str | None = Field(
+        default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="'package.module:function' returning the torch.nn.Module that model.checkpoint's safetensors "
+                    "weights load into (strictly); importable on the driver and every worker")
+    card: CardSpec | None = Field(default=None, description="model card fields for a model you bring")
     classes: list[ClassSpec] | None = Field(
         default=None, description="class names/colours; required without a checkpoint, else must match it"
     )
@@ -179,6 +207,11 @@ class ModelSpec(Strict):
     def _classes_given(self):
         if self.checkpoint is None and not self.classes:
             raise ValueError("without a checkpoint, 'classes' must list the class names (at least one)")
+        if self.factory is not None and self.checkpoint is None:
+            raise ValueError("model.factory needs model.checkpoint: the module's weights, as safetensors")
+        if self.card is not None and self.checkpoint is None:
+            raise ValueError("model.card completes the card of a model you bring (model.checkpoint); a seeded model "
+                             "has its own")
         return self
 
 
@@ -187,8 +220,8 @@ class TilingSpec(Strict):
     overlap: int = Field(default=128, ge=0)
     batch: int = Field(default=8, ge=1, le=1024)
     tiles_per_call: int | Literal["auto"] = Field(
-        default="auto", description="tiles per worker call, run `batch` at a time; auto: a few calls per worker "
-                                    "per image, up to 256 (fewer calls → less driver work per tile)")
+        default="auto", description="tiles per worker call: a block of about this many tiles, run `batch` at a "
+                                    "time; auto: blocks as large as 1 GiB of running sums allows, ≤ 16384 px")
     blend: Literal["gaussian", "cosine", "constant"] = "gaussian"
     sigma_scale: float = Field(default=0.125, gt=0, le=10)
     offset: tuple[int, int] = Field(default=(0, 0), description="grid origin shift (y, x) in pixels")
@@ -239,7 +272,8 @@ class ResourcesSpec(Strict):
 class ClusterSpec(Strict):
     address: str | None = Field(default=None, description="absent → embedded local Ray")
     dask: str | None = Field(
-        default=None, description="where the blend runs: absent → Dask threads in the driver; 'ray' → a Dask "
+        default=None, description="where the label pyramid and MagNet's merges run: absent → Dask threads in the "
+                                  "driver; 'ray' → a Dask "
                                   "cluster gigaseg starts on the Ray nodes; tcp://host:port → that Dask scheduler")
     local_gpus: int | None = Field(
         default=None, ge=0, description="logical GPUs of the embedded cluster (default: workers × gpus)"

@@ -135,17 +135,6 @@ class Refiner(nn.Module):
         return out
 
 
-def refine_step(
-    segmenter: nn.Module, refiner: nn.Module, image: torch.Tensor, previous_up: torch.Tensor
-) -> torch.Tensor:
-    """One stage's patch work: ``R = softmax(refiner(softmax(segmenter(x)), Y_up))``.
-
-    ``image (B, 3, H, W)`` normalised; ``previous_up (B, C, H, W)`` probabilities at this scale → R.
-    """
-    fine = torch.softmax(segmenter(image).float(), dim=1)
-    return torch.softmax(refiner(fine, previous_up.float()).float(), dim=1)
-
-
 REFINER_FORMAT = "gigaseg-magnet-refiner-1"
 
 

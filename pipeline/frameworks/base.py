@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 import torch
 
+from models.card import ModelCard
 from models.info import CheckpointInfo
 from pipeline.output.arrays import OutputArrays
 from pipeline.output.layout import ImageOutput
@@ -89,17 +90,25 @@ class ModelSource:
     width: int = 64
     seed: int = 0
     storage_options: dict[str, Any] = field(default_factory=dict)
+    factory: str | None = None  # "package.module:function" building the module the checkpoint's weights fit
+    card: dict[str, Any] = field(default_factory=dict)  # model-card fields the spec gives (``models.card.parse_card``)
 
 
 @dataclass(frozen=True)
 class Resolution:
     """A framework's weights, read or seeded (``weights``: kind → bytes; ``"model"`` is the main one), what the
-    main one says of itself (classes, colours, normalisation) and what else the framework read from them
-    (``details``, e.g. the context factors an FCtL checkpoint was trained with)."""
+    main one says of itself (``info`` for a gigaseg checkpoint: its architecture, classes, colours,
+    normalisation; ``card`` for any model, ``models.card``) and what else the framework read from them
+    (``details``, e.g. the segmenter's runtime, the context factors an FCtL checkpoint was trained with)."""
 
-    info: CheckpointInfo
+    info: CheckpointInfo | None
     weights: dict[str, bytes]
     details: dict[str, Any] = field(default_factory=dict)
+    card: ModelCard | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return self.card.num_classes if self.card is not None else self.info.config.num_classes
 
 
 class Framework(ABC):

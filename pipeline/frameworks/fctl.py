@@ -27,6 +27,7 @@ from pipeline.frameworks.fctl_contexts import (
     read_context,
 )
 from pipeline.frameworks.segment import image_stage
+from pipeline.frameworks.segmenters import kind_of
 from pipeline.output.layout import ImageOutput
 from pipeline.plan import ArrayRef, TilingPlan, WeightsRef
 from pipeline.pyramid import Pyramid
@@ -87,6 +88,12 @@ class Fctl(Framework):
     @classmethod
     def resolve(cls, options: Mapping[str, Any], source: ModelSource) -> Resolution:
         wanted = options.get("contexts")
+        kind = kind_of(source)
+        if kind != "gigaseg":
+            raise SpecError("model.framework", [
+                f"model.framework: fctl but {source.checkpoint_url} is a model you bring ({kind}): FCtL's correlation "
+                "runs on the encoder features of gigaseg's own networks, which such a model does not expose; use "
+                "model.framework: segment or magnet, or train an FCtL model with gigaseg train (task fctl)"])
         if source.checkpoint is None:
             contexts = tuple(wanted or DEFAULT_CONTEXTS)
             data = seeded_fctl(source.architecture, len(source.class_names), list(source.class_names),

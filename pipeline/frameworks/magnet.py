@@ -25,13 +25,14 @@ import zarr
 
 from models import magnet as mg
 from models.errors import CheckpointError
-from models.magnet import load_refiner, refine_step, seeded_refiner
+from models.magnet import load_refiner, seeded_refiner
 from pipeline.blend import store_outputs
 from pipeline.errors import SpecError, UnsupportedImageError
 from pipeline.frameworks import magnet_maps as maps
 from pipeline.frameworks.base import STAGE_MAP, Framework, ModelSource, OpenArray, Resolution, StagePlan
 from pipeline.frameworks.magnet_maps import MagnetConfig
-from pipeline.frameworks.segment import image_stage, segmenter_resolution
+from pipeline.frameworks.segment import GIGASEG, image_stage, runtime_of
+from pipeline.frameworks.segmenters import SegmenterRuntime, load_segmenter, resolve_segmenter
 from pipeline.output.arrays import OutputArrays, create_map, map_ref
 from pipeline.output.layout import ImageOutput
 from pipeline.plan import ArrayRef, TilingPlan, WeightsRef
@@ -40,7 +41,7 @@ from pipeline.reader import upsample2x_window
 from pipeline.storage import read_bytes, zarr_store
 from pipeline.tiling import Window
 from pipeline.workers.device_blend import Band
-from pipeline.workers.predictor import DeviceConfig, TilePredictor
+from pipeline.workers.predictor import DeviceConfig
 from pipeline.workers.sinks import BlockSink, MapSink, host
 
 
@@ -78,7 +79,7 @@ class UpsampledMap:
 class MagnetModel:
     """``TileModel``: the segmenter alone at stage 0, segmenter and refiner after."""
 
-    def __init__(self, predictor: TilePredictor, refiner: torch.nn.Module) -> None:
+    def __init__(self, predictor, refiner: torch.nn.Module) -> None:
         self.predictor, self.runner = predictor, predictor.runner
         self.refiner = self.runner.prepare(refiner)
         self.device = predictor.device
@@ -88,9 +89,9 @@ class MagnetModel:
         if not inputs:
             return self.predictor.probabilities(tiles)
         (previous_up,) = inputs
+        fine = self.predictor.probabilities(tiles)  # softmax(segmenter(x)), whatever runs the segmenter
         with self.runner.autocast():
-            return refine_step(self.predictor.model, self.refiner, self.runner.input(tiles),
-                               self.runner.tensor(previous_up))
+            return torch.softmax(self.refiner(fine, self.runner.tensor(previous_up).float()).float(), dim=1)
 
 
 @dataclass(frozen=True)
@@ -98,13 +99,14 @@ class Magnet(Framework):
     model: WeightsRef
     refiner: WeightsRef
     config: MagnetConfig
+    runtime: SegmenterRuntime | None = None  # the segmenter's, for a model you bring; None: a gigaseg checkpoint
 
     name: ClassVar[str] = "magnet"
 
     @classmethod
     def resolve(cls, options: Mapping[str, Any], source: ModelSource) -> Resolution:
-        resolution = segmenter_resolution(source, cls.name)
-        num_classes = resolution.info.config.num_classes
+        resolution = resolve_segmenter(source, cls.name)
+        num_classes = resolution.num_classes
         url = options.get("refiner")
         if url is None:
             refiner = seeded_refiner(num_classes, seed=options["refiner_seed"], width=options["refiner_width"])
@@ -116,18 +118,20 @@ class Magnet(Framework):
                 raise SpecError("model.magnet.refiner", [f"model.magnet.refiner: {url} does not exist"]) from None
             except CheckpointError as err:
                 raise SpecError("model.magnet.refiner", [f"model.magnet.refiner: {url}: {err}"]) from None
-        return Resolution(resolution.info, {**resolution.weights, "refiner": refiner})
+        return Resolution(resolution.info, {**resolution.weights, "refiner": refiner}, resolution.details,
+                          resolution.card)
 
     @classmethod
     def build(cls, options: Mapping[str, Any], weights: Mapping[str, WeightsRef], resolution: Resolution) -> Magnet:
         config = MagnetConfig(scales=options["scales"], replace=options["replace"], median=options["median"],
                               patches=options["patches"])
-        return cls(weights["model"], weights["refiner"], config)
+        return cls(weights["model"], weights["refiner"], config, runtime_of(resolution))
 
     def fingerprint(self) -> dict[str, Any]:
         c = self.config
         return {"framework": self.name, "checkpoint": self.model.sha256, "refiner": self.refiner.sha256,
-                "scales": c.scales, "replace": c.replace, "median": c.median, "patches": c.patches}
+                "scales": c.scales, "replace": c.replace, "median": c.median, "patches": c.patches,
+                **(self.runtime.fingerprint() if self.runtime else {})}
 
     def levels(self, n_levels: int) -> set[int]:
         return {lv for lv in self.config.levels() if lv < n_levels}  # too few: ``stages`` says so
@@ -198,7 +202,7 @@ class Magnet(Framework):
         store_outputs(probs, targets, c, scheduler)
 
     def load(self, read: Callable[[str], bytes], device: DeviceConfig) -> MagnetModel:
-        predictor = TilePredictor(read(self.model.url), device)
+        predictor = load_segmenter(read(self.model.url), self.runtime or GIGASEG, device)
         return MagnetModel(predictor, load_refiner(read(self.refiner.url), predictor.num_classes))
 
 

@@ -14,33 +14,12 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from models.checkpoint import read_info, seeded_checkpoint
-from models.errors import CheckpointError
-from models.fctl_checkpoint import is_fctl_checkpoint
-from pipeline.errors import SpecError
 from pipeline.frameworks.base import Framework, ModelSource, Resolution, StagePlan, TileInput, TileModel
+from pipeline.frameworks.segmenters import SegmenterRuntime, load_segmenter, resolve_segmenter
 from pipeline.output.layout import ImageOutput
 from pipeline.plan import TilingPlan, WeightsRef
 from pipeline.pyramid import Pyramid
-from pipeline.workers.predictor import DeviceConfig, TilePredictor
-
-
-def segmenter_resolution(source: ModelSource, framework: str) -> Resolution:
-    """The plain gigaseg segmenter a ``segment`` (or MagNet) job runs: ``model.checkpoint``, or seeded weights of
-    ``model.name``; an FCtL checkpoint is refused (it needs its context windows: ``model.framework: fctl``)."""
-    if source.checkpoint is None:
-        data = seeded_checkpoint(source.architecture, len(source.class_names), list(source.class_names),
-                                 seed=source.seed, width=source.width)
-        return Resolution(read_info(data), {"model": data})
-    if is_fctl_checkpoint(source.checkpoint):
-        raise SpecError("model.framework", [
-            f"model.framework: {framework} but {source.checkpoint_url} holds an FCtL model (gigaseg train task fctl); "
-            "set model.framework: fctl"])
-    try:
-        info = read_info(source.checkpoint)
-    except CheckpointError as err:
-        raise SpecError("model.checkpoint", [f"model.checkpoint: {source.checkpoint_url}: {err}"]) from None
-    return Resolution(info, {"model": source.checkpoint})
+from pipeline.workers.predictor import DeviceConfig
 
 
 def image_stage(index: int, pyramid: Pyramid, level: int, out: ImageOutput, tiling: TilingPlan, num_classes: int,
@@ -53,9 +32,9 @@ def image_stage(index: int, pyramid: Pyramid, level: int, out: ImageOutput, tili
 
 
 class SegmenterModel:
-    """``TileModel`` of one segmenter: softmax probabilities of each tile."""
+    """``TileModel`` of one segmenter (``segmenters.load_segmenter``): probabilities of each tile."""
 
-    def __init__(self, predictor: TilePredictor) -> None:
+    def __init__(self, predictor) -> None:
         self.predictor, self.runner, self.device = predictor, predictor.runner, predictor.device
 
     def __call__(self, stage: int, tiles: torch.Tensor, inputs: Sequence[np.ndarray]) -> torch.Tensor:
@@ -65,25 +44,37 @@ class SegmenterModel:
 @dataclass(frozen=True)
 class Segment(Framework):
     model: WeightsRef
+    runtime: SegmenterRuntime | None = None  # None: a gigaseg checkpoint
 
     name: ClassVar[str] = "segment"
 
     @classmethod
     def resolve(cls, options: Mapping[str, Any], source: ModelSource) -> Resolution:
-        return segmenter_resolution(source, cls.name)
+        return resolve_segmenter(source, cls.name)
 
     @classmethod
     def build(cls, options: Mapping[str, Any], weights: Mapping[str, WeightsRef], resolution: Resolution) -> Segment:
-        return cls(weights["model"])
+        return cls(weights["model"], runtime_of(resolution))
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"framework": self.name, "checkpoint": self.model.sha256}
+        return {"framework": self.name, "checkpoint": self.model.sha256,
+                **(self.runtime.fingerprint() if self.runtime else {})}
 
     def stages(self, pyramid: Pyramid, out: ImageOutput, tiling: TilingPlan, num_classes: int) -> list[StagePlan]:
         return [image_stage(0, pyramid, 0, out, tiling, num_classes)]
 
     def load(self, read: Callable[[str], bytes], device: DeviceConfig) -> TileModel:
-        return SegmenterModel(TilePredictor(read(self.model.url), device))
+        return SegmenterModel(load_segmenter(read(self.model.url), self.runtime or GIGASEG, device))
 
 
-__all__ = ["Segment", "SegmenterModel", "image_stage", "segmenter_resolution"]
+#: The runtime of a gigaseg checkpoint (its card is inside it).
+GIGASEG = SegmenterRuntime("gigaseg", None)
+
+
+def runtime_of(resolution: Resolution) -> SegmenterRuntime | None:
+    """The segmenter's runtime for a model you bring; None for a gigaseg checkpoint (fingerprints unchanged)."""
+    runtime = resolution.details.get("segmenter")
+    return runtime if runtime is not None and runtime.kind != "gigaseg" else None
+
+
+__all__ = ["GIGASEG", "Segment", "SegmenterModel", "image_stage", "runtime_of"]
