@@ -393,7 +393,7 @@ class JobSteps:
             h, w = pyramid.shapes[0]
             result.shape = (h, w)
             work.stages = plan.framework.stages(pyramid, out, plan.tiling, plan.num_classes)
-            result.tiles = sum(len(st.grid) for st in work.stages)
+            result.tiles = sum(len(st.grid) for st in work.stages if st.tiles)
             mark(out, fingerprint=plan.fingerprint, complete=False, shape=[h, w], tiles=result.tiles,
                  source=work.ref.url, in_place=pyramid.in_place)
         except Exception as err:
@@ -411,14 +411,18 @@ class JobSteps:
         """The calls of stage ``s``'s blocks not done yet; the arrays they write created (or, resuming, opened)."""
         plan, stage, fw = self.plan, work.stages[s], self.plan.framework
         tiling = plan.tiling
-        selected = work.selected[s] = fw.selected_tiles(work.stages, s, self.scheduler)
-        if selected is not None:  # planned with every tile: count the ones that run
-            work.result.tiles -= len(stage.grid) - len(selected)
+        if not stage.tiles:  # a pass over stored arrays: blocks, no tiles
+            selected = work.selected[s] = ()
+        else:
+            selected = work.selected[s] = fw.selected_tiles(work.stages, s, self.scheduler)
+            if selected is not None:  # planned with every tile: count the ones that run
+                work.result.tiles -= len(stage.grid) - len(selected)
         done = blocks_done(work.out, s)
         side = tiling.block_side(plan.num_classes)
         if s == len(work.stages) - 1:
             work.outputs = self._outputs(work, fresh=not done, side=side)
-        sink = fw.stage_sink(work.stages, s, work.out, work.outputs, tiling.chunk, fresh=not done)
+        sink = fw.stage_sink(work.stages, s, work.out, work.outputs, tiling.chunk, fresh=not done,
+                             extras=tuple(plan.output.extras), side=side)
         subset = None if selected is None else frozenset(selected)
         owned = owned_counts(stage.grid, side, tiling.chunk, subset)
         blocks = plan_blocks(stage.grid.height, stage.grid.width, tiling.chunk, side)
@@ -426,9 +430,9 @@ class JobSteps:
         n = len(work.stages)
         label = work.ref.name if n == 1 else f"{work.ref.name} [stage {s + 1}/{n}]"
         progress.start_image(label, total, sum(owned.get(b.index, 0) for b in blocks if b.name in done))
-        return [Call(BlockTask(stage, b, tuple(block_tiles(stage.grid, b, subset)), sink, owned.get(b.index, 0),
-                               tiling.batch, tiling.blend, tiling.sigma_scale, tiling.chunk), (work, s))
-                for b in blocks if b.name not in done]
+        return [Call(BlockTask(stage, b, tuple(block_tiles(stage.grid, b, subset, stage.halo)), sink,
+                               owned.get(b.index, 0), tiling.batch, tiling.blend, tiling.sigma_scale, tiling.chunk),
+                     (work, s)) for b in blocks if b.name not in done]
 
     def _outputs(self, work: _Work, fresh: bool, side: int) -> OutputArrays:
         """The masks and extras: created anew when no block of the last stage is done (no stale chunk of an

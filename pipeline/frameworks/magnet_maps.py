@@ -1,19 +1,19 @@
-"""MagNet's maps over a Zarr pyramid, chunk by chunk: the pieces of ``pipeline.frameworks.magnet`` that work on
-whole stages (Huynh et al., CVPR 2021; github VinAIResearch/MagNet, ``magnet/model/refinement.py``, ``test.py``).
+"""MagNet's formulas on maps (Huynh et al., CVPR 2021; github VinAIResearch/MagNet, ``magnet/model/refinement.py``,
+``test.py``): the configuration, the image-wide threshold, MagNet-Fast's choice of tiles, and the whole algorithm
+on whole arrays as the reference for tests. The per-pixel work of a stage runs on the workers
+(``pipeline.frameworks.magnet_blocks``).
 
 Stage ``s`` runs at pyramid level ``L_s = scales − 1 − s`` (coarse to fine; level 0 last). Stage 0 is plain
 tiled segmentation; its blended probabilities are the map ``Y₀``. A stage-s tile reads its image window at
 ``L_s`` and the stage-(s−1) map over the same footprint, upsampled ×2 (``reader.upsample2x_window``), and
-gives ``R = softmax(refiner(softmax(segmenter(x)), Y_up))``. The stage's result is then computed chunk by
-chunk from the blend of its tiles, never holding a whole map:
+gives ``R = softmax(refiner(softmax(segmenter(x)), Y_up))``. Then, never holding a whole map:
 
-1. ``R`` = blend of the tiles; ``E = certainty(R) · uncertainty(Y_up)``; both stored (float16) by the stage's
-   blocks on the workers (``pipeline.frameworks.magnet.RefineSink``).
-2. ``E`` median-filtered (``map_overlap`` with a ``k//2`` halo, edges replicated) and stored; a histogram
-   of its exact float16 values is summed over all chunks.
-3. The image-wide top-k becomes one threshold every chunk can apply: ``t`` = the largest value with
-   ``count(E ≥ t) ≥ k`` (``models.magnet.topk_threshold``), read off the histogram exactly.
-4. ``Y_s = where(E ≥ t, R, Y_up)``: the next stage's map, or the final probabilities.
+1. ``R`` = blend of the tiles; ``E = certainty(R) · uncertainty(Y_up)``, as float16;
+2. ``E`` median-filtered (``k × k``, edges replicated): ``E_med``, float16; a histogram of its exact values;
+3. the image-wide top-k becomes one threshold every pixel can apply: ``t`` = the largest value with
+   ``count(E_med ≥ t) ≥ k`` (``models.magnet.topk_threshold``), read off the summed histograms exactly
+   (``threshold_from_histogram``);
+4. ``Y_s = where(E_med ≥ t, R, Y_up)``: the next stage's map, or the final probabilities.
 
 MagNet-Fast (the reference's ``--n_patches``; ``MagnetConfig.patches``): a refinement stage runs only the
 ``n`` tiles whose footprint is most uncertain in the previous stage's map (mean of ``1 − (top1 − top2)``,
@@ -29,16 +29,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import dask.array as da
 import numpy as np
 import torch
-import zarr
 
 from models import magnet as mg
 from pipeline.reader import read_window, upsample2x_window
 from pipeline.tiling import Window
 
-_F16_BINS = 1 << 16
+F16_BINS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -85,9 +83,9 @@ def error_block(refined: np.ndarray, previous_up: np.ndarray) -> np.ndarray:
     return _certainty_np(refined) * (1.0 - _certainty_np(previous_up))
 
 
-def _histogram(e: np.ndarray) -> np.ndarray:
-    """Counts of exact float16 values (non-negative float16 sort like their uint16 bit patterns)."""
-    return np.bincount(e.astype(np.float16).view(np.uint16).ravel(), minlength=_F16_BINS)[None, None]
+def histogram(e: np.ndarray) -> np.ndarray:
+    """Counts of exact float16 values (non-negative float16 sort like their uint16 bit patterns): ``(2^16,)``."""
+    return np.bincount(e.astype(np.float16).view(np.uint16).ravel(), minlength=F16_BINS)
 
 
 def threshold_from_histogram(hist: np.ndarray, k: int) -> float:
@@ -97,50 +95,6 @@ def threshold_from_histogram(hist: np.ndarray, k: int) -> float:
     above = np.cumsum(hist[::-1])[::-1]  # above[b] = count of values with bit pattern ≥ b
     b = int(np.nonzero(above >= k)[0].max())
     return float(np.array([b], np.uint16).view(np.float16)[0])
-
-
-@dataclass(frozen=True)
-class StageMaps:
-    """Where one refinement stage keeps its intermediate arrays (all chunked like the masks)."""
-
-    refined: zarr.Array  # (C, H, W) float16
-    error: zarr.Array  # (H, W) float16, before the median
-    error_median: zarr.Array  # (H, W) float16
-
-
-def median_pass(maps: StageMaps, median: int, scheduler: Any = "threads") -> None:
-    """Step 2: ``E`` (written by the stage's blocks) median-filtered, stored; a ``k//2`` halo across chunks."""
-    err = da.from_zarr(maps.error).astype(np.float32)
-    med = err
-    if median > 1:
-        med = err.map_overlap(mg.median_filter, depth=median // 2, boundary="nearest", k=median, dtype=np.float32)
-    da.store(med.astype(np.float16), maps.error_median, lock=False, scheduler=scheduler)
-
-
-def stage_threshold(maps: StageMaps, k: int, scheduler: Any = "threads") -> float:
-    """Step 3: the global threshold from per-chunk histograms of the median-filtered error score."""
-    e = da.from_zarr(maps.error_median)
-    hist = e.map_blocks(_histogram, dtype=np.int64, chunks=((1,) * e.numblocks[0], (1,) * e.numblocks[1],
-                                                            (_F16_BINS,)), new_axis=2)
-    total = hist.sum(axis=(0, 1)).compute(scheduler=scheduler)
-    return threshold_from_histogram(total, k)
-
-
-def merged(maps: StageMaps, previous: zarr.Array, t: float) -> da.Array:
-    """Step 4, lazily: ``Y_s = where(E ≥ t, R, Y_up)`` as ``(C, H, W)`` float32, chunked like the maps."""
-    refined = da.from_zarr(maps.refined)
-    h, w = refined.shape[1:]
-    prev_shape = previous.shape[1:]
-    error_median = maps.error_median
-
-    def block(r, block_info=None):
-        (y0, y1), (x0, x1) = block_info[None]["array-location"][1:]
-        region = Window(y0, x0, y1 - y0, x1 - x0)
-        e = np.asarray(error_median[y0:y1, x0:x1], np.float32)
-        previous_up = upsample2x_window(previous, prev_shape, (h, w), region)
-        return np.where((e >= np.float32(t))[None], r.astype(np.float32), previous_up)
-
-    return refined.map_blocks(block, dtype=np.float32)
 
 
 def footprint(window: Window, fine_shape: tuple[int, int]) -> Window:

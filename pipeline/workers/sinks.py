@@ -30,9 +30,13 @@ Write = tuple[ArrayRef, tuple[slice, ...], np.ndarray]
 @dataclass(frozen=True)
 class BlockContext:
     """What a sink's writer knows of its block: the block's ``region`` (of the stage's level; the chunks it owns),
-    how the worker opens an array it reads (``open_array(ref)``), and the device the sums are on."""
+    the ``blend_region`` its bands cover (``region`` unless the stage has a halo: ``StagePlan.blend_region``),
+    its ``index`` in the stage, how the worker opens an array it reads (``open_array(ref)``), and the device the
+    sums are on."""
 
     region: Window
+    blend_region: Window
+    index: tuple[int, int]
     open_array: Callable[[ArrayRef], Any]
     device: torch.device
 
