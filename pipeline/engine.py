@@ -12,7 +12,8 @@ Resume: every block done leaves a marker (``ImageOutput.block_url``), every stag
 (``stage_done_url``); a rerun skips what they name and recomputes the rest (blocks rewrite whole chunks).
 
 The engine reports its phases to an ``Events`` listener (``events.phase(name)`` around each): ``ingest``,
-``tiles`` (the pool's run, all images), ``stage`` (a stage's finish on the driver), ``label pyramid``; and every
+``tiles`` (the pool's run, all images), ``stage`` (a stage's finish on the driver), ``nodata`` (an input that
+states nodata: its label written there), ``label pyramid``; and every
 block's result (``events.batch``).
 """
 
@@ -38,6 +39,7 @@ from pipeline.blocks import block_tiles, owned_counts, plan_blocks
 from pipeline.frameworks.base import StagePlan
 from pipeline.output.arrays import OutputArrays, create_outputs, open_outputs
 from pipeline.output.layout import ImageOutput
+from pipeline.output.nodata import apply_nodata, nodata_label
 from pipeline.output.state import (
     blocks_done,
     check_resumable,
@@ -51,7 +53,7 @@ from pipeline.output.state import (
 from pipeline.plan import JobPlan
 from pipeline.pyramid import Pyramid, level_shapes, prepare_pyramid
 from pipeline.sources.discover import ImageRef, discover
-from pipeline.sources.formats import open_source
+from pipeline.sources.formats import ImageSource, open_source
 from pipeline.storage import AuditStore, zarr_store
 from pipeline.workers.dispatch import Call, WorkerPool
 from pipeline.workers.worker import BlockResult, BlockTask
@@ -110,6 +112,7 @@ class _Work:
     result: ImageResult
     t0: float
     out: ImageOutput | None = None
+    source: ImageSource | None = None
     pyramid: Pyramid | None = None
     stages: list[StagePlan] = field(default_factory=list)
     outputs: OutputArrays | None = None
@@ -388,20 +391,23 @@ class JobSteps:
                 result.tiles = int(state.get("tiles", 0))
                 return
             with self.events.phase("ingest"):
-                work.pyramid = pyramid = self._pyramid(work.ref, out)
+                work.source = source = self._source(work.ref)
+                work.pyramid = pyramid = self._pyramid(source, out)
             h, w = pyramid.shapes[0]
             result.shape = (h, w)
             work.stages = plan.framework.stages(pyramid, out, plan.tiling, plan.num_classes)
             result.tiles = sum(len(st.grid) for st in work.stages)
             mark(out, fingerprint=plan.fingerprint, complete=False, shape=[h, w], tiles=result.tiles,
-                 source=work.ref.url, in_place=pyramid.in_place)
+                 source=work.ref.url, in_place=pyramid.in_place, spatial=source.spatial.to_json())
         except Exception as err:
             work.fail(err)
 
-    def _pyramid(self, ref: ImageRef, out: ImageOutput) -> Pyramid:
-        """Level 0 read in place where it can be; the coarser levels the framework reads built (``prepare_pyramid``)."""
+    def _source(self, ref: ImageRef) -> ImageSource:
         inputs = self.plan.inputs
-        source = open_source(ref, inputs.storage_options, inputs.value_range)
+        return open_source(ref, inputs.storage_options, inputs.value_range)
+
+    def _pyramid(self, source: ImageSource, out: ImageOutput) -> Pyramid:
+        """Level 0 read in place where it can be; the coarser levels the framework reads built (``prepare_pyramid``)."""
         levels = self.plan.framework.levels(len(level_shapes(source.shape_yx)))
         return prepare_pyramid(source, out.group_url, levels, chunk=self.plan.tiling.image_chunk,
                                storage_options=self.plan.output.storage_options, scheduler=self.scheduler)
@@ -437,8 +443,12 @@ class JobSteps:
                       extras=list(plan.output.extras))
         if not fresh:
             return open_outputs(out, **kwargs)
+        spatial = work.source.spatial
+        dtype = blend.labels_dtype(plan.num_classes)
+        nodata = nodata_label(plan.num_classes, dtype, work.ref.url) if spatial.has_nodata else None
         return create_outputs(out, class_names=list(plan.classes.names), class_colors=list(plan.classes.colors),
-                              chunk=plan.tiling.chunk, labels_dtype=blend.labels_dtype(plan.num_classes), **kwargs)
+                              chunk=plan.tiling.chunk, labels_dtype=dtype, spatial=spatial, nodata_label=nodata,
+                              **kwargs)
 
     def finish_stage(self, work: _Work, s: int) -> None:
         """The framework's finish of stage ``s`` (MagNet's merge), once every block is in."""
@@ -447,9 +457,14 @@ class JobSteps:
                                          self.plan.tiling.chunk, self.scheduler)
 
     def finish_image(self, work: _Work) -> None:
-        """Label pyramid, completion mark; the work area goes once the mask is complete."""
+        """Nodata the input states (``pipeline.output.nodata``), label pyramid, completion mark; the work area goes
+        once the mask is complete."""
         outputs = self._audited(work, work.outputs)
         n = self.plan.num_classes
+        if work.source.spatial.has_nodata:
+            label = nodata_label(n, outputs.labels[0].dtype, work.ref.url)
+            with self.events.phase("nodata"):
+                apply_nodata(work.source, outputs.labels[0], label, self.scheduler)
         with self.events.phase("label pyramid"):
             for level in range(1, len(outputs.labels)):
                 blend.downsample_labels(outputs.labels[level - 1], outputs.labels[level], n, self.scheduler)
