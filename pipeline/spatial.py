@@ -121,7 +121,8 @@ class Spatial:
         return (size[0] * 2**level, size[1] * 2**level), self.unit
 
     def to_json(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if v not in (None, False)}
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()
+                if v is not None and v is not False}  # nodata 0 is kept
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any] | None) -> Spatial:

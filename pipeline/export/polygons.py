@@ -101,8 +101,15 @@ class _Regions:
 def polygonize(labels, chunk: int = 1024, exclude: Sequence[int] = (), tolerance: float = 0.0) -> Iterator[Region]:
     """The regions of a ``(H, W)`` integer label array (anything sliceable: a zarr array, numpy), in pixel
     coordinates, read ``chunk`` × ``chunk`` at a time (module docstring). Classes in ``exclude`` give no region."""
-    shapely = require("shapely", "gigaseg export-masks --to polygons")
-    features = require("rasterio.features", "gigaseg export-masks --to polygons")
+    require("shapely", "gigaseg export-masks --to polygons")
+    rasterio = require("rasterio", "gigaseg export-masks --to polygons")
+    with rasterio.Env():  # one GDAL environment for the whole sweep, not one per call
+        yield from _sweep(labels, chunk, exclude, tolerance)
+
+
+def _sweep(labels, chunk: int, exclude: Sequence[int], tolerance: float) -> Iterator[Region]:
+    import shapely
+    from rasterio import features
     from rasterio.transform import Affine
 
     h, w = (int(n) for n in labels.shape)
