@@ -55,10 +55,9 @@ def write_ome_zarr_units(path: Path, height: int = 256, width: int = 256, size: 
 
     rgb = np.moveaxis(land_cover(0, 0, height, width, seed=seed), -1, 0)
     group = zarr.open_group(str(path), mode="w")
-    group.create_array("0", shape=rgb.shape, chunks=(3, 128, 128), dtype="uint8", dimension_names=("c", "y", "x"))[:] = rgb
-    half = rgb[:, ::2, ::2]
-    group.create_array("1", shape=half.shape, chunks=(3, 128, 128), dtype="uint8",
-                       dimension_names=("c", "y", "x"))[:] = half
+    for level, data in enumerate((rgb, rgb[:, ::2, ::2])):
+        group.create_array(str(level), shape=data.shape, chunks=(3, 128, 128), dtype="uint8",
+                           dimension_names=("c", "y", "x"))[:] = data
     group.attrs["ome"] = ome.image_multiscales("slide", 2, pixel_size=size, unit=unit)
     return path
 

@@ -21,7 +21,14 @@ from pipeline.sources.formats import open_source
 from pipeline.sources.pixels import source_to_dask
 from pipeline.sources.slides import SlideLevel
 from pipeline.spatial import Spatial, cf_grid_mapping, nodata_mask
-from tests.spatial_inputs import GEO_TRANSFORM, SLIDE_MPP, write_geotiff, write_ome_tiff, write_ome_zarr_units, write_svs
+from tests.spatial_inputs import (
+    GEO_TRANSFORM,
+    SLIDE_MPP,
+    write_geotiff,
+    write_ome_tiff,
+    write_ome_zarr_units,
+    write_svs,
+)
 
 
 def _source(path, fmt):
