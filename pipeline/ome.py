@@ -44,7 +44,9 @@ def _multiscales(
 ) -> dict[str, Any]:
     if n_levels < 1:
         raise ValueError(f"a multiscale image needs at least 1 level, got n_levels={n_levels}.")
-    size = {"y": pixel_size, "x": pixel_size} if isinstance(pixel_size, (int, float)) else dict(zip("yx", pixel_size))
+    if isinstance(pixel_size, (int, float)):
+        pixel_size = (pixel_size, pixel_size)
+    size = dict(zip("yx", pixel_size, strict=True))
     datasets = []
     for level in range(n_levels):
         scale = [float(size[a] * 2**level) if a in "yx" else 1.0 for a in axes]

@@ -20,7 +20,8 @@ from pipeline.export.masks import MaskInfo
 from pipeline.export.polygons import polygonize, to_crs
 from pipeline.optional import require
 
-BATCH = 10_000  # features per write: bounded memory, few appends
+BATCH, BATCH_BYTES = 10_000, 8 * 2**20  # a write once either many features or this much WKB wait: few appends, and
+# what waits stays bounded however many features the image has
 
 
 class GpkgWriter:
@@ -102,15 +103,17 @@ def export_polygons(mask: MaskInfo, path: str, *, fmt: str = "gpkg", tolerance: 
         staging = os.path.join(tmp, "out" + WRITERS[fmt].suffix)
         writer = WRITERS[fmt](staging, mask.label_name, mask.spatial.crs_wkt)
         batch: tuple[list, list, list, list] = ([], [], [], [])
+        waiting = 0
         for region in polygonize(mask.open(), chunk, sorted(skip), tolerance):
-            geometry = to_crs(region.geometry, mask.spatial.transform)
-            for column, value in zip(batch, (shapely.to_wkb(geometry), region.value,
-                                             _name(mask, region.value), region.pixels), strict=True):
+            wkb = shapely.to_wkb(to_crs(region.geometry, mask.spatial.transform))
+            for column, value in zip(batch, (wkb, region.value, _name(mask, region.value), region.pixels),
+                                     strict=True):
                 column.append(value)
-            if len(batch[0]) >= BATCH:
+            waiting += len(wkb)
+            if len(batch[0]) >= BATCH or waiting >= BATCH_BYTES:
                 writer.write(*batch)
                 count += len(batch[0])
-                batch = ([], [], [], [])
+                batch, waiting = ([], [], [], []), 0
         if batch[0]:
             writer.write(*batch)
             count += len(batch[0])

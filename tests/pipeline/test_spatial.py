@@ -184,3 +184,15 @@ def _wkt() -> str:
     from rasterio.crs import CRS
 
     return CRS.from_epsg(32633).to_wkt()
+
+
+@pytest.mark.integration
+def test_geotiff_on_s3_keeps_its_georeferencing(tmp_path, s3_bucket):
+    import s3fs
+
+    bucket, options = s3_bucket
+    write_geotiff(tmp_path / "scene.tif", 64, 96)
+    s3fs.S3FileSystem(**options).put_file(str(tmp_path / "scene.tif"), f"{bucket}/in/scene.tif")
+    [ref] = discover(f"s3://{bucket}/in", storage_options=options)
+    source = open_source(ref, options)
+    assert source.spatial.transform == GEO_TRANSFORM and source.spatial.epsg == 32633
