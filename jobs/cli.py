@@ -1,5 +1,5 @@
-"""``gigaseg`` command line: validate, run, status, inspect, demo, synth, train, import-pairs, eval, submit, logs,
-job-status.
+"""``gigaseg`` command line: validate, run, status, inspect, demo, synth, train, import-pairs, eval, export-masks,
+submit, logs, job-status.
 
 Exit codes (``jobs.console``, the same for every command): 0 every image succeeded (or was already done), 1 some
 image failed, 2 the spec or the command line is wrong. Problems print one line each; ``--debug`` adds tracebacks.
@@ -27,7 +27,7 @@ log = logging.getLogger("gigaseg")
 def _setup_logging(debug: bool, quiet: bool = False) -> None:
     level = logging.DEBUG if debug else (logging.WARNING if quiet else logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("ray", "distributed", "botocore", "s3fs", "aiobotocore", "fsspec", "urllib3"):
+    for noisy in ("ray", "distributed", "botocore", "s3fs", "aiobotocore", "fsspec", "urllib3", "rasterio", "pyogrio"):
         logging.getLogger(noisy).setLevel(logging.WARNING if not debug else logging.INFO)
 
 
@@ -212,12 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_synth)
 
     from jobs.eval_cli import add_eval_parser
+    from jobs.export_cli import add_export_parser
     from jobs.submit import add_submit_parsers
     from jobs.train.cli import add_import_parser, add_train_parser
 
     add_train_parser(sub)
     add_import_parser(sub)
     add_eval_parser(sub)
+    add_export_parser(sub)
     add_submit_parsers(sub)
     return p
 

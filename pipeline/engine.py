@@ -38,6 +38,7 @@ from pipeline.blocks import block_tiles, owned_counts, plan_blocks
 from pipeline.frameworks.base import StagePlan
 from pipeline.output.arrays import OutputArrays, create_outputs, open_outputs
 from pipeline.output.layout import ImageOutput
+from pipeline.output.nodata import Nodata, nodata_label
 from pipeline.output.state import (
     blocks_done,
     check_resumable,
@@ -51,7 +52,8 @@ from pipeline.output.state import (
 from pipeline.plan import JobPlan
 from pipeline.pyramid import Pyramid, level_shapes, prepare_pyramid
 from pipeline.sources.discover import ImageRef, discover
-from pipeline.sources.formats import open_source
+from pipeline.sources.formats import ImageSource, open_source
+from pipeline.sources.pixels import level_reader
 from pipeline.storage import AuditStore, zarr_store
 from pipeline.workers.dispatch import Call, WorkerPool
 from pipeline.workers.label_pyramid import pyramid_levels
@@ -111,6 +113,7 @@ class _Work:
     result: ImageResult
     t0: float
     out: ImageOutput | None = None
+    source: ImageSource | None = None
     pyramid: Pyramid | None = None
     stages: list[StagePlan] = field(default_factory=list)
     outputs: OutputArrays | None = None
@@ -389,20 +392,23 @@ class JobSteps:
                 result.tiles = int(state.get("tiles", 0))
                 return
             with self.events.phase("ingest"):
-                work.pyramid = pyramid = self._pyramid(work.ref, out)
+                work.source = source = self._source(work.ref)
+                work.pyramid = pyramid = self._pyramid(source, out)
             h, w = pyramid.shapes[0]
             result.shape = (h, w)
             work.stages = plan.framework.stages(pyramid, out, plan.tiling, plan.num_classes)
             result.tiles = sum(len(st.grid) for st in work.stages if st.tiles)
             mark(out, fingerprint=plan.fingerprint, complete=False, shape=[h, w], tiles=result.tiles,
-                 source=work.ref.url, in_place=pyramid.in_place)
+                 source=work.ref.url, in_place=pyramid.in_place, spatial=source.spatial.to_json())
         except Exception as err:
             work.fail(err)
 
-    def _pyramid(self, ref: ImageRef, out: ImageOutput) -> Pyramid:
-        """Level 0 read in place where it can be; the coarser levels the framework reads built (``prepare_pyramid``)."""
+    def _source(self, ref: ImageRef) -> ImageSource:
         inputs = self.plan.inputs
-        source = open_source(ref, inputs.storage_options, inputs.value_range)
+        return open_source(ref, inputs.storage_options, inputs.value_range)
+
+    def _pyramid(self, source: ImageSource, out: ImageOutput) -> Pyramid:
+        """Level 0 read in place where it can be; the coarser levels the framework reads built (``prepare_pyramid``)."""
         levels = self.plan.framework.levels(len(level_shapes(source.shape_yx)))
         return prepare_pyramid(source, out.group_url, levels, chunk=self.plan.tiling.image_chunk,
                                storage_options=self.plan.output.storage_options, scheduler=self.scheduler)
@@ -441,14 +447,22 @@ class JobSteps:
         plan, out = self.plan, work.out
         shapes = list(work.pyramid.shapes)
         kwargs = dict(label_name=plan.output.label_name, shapes=shapes, extras=list(plan.output.extras))
+        spatial = work.source.spatial
+        dtype = blend.labels_dtype(plan.num_classes)
+        label = nodata_label(plan.num_classes, dtype, work.ref.url) if spatial.has_nodata else None
         if not fresh:
             outputs = open_outputs(out, **kwargs)
         else:
             outputs = create_outputs(out, class_names=list(plan.classes.names), class_colors=list(plan.classes.colors),
-                                     chunk=plan.tiling.chunk, labels_dtype=blend.labels_dtype(plan.num_classes),
+                                     chunk=plan.tiling.chunk, labels_dtype=dtype, spatial=spatial, nodata_label=label,
                                      **kwargs)
         levels = pyramid_levels(len(shapes), side, plan.tiling.chunk, *shapes[0])
-        return replace(outputs, block_levels=levels)
+        nodata = None
+        if label is not None:
+            reader, axes = level_reader(work.source, 0)
+            nodata = Nodata(reader, axes, spatial, label)
+        return replace(outputs, block_levels=levels, nodata=nodata)
+
 
     def finish_stage(self, work: _Work, s: int) -> None:
         """The framework's finish of stage ``s`` (MagNet's merge), once every block is in."""
@@ -457,7 +471,8 @@ class JobSteps:
                                          self.plan.tiling.chunk, self.scheduler)
 
     def finish_image(self, work: _Work) -> None:
-        """Label pyramid, completion mark; the work area goes once the mask is complete."""
+        """The label pyramid above the levels the blocks made, completion mark; the work area goes once the mask
+        is complete. (Nodata the input states is in the labels already: the blocks write it, ``output.nodata``.)"""
         outputs = self._audited(work, work.outputs)
         n = self.plan.num_classes
         with self.events.phase("label pyramid"):
@@ -477,8 +492,8 @@ class JobSteps:
         def reopen(a):
             return None if a is None else zarr.open_array(store=store, path=a.path, mode="r+")
 
-        return OutputArrays([reopen(a) for a in outputs.labels], reopen(outputs.confidence),
-                            reopen(outputs.probabilities), outputs.block_levels)
+        return replace(outputs, labels=[reopen(a) for a in outputs.labels], confidence=reopen(outputs.confidence),
+                       probabilities=reopen(outputs.probabilities))
 
 
 __all__ = ["Events", "ImageResult", "JobSteps", "NoEvents", "Progress", "list_images", "run_job"]

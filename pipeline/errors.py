@@ -36,3 +36,8 @@ class SpecError(GigasegError, ValueError):
         self.source = source
         self.problems = problems
         super().__init__(f"{source}: " + "; ".join(problems))
+
+
+class MissingDependencyError(GigasegError, ImportError):
+    """An optional dependency is needed for this input or output (a GeoTIFF, a whole-slide image, an export) and
+    is not installed; the message names the extra that installs it (``pip install 'gigaseg[geo]'``)."""

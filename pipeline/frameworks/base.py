@@ -197,7 +197,7 @@ def output_sink(outputs: OutputArrays, out: ImageOutput) -> OutputSink:
     labels = outputs.labels[0]
     pyramid = tuple(outputs.ref(a, out) for a in outputs.labels[1 : 1 + outputs.block_levels])
     return OutputSink(outputs.ref(labels, out), str(labels.dtype), outputs.ref(outputs.confidence, out),
-                      outputs.ref(outputs.probabilities, out), pyramid)
+                      outputs.ref(outputs.probabilities, out), pyramid, outputs.nodata)
 
 
 __all__ = ["STAGE_MAP", "ArrayRef", "DeviceConfig", "Framework", "ModelSource", "OpenArray", "Resolution", "RowInput",

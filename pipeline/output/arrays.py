@@ -10,7 +10,10 @@ import zarr
 
 from pipeline import ome
 from pipeline.output.layout import ImageOutput
+from pipeline.output.nodata import Nodata
+from pipeline.output.spatial import write_grid_mappings
 from pipeline.plan import ArrayRef
+from pipeline.spatial import Spatial
 from pipeline.storage import zarr_store
 
 log = logging.getLogger(__name__)
@@ -20,12 +23,14 @@ log = logging.getLogger(__name__)
 class OutputArrays:
     """An image's masks: the label pyramid (level 0 first) and the extras asked for; ``block_levels``: how many
     levels above 0 the blocks that write level 0 make themselves (``workers.label_pyramid``), the rest being
-    built from the last of them after the blocks."""
+    built from the last of them after the blocks; ``nodata`` where the input states no data (the blocks writing the
+    labels put the reserved label there)."""
 
     labels: list[zarr.Array]
     confidence: zarr.Array | None = None
     probabilities: zarr.Array | None = None
     block_levels: int = 0
+    nodata: Nodata | None = None  # where the input states no data, for the blocks writing the labels
 
     def ref(self, array: zarr.Array | None, out: ImageOutput) -> ArrayRef | None:
         """``array`` as workers open it (an array of ``out``'s group)."""
@@ -45,9 +50,13 @@ def create_outputs(
     chunk: int,
     extras: list[str],
     labels_dtype,
+    spatial: Spatial = Spatial(),
+    nodata_label: int | None = None,
 ) -> OutputArrays:
     """Create (or recreate, so an interrupted run leaves no stale chunk behind) the label pyramid and the extra
-    arrays, with their NGFF metadata."""
+    arrays, with their NGFF metadata: the scale and units of ``spatial`` on every level, its CF grid mappings when
+    it is georeferenced (``pipeline.output.spatial``), and ``nodata_label`` (``pipeline.output.nodata``) listed as
+    class ``nodata`` with a transparent colour when the input states nodata."""
     root = zarr.open_group(store=zarr_store(out.group_url, out.storage_options), mode="a")
     labels = root.require_group("labels")
     labels.attrs["ome"] = ome.labels_group_attrs([label_name])["ome"]
@@ -60,12 +69,17 @@ def create_outputs(
         )
         for level, shape in enumerate(shapes)
     ]
-    meta = ome.label_multiscales(label_name, len(shapes))
-    meta["image-label"] = ome.image_label(
-        colors=[(i, (*c, 255)) for i, c in enumerate(class_colors)],
-        properties=[(i, name) for i, name in enumerate(class_names)],
-    )
+    size, unit = spatial.ngff_scale(0)
+    meta = ome.label_multiscales(label_name, len(shapes), size, unit=unit)
+    colors = [(i, (*c, 255)) for i, c in enumerate(class_colors)]
+    properties = [(i, name) for i, name in enumerate(class_names)]
+    if nodata_label is not None:
+        colors.append((nodata_label, (0, 0, 0, 0)))
+        properties.append((nodata_label, "nodata"))
+    meta["image-label"] = ome.image_label(colors=colors, properties=properties)
     group.attrs["ome"] = meta
+    group.attrs["gigaseg"] = {"spatial": spatial.to_json(), "nodata_label": nodata_label}
+    write_grid_mappings(group, spatial, {str(level): level for level in range(len(shapes))})
     h, w = shapes[0]
     c = min(chunk, h), min(chunk, w)
     confidence = probabilities = None
@@ -81,6 +95,7 @@ def create_outputs(
             overwrite=True, compressors=_codec("probabilities"), dimension_names=("c", "y", "x"),
         )
         probabilities.attrs["classes"] = class_names
+    write_grid_mappings(root, spatial, {a.basename: 0 for a in (confidence, probabilities) if a is not None})
     return OutputArrays(levels, confidence, probabilities)
 
 
