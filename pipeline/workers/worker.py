@@ -25,7 +25,7 @@ import os
 import queue
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -135,16 +135,23 @@ def _tick(cpu: dict[str, float], phase: str, since: float) -> float:
 
 
 class _Writer:
-    """Carries out a block's writes in its own thread(s), so encoding overlaps the device; errors re-raised."""
+    """Carries out a block's writes in its own thread(s), so encoding overlaps the device; errors re-raised. At
+    most ``pending`` submissions wait or run at once: a submission beyond that waits for the oldest, so a writer
+    slower than the device holds a few chunk rows, not the block's."""
 
-    def __init__(self, open_writable, threads: int = 2) -> None:
+    def __init__(self, open_writable, threads: int = 2, pending: int = 4) -> None:
         self.open = open_writable
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="gigaseg-write")
-        self.futures = []
+        self.futures: deque = deque()
+        self.pending = pending
         self.cpu = 0.0
         self._lock = threading.Lock()
 
     def submit(self, writes) -> None:
+        if not writes:
+            return
+        while len(self.futures) >= self.pending:
+            self.futures.popleft().result()
         self.futures.append(self.pool.submit(self._write, writes))
 
     def _write(self, writes) -> None:
