@@ -4,22 +4,34 @@ Every path in gigaseg is a URL: a local path, ``file://``, ``s3://bucket/prefix`
 ``storage_options`` are passed to fsspec unchanged (``endpoint_url`` for S3-compatible stores goes under
 ``client_kwargs`` or at the top level, as s3fs accepts both). Credentials are never part of them: fsspec
 reads them from the environment or the standard config files.
+
+S3 filesystems and stores are ``pipeline.objectstore.S3FileSystem``: s3fs under the retry policy of
+``pipeline.retries``. Writes are whole or absent: locally a temp file and a rename (``write_bytes``; Zarr's
+``LocalStore`` does the same for chunks and metadata), on object stores one PUT, which S3 makes visible whole or
+not at all. Errors name the file or object and the cause.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import fsspec
 import zarr
-from zarr.storage import FsspecStore, LocalStore
+from fsspec.asyn import sync
+from zarr.storage import FsspecStore
+
+from pipeline.objectstore import S3FileSystem, client_error_code, retry_body
 
 _LOCAL_PROTOCOLS = {"file", "local"}
+#: Filesystem classes gigaseg builds itself (the rest come from fsspec's registry).
+_FILESYSTEMS: dict[str, type] = {"s3": S3FileSystem, "s3a": S3FileSystem}
 
 
 def protocol_of(url: str) -> str:
@@ -67,6 +79,8 @@ def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> fs
     protocol = protocol_of(url)
     if protocol in _LOCAL_PROTOCOLS:
         return fsspec.filesystem("file")
+    if protocol in _FILESYSTEMS:
+        return _FILESYSTEMS[protocol](**effective_options(url, storage_options))
     return fsspec.filesystem(protocol, **effective_options(url, storage_options))
 
 
@@ -81,14 +95,46 @@ def zarr_store(url: str, storage_options: Mapping[str, Any] | None = None, *, re
     """A Zarr v3 store for ``url``.
 
     Local URLs get ``LocalStore`` (writes are temp file + rename, so a killed writer never leaves a torn
-    chunk); everything else gets ``FsspecStore`` over an async fsspec filesystem (object PUTs are atomic).
+    chunk; errors name the file); S3 gets ``FsspecStore`` over gigaseg's ``S3FileSystem`` (object PUTs are
+    atomic), other protocols an ``FsspecStore`` over fsspec's async filesystem.
     """
     if is_local(url):
         path = os.path.abspath(local_path(url))
         if not read_only:
-            os.makedirs(path, exist_ok=True)
+            try:
+                os.makedirs(path, exist_ok=True)
+            except OSError as err:
+                raise _named_local(err, path, "create the directory") from err
         return LocalStore(path, read_only=read_only)
+    protocol = protocol_of(url)
+    if protocol in _FILESYSTEMS:
+        fs = _FILESYSTEMS[protocol](asynchronous=True, **effective_options(url, storage_options))
+        return FsspecStore(fs=fs, path=fs_path(url), read_only=read_only)
     return FsspecStore.from_url(url, storage_options=effective_options(url, storage_options), read_only=read_only)
+
+
+def _named_local(err: OSError, path: str | Path, action: str) -> OSError:
+    """``err`` (same type and errno) with a message naming ``path`` and what failed."""
+    if str(err).startswith(str(path)) or err.errno is None:
+        return err
+    return type(err)(err.errno, f"{path}: cannot {action}: {err.strerror or err}")
+
+
+class LocalStore(zarr.storage.LocalStore):
+    """Zarr's ``LocalStore`` (each write a temp file renamed over the key: ``zarr/storage/_local.py``,
+    ``_atomic_write``) whose write errors name the file and the cause (disk full, read-only, permission)."""
+
+    async def set(self, key: str, value) -> None:
+        try:
+            await super().set(key, value)
+        except OSError as err:
+            raise _named_local(err, self.root / key, "write") from err
+
+    def set_sync(self, key: str, value) -> None:
+        try:
+            super().set_sync(key, value)
+        except OSError as err:
+            raise _named_local(err, self.root / key, "write") from err
 
 
 def open_group(url: str, storage_options: Mapping[str, Any] | None = None, *, mode: str = "r") -> zarr.Group:
@@ -157,18 +203,25 @@ def write_bytes(url: str, data: bytes, storage_options: Mapping[str, Any] | None
     ``url``'s name). Object stores: one PUT, which S3 and its peers make visible whole or not at all."""
     if is_local(url):
         path = os.path.abspath(local_path(url))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+            _write_local(path, data)
+        except OSError as err:
+            raise _named_local(err, path, "write") from err
         return
     filesystem(url, storage_options).pipe_file(fs_path(url), data)
+
+
+def _write_local(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def write_once(url: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> bool:
@@ -186,3 +239,114 @@ def write_once(url: str, data: bytes, storage_options: Mapping[str, Any] | None 
 
 def write_json(url: str, data: Any, storage_options: Mapping[str, Any] | None = None) -> None:
     write_bytes(url, json.dumps(data, indent=2).encode(), storage_options)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Conditional writes: a small file replaced only if it is still the version read (the output lease).
+# S3: PutObject with If-None-Match: * (create only) or If-Match: <ETag> (replace only that version), which S3 and
+# moto (5.x) check on the server. Locally: the check and the write under an exclusive flock of ``<path>.lock``,
+# which the kernel releases when its holder dies. Other protocols: check then write, not atomic.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def read_versioned(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[bytes, str] | None:
+    """``(content, version)`` of the file at ``url``, or None when there is none. The version is the ETag on S3,
+    inode, size and mtime locally: what ``write_if`` compares."""
+    if is_local(url):
+        path = os.path.abspath(local_path(url))
+        try:
+            with open(path, "rb") as f:
+                return f.read(), _local_version(os.fstat(f.fileno()))
+        except FileNotFoundError:
+            return None
+    fs = filesystem(url, storage_options)
+    if isinstance(fs, S3FileSystem):
+        try:
+            return sync(fs.loop, _s3_get_with_etag, fs, fs_path(url))
+        except FileNotFoundError:
+            return None
+    try:
+        data = fs.cat_file(fs_path(url))
+    except FileNotFoundError:
+        return None
+    return data, str(fs.info(fs_path(url)).get("ETag") or fs.ukey(fs_path(url)))
+
+
+async def _s3_get_with_etag(fs: S3FileSystem, path: str) -> tuple[bytes, str]:
+    bucket, key, _ = fs.split_path(path)
+
+    async def get():
+        resp = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+        try:
+            return await resp["Body"].read(), resp["ETag"]
+        finally:
+            resp["Body"].close()
+
+    return await retry_body(get, f"s3://{path}")
+
+
+def write_if(url: str, data: bytes, version: str | None,
+             storage_options: Mapping[str, Any] | None = None) -> str | None:
+    """Write ``data`` at ``url`` only if the file there is still ``version`` (None: only if there is none).
+    Returns the new version, or None when the condition failed (someone else wrote or removed it)."""
+    if is_local(url):
+        path = os.path.abspath(local_path(url))
+        with _local_mutex(path):
+            current = read_versioned(url)
+            if (current[1] if current else None) != version:
+                return None
+            write_bytes(url, data)
+            return read_versioned(url)[1]
+    fs = filesystem(url, storage_options)
+    if isinstance(fs, S3FileSystem):
+        condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+        try:
+            out = fs.pipe_file(fs_path(url), data, **condition)
+        except (FileExistsError, FileNotFoundError):
+            return None  # If-None-Match failed (FileExistsError), or If-Match on a removed object
+        except OSError as err:
+            if client_error_code(err) in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return None
+            raise
+        return (out or {}).get("ETag") or read_versioned(url, storage_options)[1]
+    current = read_versioned(url, storage_options)
+    if (current[1] if current else None) != version:
+        return None
+    write_bytes(url, data, storage_options)
+    return read_versioned(url, storage_options)[1]
+
+
+def delete_if(url: str, version: str, storage_options: Mapping[str, Any] | None = None) -> bool:
+    """Remove the file at ``url`` if it is still ``version``; whether it did."""
+    if is_local(url):
+        path = os.path.abspath(local_path(url))
+        with _local_mutex(path):
+            current = read_versioned(url)
+            if current is None or current[1] != version:
+                return False
+            os.unlink(path)
+            return True
+    current = read_versioned(url, storage_options)
+    if current is None or current[1] != version:
+        return False  # S3 has no conditional delete everywhere (moto 5.2 ignores If-Match on DELETE): check first
+    filesystem(url, storage_options).rm_file(fs_path(url))
+    return True
+
+
+def _local_version(st: os.stat_result) -> str:
+    return f"{st.st_ino}-{st.st_size}-{st.st_mtime_ns}"
+
+
+@contextlib.contextmanager
+def _local_mutex(path: str) -> Iterator[None]:
+    """An exclusive ``flock`` of ``<path>.lock`` (created if needed): released when the block ends or the process dies."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(f"{path}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError as err:
+        raise _named_local(err, f"{path}.lock", "create") from err
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
