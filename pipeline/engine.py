@@ -479,7 +479,10 @@ class JobSteps:
                                          self.plan.tiling.chunk, self.scheduler)
 
     def finish_image(self, work: _Work) -> None:
-        """Label pyramid, completion mark; the work area goes once the mask is complete."""
+        """Label pyramid, completion mark; the work area goes once the mask is complete. Resuming an image whose
+        stages were all done (its driver died before the completion mark), the masks are opened as they are."""
+        if work.outputs is None:
+            work.outputs = self._outputs(work, fresh=False)
         outputs = self._audited(work, work.outputs)
         n = self.plan.num_classes
         with self.events.phase("label pyramid"):

@@ -85,9 +85,12 @@ def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> fs
 
 
 def fs_path(url: str) -> str:
-    """The path form fsspec filesystems expect (protocol stripped)."""
+    """The path form fsspec filesystems expect (protocol stripped; HTTP(S) URLs, a presigned one for instance,
+    stay whole: fsspec's HTTP filesystem takes them so)."""
     if is_local(url):
         return os.path.abspath(local_path(url))
+    if protocol_of(url) in ("http", "https"):
+        return url
     return url.split("://", 1)[1]
 
 

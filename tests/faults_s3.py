@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Literal
 from urllib.parse import parse_qs, urlsplit
+from xml.sax.saxutils import escape
 
 from tests.s3count import request_kind
 
@@ -59,6 +60,9 @@ class FaultRule:
     kinds: frozenset[str] = ALL_KINDS
     prefix: str = ""
     delay_s: float = 0.2
+    limit: int | None = None  # at most this many faults from this rule (1: only the first matching request)
+    echo_auth: bool = False  # error messages quote the request's Authorization and token headers (as a careless
+    #                          S3-compatible server might): what a secrets test needs an error to carry
 
     def __post_init__(self) -> None:
         if self.fault not in FAULTS:
@@ -103,6 +107,7 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._rules = tuple(rules)
         self._seen: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._fired: collections.Counter[FaultRule] = collections.Counter()
         self.injected: collections.Counter[tuple[str, str]] = collections.Counter()
         self.served: collections.Counter[str] = collections.Counter()
         self._server: ThreadingHTTPServer | None = None
@@ -151,6 +156,9 @@ class FaultProxy:
         for index, rule in enumerate(rules):
             if rule.matches(kind, target) and _uniform(self.seed, index, kind, target, occurrence) < rule.rate:
                 with self._lock:
+                    if rule.limit is not None and self._fired[rule] >= rule.limit:
+                        continue
+                    self._fired[rule] += 1
                     self.injected[(rule.fault, kind)] += 1
                 return rule
         return None
@@ -200,7 +208,11 @@ class _Handler(BaseHTTPRequestHandler):
         rule = self.proxy.decide(kind, target)
         fault = rule.fault if rule else None
         if fault in _ERRORS:
-            self._error(*_ERRORS[fault], target)
+            status, code, message = _ERRORS[fault]
+            if rule.echo_auth:
+                message += (f" (request Authorization: {self.headers.get('Authorization', '')}; "
+                            f"X-Amz-Security-Token: {self.headers.get('X-Amz-Security-Token', '')})")
+            self._error(status, code, message, target)
             return
         if fault == "delay":
             time.sleep(rule.delay_s)
@@ -234,7 +246,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _error(self, status: int, code: str, message: str, target: str) -> None:
         bucket, _, key = target.partition("/")
-        xml = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message>'
+        xml = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{escape(message)}</Message>'
                f"<BucketName>{bucket}</BucketName><Key>{key}</Key><RequestId>faultproxy</RequestId></Error>").encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/xml")
