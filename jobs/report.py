@@ -95,7 +95,8 @@ def status(output_url: str, storage_options: dict[str, Any]) -> dict[str, Any]:
     layout = JobLayout(output_url, storage_options)
     plan = read_json(layout.plan_url, storage_options)
     report = read_json(layout.report_url, storage_options) or {"images": []}
-    if plan is None and not report["images"]:
+    lease = read_versioned(layout.lease_url, storage_options)
+    if plan is None and not report["images"] and lease is None:
         raise FileNotFoundError(
             f"{output_url} holds no gigaseg output (no report.json or {WORK_DIR}/{PLAN_NAME}); "
             "check the path, or run a job with output.url set to it"
@@ -119,7 +120,6 @@ def status(output_url: str, storage_options: dict[str, Any]) -> dict[str, Any]:
         error = entry.get("error")
         rows.append({"name": name, "status": st, "tiles_done": done, "tiles": total,
                      "error": redact(error) if error else error})
-    lease = read_versioned(layout.lease_url, storage_options)
     holder = Holder.parse(lease[0]) if lease else None
     return {"images": rows, "counts": {s: sum(r["status"] == s for r in rows)
                                        for s in ("done", "failed", "in progress", "left")},
