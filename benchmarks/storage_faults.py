@@ -16,7 +16,6 @@ import logging
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -96,8 +95,11 @@ def _run(spec, progress=None):
 
 def _mount(path: Path, options: str) -> bool:
     path.mkdir(parents=True, exist_ok=True)
-    return os.geteuid() == 0 and shutil.which("mount") is not None and subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", options, "gigaseg-bench", str(path)], capture_output=True).returncode == 0
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "gigaseg-bench", str(path)], capture_output=True,
+                          check=False)
+    return done.returncode == 0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -178,7 +180,8 @@ def main(argv: list[str] | None = None) -> None:
             for kind, options in (("read-only", "ro,size=1m"), ("full", "size=3m")):
                 path = tmp / f"disk-{kind}"
                 if not _mount(path, options):
-                    persistent.append([f"local disk {kind}", "not run (cannot mount a tmpfs here)", "—", "—", "—"])
+                    persistent.append([f"local disk {kind}", "not run (cannot mount a tmpfs here)", "—", "—",
+                                       "—"])
                     continue
                 try:
                     watch = _Watch()
@@ -192,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
                         persistent.append(_failed("local disk full (3 MB tmpfs; timed from the job's start)", watch,
                                                   str(path)))
                 finally:
-                    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+                    subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
         finally:
             ray.shutdown()
             server.stop()
@@ -201,13 +204,13 @@ def main(argv: list[str] | None = None) -> None:
     persistent_ok = all(r[2] != "—" and r[3] == "yes" and float(r[2].split()[0]) <= 60 for r in persistent
                         if not r[1].startswith("not run")) and bool(persistent)
     body = "\n".join([
-        "Inputs and outputs on a moto S3 server behind the fault proxy (`tests/faults_s3.py`): a 768² Zarr (read in "
+        ("Inputs and outputs on a moto S3 server behind the fault proxy (`tests/faults_s3.py`): a 768² Zarr (read in "
         "place) and a 512² tiled TIFF (byte ranges); fpn_resnet18 width 8, tile 128, overlap 32, 256² mask chunks, "
         "confidence; 2 workers on one local Ray cluster. Transient faults on every kind of request (GET, PUT, HEAD, "
         "LIST) of inputs and outputs at the rate shown, seeded; retries: what report.json counts (botocore's and "
         "gigaseg's; aiohttp re-sends an idempotent request on a reused connection closed before any answer by "
         "itself, uncounted); faults: requests the proxy failed or delayed; identical: every mask level and the "
-        "confidence, bit for bit, against the clean run.",
+        "confidence, bit for bit, against the clean run."),
         "",
         markdown_table(["fault", "rate", "outcome", "retries counted", "faults injected", "wall s",
                         "extra vs clean", "identical"], rows),
@@ -217,8 +220,9 @@ def main(argv: list[str] | None = None) -> None:
         markdown_table(["fault", "outcome", "reported after", "URL named", "error (first 160 characters)"],
                        persistent),
         "",
-        f"**Target: every transient kind at 5 % survived with identical output: {'met' if transient_ok else 'NOT met'}; "
-        f"every persistent kind reported within 60 s with the URL named: {'met' if persistent_ok else 'NOT met'}.**",
+        ("**Target: every transient kind at 5 % survived with identical output: "
+         f"{'met' if transient_ok else 'NOT met'}; every persistent kind reported within 60 s with the URL named: "
+         f"{'met' if persistent_ok else 'NOT met'}.**"),
     ])
     print("\n" + body)
     if not args.no_results:

@@ -187,8 +187,8 @@ def run_plan(spec: JobSpec, plan: JobPlan, *, progress: ProgressBar | None = Non
     """Run ``plan`` (``jobs.plan.job_plan`` of ``spec``; a benchmark may swap its framework for a null model)
     under ``lease`` (taken here when None)."""
     if lease is None:
-        with hold_output(spec) as lease:
-            return run_plan(spec, plan, progress=progress, events=events, lease=lease)
+        with hold_output(spec) as held:
+            return run_plan(spec, plan, progress=progress, events=events, lease=held)
     refs = list_images(plan)
     log.info("%d image(s) under %s", len(refs), spec.inputs.url)
     workers = JobWorkers(spec, plan, events)

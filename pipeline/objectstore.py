@@ -72,7 +72,7 @@ def named(err: BaseException, url: str, action: str, *, missing_bucket_fails: bo
     before); a transport error botocore gave up on becomes a ``StorageError``; so does a missing bucket when
     ``missing_bucket_fails``. Errors already named are returned as they are."""
     text = str(err)
-    if text.startswith(url):
+    if url in text:
         return err
     if missing_bucket_fails and client_error_code(err) == "NoSuchBucket":
         bucket = url.split("://", 1)[-1].split("/", 1)[0]
@@ -137,7 +137,7 @@ async def retry_body(read, url: str):
         try:
             return await read()
         except _BODY_ERRORS as err:
-            if isinstance(err, OSError) and str(err).startswith("s3://"):
+            if isinstance(err, OSError) and url in str(err):
                 raise  # named by _call_s3: a request botocore has retried already
             if attempt == ATTEMPTS:
                 raise StorageError(errno.EIO, f"{url}: read cut short {ATTEMPTS} times, giving up: "

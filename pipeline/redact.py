@@ -15,8 +15,8 @@ import re
 
 #: Query parameters (and header fields) whose values are secrets: AWS SigV4 and SigV2, GCS, Azure SAS.
 _SECRET_PARAMS = re.compile(
-    r"(?i)(?<![A-Za-z0-9_-])((?:X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|Signature|AWSAccessKeyId|"
-    r"X-Goog-Signature|X-Goog-Credential|sig|access_token|token)=)[^&\s'\"<>,]+")
+    r"(?i)(?<![A-Za-z0-9_-])((?:X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|Signature|Credential|"
+    r"AWSAccessKeyId|X-Goog-Signature|X-Goog-Credential|sig|access_token|token)=)[^&\s'\"<>,]+")
 #: Environment variables holding credentials; their values are masked wherever they appear.
 SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
               "AZURE_STORAGE_KEY", "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_SAS_TOKEN",

@@ -3,8 +3,8 @@
 The policy, in this one place (``pipeline.objectstore`` applies it):
 
 - a request is tried at most ``ATTEMPTS`` times in all;
-- before try ``i + 1`` (``i`` ≥ 1) it waits ``rand(0, 1) · min(BASE_S · 2^(i−1), CAP_S)`` seconds: exponential backoff
-  with full jitter, so many workers throttled at once do not come back in step;
+- before try ``i + 1`` (``i`` ≥ 1) it waits ``rand(0, 1) · min(BASE_S · 2^(i−1), CAP_S)`` seconds: exponential
+  backoff with full jitter, so many workers throttled at once do not come back in step;
 - only faults a retry can get past are retried: 503 SlowDown and other throttling, 500/502/504, a connection
   reset or timed out, a response body cut short. 403, 404, NoSuchBucket and every other answer fail at once.
 

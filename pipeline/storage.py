@@ -342,7 +342,8 @@ def _local_version(st: os.stat_result) -> str:
 
 @contextlib.contextmanager
 def _local_mutex(path: str) -> Iterator[None]:
-    """An exclusive ``flock`` of ``<path>.lock`` (created if needed): released when the block ends or the process dies."""
+    """An exclusive ``flock`` of ``<path>.lock`` (created if needed), released when the block ends or the process
+    dies."""
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd = os.open(f"{path}.lock", os.O_CREAT | os.O_RDWR, 0o644)

@@ -54,8 +54,9 @@ def test_without_rules_requests_pass_through(proxy, s3_bucket):
     assert proxy.faults() == 0 and proxy.served == {"PUT": 1, "GET": 1, "HEAD": 1, "LIST": 1}
 
 
-@pytest.mark.parametrize("fault,status,code", [("slowdown", 503, b"SlowDown"), ("error", 500, b"InternalError"),
-                                               ("forbidden", 403, b"AccessDenied"), ("no_bucket", 404, b"NoSuchBucket")])
+@pytest.mark.parametrize("fault,status,code", [
+    ("slowdown", 503, b"SlowDown"), ("error", 500, b"InternalError"), ("forbidden", 403, b"AccessDenied"),
+    ("no_bucket", 404, b"NoSuchBucket")])
 def test_error_faults_answer_instead_of_the_store(proxy, s3_bucket, fault, status, code):
     bucket, _ = s3_bucket
     proxy.set_rules(FaultRule(fault, 1.0, frozenset({"PUT", "GET"})))

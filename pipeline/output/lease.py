@@ -187,11 +187,12 @@ def acquire(layout: JobLayout, *, force: bool = False, timeout_s: float = LEASE_
             return Lease(url, so, token, started, current[1], timeout_s, heartbeat_s)
         why = "it is unreadable" if holder is None else holder.stale()
         if why is None and not force:
+            expires = max(0.0, holder.heartbeat + holder.timeout_s - time.time())
             raise LeaseHeldError(
                 f"{layout.url} is being written by another gigaseg driver ({holder.describe()}); two drivers on one "
                 f"output would duplicate the work. Wait for it to finish, stop it, or choose another output.url. If "
-                f"that driver is dead, its lease expires {max(0.0, holder.heartbeat + holder.timeout_s - time.time()):.0f}"
-                f" s from now; `gigaseg run --force` takes the output over at once")
+                f"that driver is dead, its lease expires {expires:.0f} s from now; `gigaseg run --force` takes the "
+                "output over at once")
         version = write_if(url, data, current[1], so)
         if version is not None:
             reason = why or "--force"

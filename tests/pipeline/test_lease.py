@@ -60,7 +60,7 @@ def test_a_dead_drivers_lease_is_taken_over(layout):
     _write_lease(layout, host="elsewhere", heartbeat=time.time() - 121.0)  # heartbeat older than its timeout
     with acquire(layout) as lease:
         assert _holder(layout).token == lease.token
-    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
     _write_lease(layout, pid=int(done.stdout))  # same host, fresh heartbeat, but its process has exited
     with acquire(layout) as lease:
         assert _holder(layout).token == lease.token
