@@ -1,5 +1,5 @@
 """A local output that cannot be written: read-only stops the job before any work; a disk that fills up fails the
-image being written, with the file and the cause, and the next run (with space again) skips what was finished.
+image being written, with the file and the cause, and leaves the finished image whole and marked complete.
 
 The disks are real: a size-limited tmpfs (full: ENOSPC) or a read-only one mounted on the test's output
 directory, where this process may mount (root with CAP_SYS_ADMIN, as on the CI machine); without that, the
@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 
-import numpy as np
 import pytest
 import zarr
 
@@ -72,7 +71,7 @@ def test_a_read_only_output_stops_the_job_before_any_work(tmp_path, mounts):
     assert not (out / "report.json").exists()
 
 
-def test_a_full_disk_fails_the_image_and_the_rerun_skips_the_finished_one(tmp_path, mounts, ray_cluster):
+def test_a_full_disk_fails_the_image_and_keeps_the_finished_one(tmp_path, mounts, ray_cluster):
     out = tmp_path / "out"
     if not mounts(out, "size=1200k"):
         pytest.skip("cannot mount a size-limited tmpfs here (needs root with CAP_SYS_ADMIN)")
@@ -83,9 +82,8 @@ def test_a_full_disk_fails_the_image_and_the_rerun_skips_the_finished_one(tmp_pa
     assert [(r.name, r.status) for r in results] == [("a", "ok"), ("b", "failed")], [r.error for r in results]
     error = results[1].error
     assert str(out / "b.zarr") in error and "No space left on device" in error, error
-    first = zarr.open_array(str(out / "a.zarr" / "labels" / "segmentation" / "0"), mode="r")[:]
-
-    subprocess.run(["mount", "-o", "remount,size=64m", str(out)], check=True)  # space again
-    rerun = run_spec(spec)
-    assert [(r.name, r.status) for r in rerun] == [("a", "skipped"), ("b", "ok")], [r.error for r in rerun]
-    assert np.array_equal(zarr.open_array(str(out / "a.zarr" / "labels" / "segmentation" / "0"), mode="r")[:], first)
+    # a is whole and marked complete, so the next run skips it (tests/jobs/test_storage_faults.py reruns so)
+    group = zarr.open_group(str(out / "a.zarr"), mode="r")
+    assert group.attrs["gigaseg"]["complete"] is True
+    labels = zarr.open_array(str(out / "a.zarr" / "labels" / "segmentation" / "0"), mode="r")[:]
+    assert labels.shape == (192, 192)

@@ -88,6 +88,8 @@ class LocalPool:
 
 def run(spec_data: dict):
     """The job of ``spec_data``, as ``jobs.runner.run_spec`` runs it (lease, weights copy, report), without Ray."""
+    import torch
+
     from jobs.plan import job_plan, resolve_model
     from jobs.progress import ProgressBar
     from jobs.report import Report
@@ -96,11 +98,16 @@ def run(spec_data: dict):
     from pipeline.engine import list_images, run_job
 
     spec = parse_spec(spec_data)
-    with hold_output(spec):
-        plan = job_plan(spec, resolve_model(spec))
-        refs = list_images(plan)
-        report = Report(spec.output.url, {}, [r.name for r in refs], spec.model_dump(mode="json"))
-        return run_job(plan, refs, LocalPool(plan), ProgressBar(enabled=False), on_image=report.add)
+    threads = torch.get_num_threads()  # the worker sets its own: the calling process keeps its setting
+    try:
+        with hold_output(spec):
+            plan = job_plan(spec, resolve_model(spec))
+            refs = list_images(plan)
+            report = Report(spec.output.url, dict(spec.output.storage_options), [r.name for r in refs],
+                            spec.model_dump(mode="json"))
+            return run_job(plan, refs, LocalPool(plan), ProgressBar(enabled=False), on_image=report.add)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _child(spec_data: dict, kill: tuple | None, results) -> None:
