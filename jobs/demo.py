@@ -33,6 +33,7 @@ from jobs.spec import parse_spec
 from pipeline.evaluation.masks import open_mask
 from pipeline.evaluation.metrics import BoundaryCounts
 from pipeline.sources.discover import _safe_name
+from pipeline.storage import write_bytes
 from pipeline.synth import CLASSES, SynthConfig, image_and_labels, synth_dask
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ def make_archive(root: Path, large: int = 8192) -> list[DemoImage]:
         if known.get(rel) != [h, w, seed] or not gt.exists():
             _write_one(path, how, SynthConfig(height=h, width=w, seed=seed), gt)
             known[rel] = [h, w, seed]
-            record.write_text(json.dumps(known))
+            write_bytes(str(record), json.dumps(known).encode())  # whole or not at all: a rerun trusts it
         images.append(DemoImage(name, path, h, w, seed, kind))
     return images
 
