@@ -9,12 +9,13 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+from pipeline.conditional import read_versioned
 from pipeline.engine import ImageResult
 from pipeline.output.layout import PLAN_NAME, WORK_DIR, JobLayout
 from pipeline.output.lease import Holder
 from pipeline.output.state import blocks_done, read_state
 from pipeline.redact import redact
-from pipeline.storage import read_json, read_versioned, write_bytes, write_json
+from pipeline.storage import read_json, write_bytes, write_json
 
 log = logging.getLogger(__name__)
 

@@ -33,9 +33,9 @@ from typing import Any
 
 import psutil
 
+from pipeline.conditional import delete_if, read_versioned, write_if
 from pipeline.errors import LeaseHeldError, LeaseLostError
 from pipeline.output.layout import JobLayout
-from pipeline.storage import delete_if, read_versioned, write_if
 
 log = logging.getLogger(__name__)
 

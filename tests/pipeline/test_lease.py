@@ -13,10 +13,11 @@ import time
 
 import pytest
 
+from pipeline.conditional import read_versioned, write_if
 from pipeline.errors import LeaseHeldError, LeaseLostError
 from pipeline.output.layout import JobLayout
 from pipeline.output.lease import Holder, acquire
-from pipeline.storage import read_versioned, write_bytes, write_if
+from pipeline.storage import write_bytes
 
 
 def _write_lease(layout: JobLayout, **fields) -> None:
