@@ -37,6 +37,7 @@ from pipeline.evaluation.metrics import BoundaryCounts
 from pipeline.optional import available
 from pipeline.sources.discover import _safe_name
 from pipeline.spatial import Spatial
+from pipeline.storage import write_bytes
 from pipeline.synth import CLASSES, SynthConfig, image_and_labels, synth_dask
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ def make_archive(root: Path, large: int = 8192) -> list[DemoImage]:
         if known.get(rel) != stamp or not gt.exists():
             _write_one(path, how, SynthConfig(height=h, width=w, seed=seed), gt)
             known[rel] = stamp
-            record.write_text(json.dumps(known))
+            write_bytes(str(record), json.dumps(known).encode())  # whole or not at all: a rerun trusts it
         images.append(DemoImage(name, path, h, w, seed, kind))
     return images
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from models import ARCHITECTURES
 from pipeline.errors import SpecError
+from pipeline.redact import redact
 from pipeline.workers.dask_cluster import check_setting
 
 #: Keys that carry secrets in fsspec/s3fs/gcsfs/adlfs storage options.
@@ -302,8 +303,9 @@ class JobSpec(Strict):
     failure: FailureSpec = Field(default_factory=FailureSpec)
 
     def echo(self) -> str:
-        """The spec as YAML, as the run uses it (safe to log: it never holds credentials)."""
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The spec as YAML, as the run uses it (safe to log: it never holds credentials, and a presigned URL's
+        signature is masked: ``pipeline.redact``)."""
+        return redact(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

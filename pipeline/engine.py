@@ -51,6 +51,8 @@ from pipeline.output.state import (
 )
 from pipeline.plan import JobPlan
 from pipeline.pyramid import Pyramid, level_shapes, prepare_pyramid
+from pipeline.redact import redact
+from pipeline.retries import RETRY_LOG, under
 from pipeline.sources.discover import ImageRef, discover
 from pipeline.sources.formats import ImageSource, open_source
 from pipeline.sources.pixels import level_reader
@@ -73,6 +75,7 @@ class ImageResult:
     tiles_retried: int = 0
     seconds: float = 0.0
     megapixels_per_s: float = 0.0
+    retries: int = 0  # storage requests retried for this image's input and output (``pipeline.retries``)
     error: str | None = None
 
 
@@ -129,13 +132,17 @@ class _Work:
     def failed(self) -> bool:
         return self.result.status == "failed"
 
+    def roots(self) -> list[str]:
+        """The URLs under which this image's reads and writes go: its source, its output group, its work area."""
+        return [self.ref.url, *((self.out.group_url, self.out.work_url) if self.out is not None else ())]
+
     def fail(self, err: Exception | str) -> None:
         """One bad image never stops the others; the report says why."""
         if self.failed:
             return
         self.result.status = "failed"
-        self.result.error = err if isinstance(err, str) else (
-            str(err) if isinstance(err, GigasegError) else f"{type(err).__name__}: {err}".splitlines()[0])
+        self.result.error = redact(err if isinstance(err, str) else (
+            str(err) if isinstance(err, GigasegError) else f"{type(err).__name__}: {err}".splitlines()[0]))
         log.error("%s: %s", self.ref.url, self.result.error)
         if not isinstance(err, str):
             log.debug("traceback for %s", self.ref.url, exc_info=err)
@@ -192,6 +199,7 @@ def run_job(
     *,
     scheduler: Any = "threads",
     events: Events = NoEvents(),
+    stop_when: Callable[[], bool] = lambda: False,
 ) -> list[ImageResult]:
     """Run every image, several at a time (module docstring); results are reported in input order.
 
@@ -201,9 +209,11 @@ def run_job(
     ``scheduler`` runs the Dask graphs (``"threads"`` or a ``distributed.Client``). ``pool`` may be a function
     that starts the pool: it is called once the first image's preparation is under way, so starting the cluster
     overlaps it. ``on_tiles_done`` is called once no block is left to run, before the last images are finished,
-    so the caller can release the workers meanwhile.
+    so the caller can release the workers meanwhile. Once ``stop_when()`` is true no further image is started
+    (the output's lease was lost); those in flight finish.
     """
     job = _Job(plan, progress, on_image, scheduler, events)
+    job.stop_when = stop_when
     return job.run(refs, pool, on_tiles_done)
 
 
@@ -217,6 +227,8 @@ class _Job:
         self.results: list[ImageResult | None] = []
         self.emitted = 0
         self.stop = False
+        self.works: list[_Work] = []  # images in flight (their retries are counted by URL)
+        self.stop_when: Callable[[], bool] = lambda: False
 
     # ---------------------------------------------------------------- the flow of images
 
@@ -244,9 +256,13 @@ class _Job:
 
     def _admit(self) -> None:
         with self._lock:
+            if not self.stop and self.stop_when():
+                log.error("stopping: no further image is started")
+                self.stop = True
             while self.upcoming and self.in_flight < self.max_in_flight and not self.stop:
                 position, ref = self.upcoming.popleft()
                 work = _Work(position, ref, ImageResult(name=ref.name, url=ref.url, status="ok"), time.perf_counter())
+                self.works.append(work)
                 self.in_flight += 1
                 self.prep.submit(self._guard, self._prepare, work)
             if self.stop:
@@ -289,6 +305,7 @@ class _Job:
     def _on_result(self, call: Call, result: BlockResult) -> None:
         work, s = call.tag
         self.events.batch(result)
+        self._count_retries(result.retries, work)
         if work.failed:
             return
         mark_block(work.out, s, call.task.block, owned=result.owned, tiles=result.tiles_run)
@@ -318,6 +335,19 @@ class _Job:
         with self._lock:
             work.result.tiles_retried += call.task.owned
 
+    def _count_retries(self, by_url: dict[str, int], work: _Work) -> None:
+        """A worker's retries, by URL, added to the image in flight whose URLs they are under (``work`` first: the
+        block's own image; a worker running two blocks at once hands over the other's too). Retries of no image's
+        URL (the weights, the job's files) go back to this process's log, counted for the job as a whole."""
+        with self._lock:
+            works = [work, *(w for w in self.works if w is not work)]
+            for url, n in by_url.items():
+                owner = next((w for w in works if any(under(url, r) for r in w.roots())), None)
+                if owner is not None and not owner.finished:
+                    owner.result.retries += n
+                else:
+                    RETRY_LOG.add(url, n)
+
     def _close(self, work: _Work) -> None:
         with self._lock:
             if not work.closed:
@@ -341,8 +371,10 @@ class _Job:
         with self._lock:
             if work.finished:
                 return
-            work.finished = True
             result = work.result
+            result.retries += sum(RETRY_LOG.take(work.roots()).values())  # the driver's own, for this image
+            work.finished = True
+            self.works.remove(work)
             result.seconds = time.perf_counter() - work.t0
             if result.status == "ok" and work.first_call is not None and work.megapixels:
                 result.megapixels_per_s = work.megapixels / max(work.last_result - work.first_call, 1e-9)
@@ -472,7 +504,11 @@ class JobSteps:
 
     def finish_image(self, work: _Work) -> None:
         """The label pyramid above the levels the blocks made, completion mark; the work area goes once the mask
-        is complete. (Nodata the input states is in the labels already: the blocks write it, ``output.nodata``.)"""
+        is complete. (Nodata the input states is in the labels already: the blocks write it, ``output.nodata``.)
+        Resuming an image whose stages were all done (its driver died before the completion mark), the masks are
+        opened as they are."""
+        if work.outputs is None:
+            work.outputs = self._outputs(work, fresh=False, side=self.plan.tiling.block_side(self.plan.num_classes))
         outputs = self._audited(work, work.outputs)
         n = self.plan.num_classes
         with self.events.phase("label pyramid"):

@@ -40,6 +40,7 @@ from pipeline.errors import ImageReadError
 from pipeline.frameworks.base import Framework, StagePlan
 from pipeline.plan import ArrayRef
 from pipeline.row_reader import image_rows
+from pipeline.retries import RETRY_LOG
 from pipeline.storage import AuditStore, join, read_bytes, zarr_store
 from pipeline.tiling import BlendWindow, window_2d
 from pipeline.workers.device_blend import BlockBlend
@@ -74,6 +75,7 @@ class BlockResult:
     megapixels: float  # tile pixels through the model
     worker: str
     cpu: dict[str, float] = field(default_factory=dict)  # CPU-seconds by phase: read, device, write
+    retries: dict[str, int] = field(default_factory=dict)  # storage retries this process made since its last result, by URL
 
 
 class ChunkRows:
@@ -254,7 +256,7 @@ class BlockWorker:
             finally:
                 cpu["write"] += writer.finish()
             return BlockResult(stage.index, task.block.index, 0, task.owned, time.perf_counter() - t0, 0.0, 0.0,
-                               self.name, dict(cpu))
+                               self.name, dict(cpu), RETRY_LOG.take())
         x_lo = grid.window(0, min(ix for ixs in rows.values() for ix in ixs)).x0
         x_hi = grid.window(0, max(ix for ixs in rows.values() for ix in ixs)).x1
         weights = self._blend_weights(task)
@@ -296,7 +298,8 @@ class BlockWorker:
             reads.close()
             cpu["write"] += writer.finish()
         return BlockResult(stage.index, task.block.index, len(task.tiles), task.owned, time.perf_counter() - t0,
-                           model_seconds, len(task.tiles) * grid.tile * grid.tile / 1e6, self.name, dict(cpu))
+                           model_seconds, len(task.tiles) * grid.tile * grid.tile / 1e6, self.name, dict(cpu),
+                           RETRY_LOG.take())
 
     def _tiles(self, row: np.ndarray, offsets: list[int], tile: int) -> torch.Tensor:
         """The row's tiles ``(n, 3, T, T)`` uint8 on the device: the row window copied once, tiles cut there."""
