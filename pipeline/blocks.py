@@ -3,8 +3,8 @@ worker runs every tile that overlaps it, blends them on its device and writes th
 
 Geometry (pure functions; ``grid`` the stage's ``TileGrid``, ``chunk`` the output chunk side)::
 
-    blocks      the level cut into rectangles of whole chunks, ≤ ``side`` px a side (``side`` a multiple of
-                ``chunk``): rows [i·side, min((i+1)·side, H)), likewise columns
+    blocks      the level cut into rectangles of whole chunks, ``side = (sy, sx)`` px (multiples of ``chunk``;
+                one number: square): rows [i·sy, min((i+1)·sy, H)), columns [j·sx, min((j+1)·sx, W))
     block tiles the tiles whose window overlaps the block: ``grid.tiles_overlapping(block)``
     owned tiles each tile belongs to the one block holding the centre of its window clipped to the image
 
@@ -39,16 +39,20 @@ class Block:
         return f"{self.index[0]}-{self.index[1]}"
 
 
-def block_side(side: int, chunk: int) -> int:
-    """``side`` rounded down to a multiple of ``chunk`` (at least one chunk)."""
-    return max(chunk, side // chunk * chunk)
+Side = int | tuple[int, int]  # a block's side, or its (height, width)
 
 
-def plan_blocks(height: int, width: int, chunk: int, side: int) -> list[Block]:
+def block_side(side: Side, chunk: int) -> tuple[int, int]:
+    """``(height, width)`` of a block, each rounded down to a multiple of ``chunk`` (at least one chunk)."""
+    sy, sx = (side, side) if isinstance(side, int) else side
+    return max(chunk, sy // chunk * chunk), max(chunk, sx // chunk * chunk)
+
+
+def plan_blocks(height: int, width: int, chunk: int, side: Side) -> list[Block]:
     """The blocks of an ``height × width`` level (module docstring), row by row."""
-    s = block_side(side, chunk)
-    return [Block((by, bx), Window(y, x, min(s, height - y), min(s, width - x)))
-            for by, y in enumerate(range(0, height, s)) for bx, x in enumerate(range(0, width, s))]
+    sy, sx = block_side(side, chunk)
+    return [Block((by, bx), Window(y, x, min(sy, height - y), min(sx, width - x)))
+            for by, y in enumerate(range(0, height, sy)) for bx, x in enumerate(range(0, width, sx))]
 
 
 def block_tiles(grid: TileGrid, block: Block, subset: frozenset[Tile] | None = None, halo: int = 0) -> list[Tile]:
@@ -60,14 +64,14 @@ def block_tiles(grid: TileGrid, block: Block, subset: frozenset[Tile] | None = N
     return tiles if subset is None else [t for t in tiles if t in subset]
 
 
-def owner(grid: TileGrid, tile: Tile, side: int, chunk: int) -> tuple[int, int]:
+def owner(grid: TileGrid, tile: Tile, side: Side, chunk: int) -> tuple[int, int]:
     """The block holding the centre of ``tile``'s window clipped to the level: ``⌊c / side⌋`` per axis."""
     w = grid.window(*tile).clip(grid.height, grid.width)
-    s = block_side(side, chunk)
-    return ((w.y0 + w.y1 - 1) // 2 // s, (w.x0 + w.x1 - 1) // 2 // s)
+    sy, sx = block_side(side, chunk)
+    return ((w.y0 + w.y1 - 1) // 2 // sy, (w.x0 + w.x1 - 1) // 2 // sx)
 
 
-def owned_counts(grid: TileGrid, side: int, chunk: int, subset: frozenset[Tile] | None = None) -> dict[tuple, int]:
+def owned_counts(grid: TileGrid, side: Side, chunk: int, subset: frozenset[Tile] | None = None) -> dict[tuple, int]:
     """How many tiles (of ``subset``, default all) each block owns; they sum to the tile count."""
     counts: dict[tuple, int] = {}
     for t in grid.indices() if subset is None else sorted(subset):
@@ -83,10 +87,10 @@ def duplication(grid: TileGrid, blocks: list[Block], subset: frozenset[Tile] | N
     return runs / total - 1 if total else 0.0
 
 
-def blocks_needed(height: int, width: int, chunk: int, side: int) -> int:
-    s = block_side(side, chunk)
-    return math.ceil(height / s) * math.ceil(width / s)
+def blocks_needed(height: int, width: int, chunk: int, side: Side) -> int:
+    sy, sx = block_side(side, chunk)
+    return math.ceil(height / sy) * math.ceil(width / sx)
 
 
-__all__ = ["Block", "Tile", "block_side", "block_tiles", "blocks_needed", "duplication", "owned_counts", "owner",
+__all__ = ["Block", "Side", "Tile", "block_side", "block_tiles", "blocks_needed", "duplication", "owned_counts", "owner",
            "plan_blocks"]

@@ -31,8 +31,9 @@ if TYPE_CHECKING:  # the framework contract imports this module for its plans
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
-#: A block's side at most (px), and the device memory its running sums may take by default (``block_side``).
-MAX_BLOCK = 16384
+#: A block's width and height at most (px), and the device memory its running sums may take (``block_side``).
+MAX_BLOCK_WIDTH = 8192
+MAX_BLOCK_HEIGHT = 32768
 BLOCK_BYTES = 1 << 30
 Extra = Literal["confidence", "probabilities"]
 
@@ -125,18 +126,21 @@ class TilingPlan:
         """The tile grid of a ``height × width`` level."""
         return TileGrid(height, width, self.tile, self.overlap, *self.offset, margin=self.margin)
 
-    def block_side(self, num_classes: int) -> int:
-        """The side of a block (``pipeline.blocks``), a multiple of ``chunk``: for ``tiles_per_call`` N, about
-        √N tiles a side (``⌊√N·step⌋``); by default as large as a worker's running sums allow within
-        ``BLOCK_BYTES`` (``(C + 1)`` float32 channels of ``tile`` rows: ``device_blend``'s ring), at most
-        ``MAX_BLOCK`` px. A large block runs fewer tiles twice (each block runs the tiles on its edges: about ``tile / side`` more per
-        axis) and every level up to ``MAX_BLOCK`` px is one block."""
+    def block_side(self, num_classes: int) -> tuple[int, int]:
+        """A block's ``(height, width)`` (``pipeline.blocks``), multiples of ``chunk``. For ``tiles_per_call`` N: a
+        square of about √N tiles a side (``⌊√N·step⌋``). By default tall and narrow: a worker's memory for a block
+        (the running sums' ring of ``tile`` rows, ``device_blend``; the rows read and written around it) grows
+        with its width, not its height, so the width is capped at ``MAX_BLOCK_WIDTH`` px (and by ``BLOCK_BYTES``
+        of ``(C + 1)`` float32 channels of ``tile`` rows) and every worker holds the same whatever the image's size,
+        while the height goes to ``MAX_BLOCK_HEIGHT``: a block runs the tiles on its edges (about ``tile / side``
+        more per axis cut), and a tall block cuts one axis only. A level up to 8192 px wide is one block wide."""
         step = self.tile - self.overlap
         if self.tiles_per_call is not None:
-            side = int(self.tiles_per_call ** 0.5 * step)
-        else:
-            side = min(MAX_BLOCK, BLOCK_BYTES // ((num_classes + 1) * self.tile * 4))
-        return max(self.chunk, side // self.chunk * self.chunk)
+            side = max(self.chunk, int(self.tiles_per_call ** 0.5 * step) // self.chunk * self.chunk)
+            return side, side
+        width = min(MAX_BLOCK_WIDTH, BLOCK_BYTES // ((num_classes + 1) * self.tile * 4))
+        width = max(self.chunk, width // self.chunk * self.chunk)
+        return max(width, MAX_BLOCK_HEIGHT // self.chunk * self.chunk), width
 
 
 @dataclass(frozen=True)

@@ -43,8 +43,8 @@ class LevelRows:
             self.col_slices = None if (x0 >= 0 and x1 <= self.width) else index_slices(cols - self.c0)
         else:
             self.c0, self.c1 = max(0, x0), min(self.width, x1)
-        self.lo = self.hi = 0  # rows [lo, hi) of the level are in buf[:, :hi - lo]
-        self.buf: np.ndarray | None = None
+        self.lo = self.hi = 0  # rows [lo, hi) of the level are held, in whole pieces as read (chunk rows)
+        self.pieces: list[np.ndarray] = []
 
     def rows(self, y0: int, y1: int) -> np.ndarray:
         """``(C, y1 − y0, x1 − x0)`` of rows ``[y0, y1)``, padded past the level."""
@@ -55,32 +55,41 @@ class LevelRows:
             margin = y1 - y0 if self.margin is None else self.margin
             self._drop_below(min(need_lo, max(0, self.height - 1 - margin)))
             self._fill(need_hi)
-            out = take_slices(self.buf, index_slices(r - self.lo), 1)
+            out = take_slices(self._span(need_lo, need_hi), index_slices(r - need_lo), 1)
             return out if self.col_slices is None else take_slices(out, self.col_slices, 2)
         need_lo, need_hi = min(max(y0, 0), self.height), min(max(y1, 0), self.height)
         if need_hi <= need_lo or self.c1 <= self.c0:  # wholly outside the level: nothing to read
             return np.zeros((self.channels, y1 - y0, self.x1 - self.x0), self.dtype)
         self._drop_below(need_lo)
         self._fill(need_hi)
-        inner = self.buf[:, need_lo - self.lo : need_hi - self.lo]
+        inner = self._span(need_lo, need_hi)
         out = np.zeros((inner.shape[0], y1 - y0, self.x1 - self.x0), inner.dtype)
         out[:, need_lo - y0 : need_hi - y0, self.c0 - self.x0 : self.c1 - self.x0] = inner
         return out
+
+    def _span(self, a: int, b: int) -> np.ndarray:
+        """Held rows ``[a, b)`` as one array: a view when one piece holds them (the common case), else the pieces'
+        parts joined (a copy of the window only, never of all that is held)."""
+        parts, y = [], self.lo
+        for piece in self.pieces:
+            n = piece.shape[1]
+            if y + n > a and y < b:
+                parts.append(piece[:, max(a - y, 0) : min(b - y, n)])
+            y += n
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
     def _fill(self, need_hi: int) -> None:
         if need_hi <= self.hi:
             return
         end = min(self.height, -(-need_hi // self.chunk_rows) * self.chunk_rows)
-        block = self.read(Window(self.hi, self.c0, end - self.hi, self.c1 - self.c0))
-        self.buf = block if self.buf is None or not self.buf.shape[1] else np.concatenate([self.buf, block], axis=1)
+        self.pieces.append(self.read(Window(self.hi, self.c0, end - self.hi, self.c1 - self.c0)))
         self.hi = end
 
     def _drop_below(self, row: int) -> None:
-        if row > self.lo and self.buf is not None:
-            keep = min(row, self.hi) - self.lo
-            self.buf = self.buf[:, keep:]
-            self.lo += keep
-        if row > self.hi:  # nothing kept: start reading at ``row``
+        """Let go of the pieces wholly above ``row``."""
+        while self.pieces and self.lo + self.pieces[0].shape[1] <= row:
+            self.lo += self.pieces.pop(0).shape[1]
+        if row > self.hi:  # nothing held: start reading at ``row``
             self.lo = self.hi = row
 
 

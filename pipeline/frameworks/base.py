@@ -56,9 +56,11 @@ class RowInput(Protocol):
 class TileInput(Protocol):
     """Something a stage's tiles read besides their image window (a framework's own kind of input)."""
 
-    def open_rows(self, open_array: OpenArray, image: ArrayRef, tile: int, x_lo: int, x_hi: int) -> RowInput:
+    def open_rows(self, open_array: OpenArray, image: ArrayRef, tile: int, x_lo: int, x_hi: int,
+                  shared: dict) -> RowInput:
         """The reader of this input for one block whose ``tile``-px tile windows span columns ``[x_lo, x_hi)`` of
-        ``image``'s level."""
+        ``image``'s level; ``shared`` is the block's (``sinks.BlockContext.shared``): what the reader makes on the
+        device that the block's sink can use too (MagNet's upsampled map)."""
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,8 @@ class Contexts:
     factors: tuple[float, ...]
     levels: tuple[ArrayRef, ...]
 
-    def open_rows(self, open_array: OpenArray, image: ArrayRef, tile: int, x_lo: int, x_hi: int) -> ContextRows:
+    def open_rows(self, open_array: OpenArray, image: ArrayRef, tile: int, x_lo: int, x_hi: int,
+                  shared: dict) -> ContextRows:
         return ContextRows(self, open_array, image, tile, x_lo, x_hi)
 
 

@@ -95,16 +95,23 @@ class PreviousMap:
 
     map: StageMap
 
-    def open_rows(self, open_array: OpenArray, image: ArrayRef, tile: int, x_lo: int, x_hi: int) -> PreviousRows:
-        return PreviousRows(self.map, open_array, image.shape_yx, tile, x_lo, x_hi)
+    def open_rows(self, open_array: OpenArray, image: ArrayRef, tile: int, x_lo: int, x_hi: int,
+                  shared: dict) -> PreviousRows:
+        return PreviousRows(self.map, open_array, image.shape_yx, tile, x_lo, x_hi, shared)
+
+
+#: ``BlockContext.shared`` key: ``(first row, first column, (C, T, X) device tensor)``, the upsampled previous map
+#: over the tile row in hand, which the block's ``RefineWriter`` reads instead of reading and upsampling again.
+UPSAMPLED = "magnet.upsampled"
 
 
 class PreviousRows:
     """One block's ``PreviousMap``: per tile row, the map rows under it on the host, upsampled on the device."""
 
     def __init__(self, stage_map: StageMap, open_array: OpenArray, fine_shape: tuple[int, int], tile: int,
-                 x_lo: int, x_hi: int) -> None:
+                 x_lo: int, x_hi: int, shared: dict | None = None) -> None:
         self.map, self.fine, self.x_lo, self.x_hi = stage_map, fine_shape, x_lo, x_hi
+        self.shared = shared if shared is not None else {}
         # near the bottom a tile row mirrors back up by up to a tile: keep that many map rows (half of it, and 2)
         self.rows, self.s0 = stage_map.rows(open_array, fine_shape, x_lo, x_hi, margin=tile // 2 + 2)
 
@@ -118,6 +125,7 @@ class PreviousRows:
         w0 = windows[0]
         up = upsample2x_rows(runner.upload(slab), (r0, self.s0), self.map.shape_yx, self.fine,
                              Window(w0.y0, self.x_lo, w0.h, self.x_hi - self.x_lo))
+        self.shared[UPSAMPLED] = (w0.y0, self.x_lo, up)
         return torch.stack([up[:, :, w.x0 - self.x_lo : w.x1 - self.x_lo] for w in windows])
 
 
@@ -188,12 +196,22 @@ class RefineWriter:
         self.sink, self.block = sink, block
         blend, own = block.blend_region, block.region
         self.fine = sink.out.shape_yx
-        self.rows, self.s0 = sink.previous.rows(block.open_array, self.fine, blend.x0, blend.x1)
+        self.rows = None  # read only for rows no tile row's upsampled map holds (MagNet-Fast's gaps)
         self.median = MedianRows(sink.median, blend, own, block.device)
         self.counts = torch.zeros(_F16_BINS, dtype=torch.int64, device=block.device)
         self.cols = slice(own.x0 - blend.x0, own.x1 - blend.x0)
 
     def _up(self, region: Window) -> torch.Tensor:
+        """``Y_up`` over ``region`` (rows of the blend region): from the tile row in hand when it holds them (the
+        same values: both are ``upsample2x_rows`` of the same map), else read and upsampled here."""
+        held = self.block.shared.get(UPSAMPLED)
+        if held is not None:
+            y0, x0, up = held  # MagNet-Fast's chosen tiles may span fewer rows or columns than the block's
+            if y0 <= region.y0 and region.y1 <= y0 + up.shape[1] and x0 <= region.x0 and region.x1 <= x0 + up.shape[2]:
+                return up[:, region.y0 - y0 : region.y1 - y0, region.x0 - x0 : region.x1 - x0]
+        if self.rows is None:
+            blend = self.block.blend_region
+            self.rows, self.s0 = self.sink.previous.rows(self.block.open_array, self.fine, blend.x0, blend.x1)
         r0, r1 = upsample_source((region.y0, region.y1), self.fine[0], self.sink.previous.shape_yx[0])
         slab = torch.from_numpy(self.rows.rows(r0, r1)).to(self.block.device)
         return upsample2x_rows(slab, (r0, self.s0), self.sink.previous.shape_yx, self.fine, region)

@@ -28,13 +28,16 @@ def mode_2x2(x: torch.Tensor) -> torch.Tensor:
     return torch.where((a == b) | (a == c) | (a == d), a, torch.where((b == c) | (b == d), b, torch.where(c == d, c, a)))
 
 
-def pyramid_levels(n_levels: int, side: int, chunk: int, height: int, width: int) -> int:
-    """How many levels above 0 a block of ``side`` px makes: the largest ``K < n_levels`` with every block aligned
-    to ``chunk · 2^K`` (``side`` a multiple of it), or all of them when one block covers the level."""
-    if side >= height and side >= width:
-        return n_levels - 1
+def pyramid_levels(n_levels: int, side: int | tuple[int, int], chunk: int, height: int, width: int) -> int:
+    """How many levels above 0 blocks of ``side`` px (or ``(sy, sx)``) make: the largest ``K < n_levels`` with
+    every block aligned to ``chunk · 2^K`` on each axis (its side a multiple of it, or one block across)."""
+    sy, sx = (side, side) if isinstance(side, int) else side
+
+    def aligned(s: int, size: int, k: int) -> bool:
+        return s >= size or s % (chunk << k) == 0
+
     k = 0
-    while k + 1 < n_levels and side % (chunk << (k + 1)) == 0:
+    while k + 1 < n_levels and aligned(sy, height, k + 1) and aligned(sx, width, k + 1):
         k += 1
     return k
 

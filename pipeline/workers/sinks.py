@@ -12,7 +12,7 @@ band is in. Frameworks add sinks of their own (MagNet's refinement).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -32,14 +32,15 @@ Write = tuple[ArrayRef, tuple[slice, ...], np.ndarray]
 class BlockContext:
     """What a sink's writer knows of its block: the block's ``region`` (of the stage's level; the chunks it owns),
     the ``blend_region`` its bands cover (``region`` unless the stage has a halo: ``StagePlan.blend_region``),
-    its ``index`` in the stage, how the worker opens an array it reads (``open_array(ref)``), and the device the
-    sums are on."""
+    its ``index`` in the stage, how the worker opens an array it reads (``open_array(ref)``), the device the sums
+    are on, and what the block's tile inputs left for the sink (``shared``, ``TileInput.open_rows``)."""
 
     region: Window
     blend_region: Window
     index: tuple[int, int]
     open_array: Callable[[ArrayRef], Any]
     device: torch.device
+    shared: dict = field(default_factory=dict)  # what the block's tile inputs made on the device, for the sink
 
 
 class BandWriter(Protocol):

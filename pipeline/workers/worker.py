@@ -141,7 +141,7 @@ class _Writer:
     most ``pending`` submissions wait or run at once: a submission beyond that waits for the oldest, so a writer
     slower than the device holds a few chunk rows, not the block's."""
 
-    def __init__(self, open_writable, threads: int = 2, pending: int = 4) -> None:
+    def __init__(self, open_writable, threads: int = 2, pending: int = 2) -> None:
         self.open = open_writable
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="gigaseg-write")
         self.futures: deque = deque()
@@ -245,7 +245,9 @@ class BlockWorker:
         writer = _Writer(self.open_writable)
         assembled = ChunkRows(task.chunk)
         blend_region = stage.blend_region(region)
-        sink = task.sink.start(BlockContext(region, blend_region, task.block.index, self.open, self.model.device))
+        shared: dict = {}  # what the tile inputs make on the device and the sink may reuse (one block's)
+        sink = task.sink.start(BlockContext(region, blend_region, task.block.index, self.open, self.model.device,
+                                            shared))
         if not order:  # no tile here (a pass, or MagNet-Fast chose none): the sink writes the block, band by band
             try:
                 blend = BlockBlend(stage.num_classes, blend_region, task.chunk, self.model.device)
@@ -261,7 +263,7 @@ class BlockWorker:
         x_hi = grid.window(0, max(ix for ixs in rows.values() for ix in ixs)).x1
         weights = self._blend_weights(task)
         blend = BlockBlend(stage.num_classes, blend_region, grid.tile, self.model.device)
-        reads = self._read_rows(task, order, rows, x_lo, x_hi)
+        reads = self._read_rows(task, order, rows, x_lo, x_hi, shared)
         try:
             for k, (iy, row, inputs, read_cpu) in enumerate(reads):
                 cpu["read"] += read_cpu
@@ -306,7 +308,8 @@ class BlockWorker:
         dev = self.model.runner.upload(row)
         return torch.stack([dev[:, :, o : o + tile] for o in offsets])
 
-    def _read_rows(self, task: BlockTask, order: list[int], rows: dict[int, list[int]], x_lo: int, x_hi: int):
+    def _read_rows(self, task: BlockTask, order: list[int], rows: dict[int, list[int]], x_lo: int, x_hi: int,
+                   shared: dict):
         """``(iy, row window (3, T, x_hi − x_lo), inputs, CPU-seconds)`` per tile row, read one row ahead in a
         thread of its own (a generator; ``close()`` stops it)."""
         stage, grid = task.stage, task.stage.grid
@@ -318,7 +321,7 @@ class BlockWorker:
         def produce() -> None:
             try:
                 reader = image_rows(self.open(ref), ref.axes, ref.shape_yx, x_lo, x_hi, ref.value_range)
-                sources = [source.open_rows(self.open, ref, grid.tile, x_lo, x_hi) for source in stage.inputs]
+                sources = [source.open_rows(self.open, ref, grid.tile, x_lo, x_hi, shared) for source in stage.inputs]
                 for iy in order:
                     if stop.is_set():
                         return
@@ -333,16 +336,20 @@ class BlockWorker:
                         ) from err
                     windows = [grid.window(iy, ix) for ix in rows[iy]]
                     inputs = [(source, source.read(windows)) for source in sources]
-                    item = (iy, row, inputs, time.thread_time() - c0)
-                    while not stop.is_set():
-                        try:
-                            out.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                out.put(done)
+                    hand((iy, row, inputs, time.thread_time() - c0))
+                hand(done)
             except BaseException as err:  # noqa: BLE001 - handed to the consumer, which raises it
-                out.put(err)
+                hand(err)
+
+        def hand(item) -> None:
+            """Into the queue, unless the consumer has stopped taking (it left on an error of its own): never
+            block on a full queue nobody reads."""
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
 
         thread = threading.Thread(target=produce, name="gigaseg-read", daemon=True)
         thread.start()

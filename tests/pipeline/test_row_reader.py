@@ -78,7 +78,7 @@ def test_context_rows_equal_each_tiles_contexts(tmp_path):
     runner = DeviceRunner(DeviceConfig("fp32", 1, device="cpu"), IMAGENET_NORMALIZATION)
     opened = {r.group_url: zarr.open_array(r.group_url, mode="r") for r in refs}
     x_lo, x_hi = grid.window(0, 0).x0, grid.window(0, grid.nx - 1).x1
-    reader = Contexts(factors, tuple(refs)).open_rows(lambda ref: opened[ref.group_url], refs[0], 32, x_lo, x_hi)
+    reader = Contexts(factors, tuple(refs)).open_rows(lambda ref: opened[ref.group_url], refs[0], 32, x_lo, x_hi, {})
     shapes = [a.shape[1:] for a in levels]
     for iy in range(grid.ny):
         windows = [grid.window(iy, ix) for ix in range(grid.nx)]
