@@ -106,6 +106,18 @@ class FctlSpec(Strict):
                     "default: the checkpoint's, else [2, 4]",
     )
     gamma: float = Field(default=0.0, description="initial γ of a seeded FCtL (no checkpoint); 0 = the local model")
+    procedure: Literal["gigaseg", "reference"] = Field(
+        default="gigaseg", description="reference: the reference's test procedure (flips and rotations) and, for a "
+                                       "seeded FCtL, its architecture and ToTensor inputs; each option below overrides")
+    tta: bool | None = Field(default=None, description="average the logits of the 8 flips/rotations of each tile "
+                                                       "and its contexts (reference: on)")
+    key_channels: int | None = Field(default=None, ge=1, le=1024,
+                                     description="seeded FCtL: correlation key width (gigaseg C/8, reference C)")
+    fusion: Literal["gated", "none"] | None = Field(
+        default=None, description="seeded FCtL with one context: gated (self branch + fusion) or none (the "
+                                  "reference's stage 2: x + γ·correlation)")
+    shared_encoder: bool | None = Field(default=None, description="seeded FCtL: contexts through the local encoder "
+                                                                  "(the reference's stage 2)")
 
     @field_validator("contexts")
     @classmethod

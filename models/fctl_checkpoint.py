@@ -134,19 +134,26 @@ def seeded_fctl(
     width: int = 64,
     gamma: float | None = None,
     refine: str | None = None,
+    key_channels: int | None = None,
+    fusion: str = "gated",
+    shared_encoder: bool = False,
+    normalization: Normalization | None = None,
 ) -> bytes:
     """FCtL checkpoint bytes with seeded random weights; same arguments -> same bytes.
 
     ``gamma`` sets every correlation's γ (None keeps 0, where the model equals its local segmenter),
     so tests can make the contexts matter; ``refine="pointrend"`` gives the local model a point head.
+    ``key_channels``, ``fusion`` and ``shared_encoder`` as ``FctlConfig``; ``normalization`` defaults to
+    ImageNet's.
     """
-    config = FctlConfig(ModelConfig(name, num_classes, width=width, refine=refine), tuple(contexts))
+    config = FctlConfig(ModelConfig(name, num_classes, width=width, refine=refine), tuple(contexts), key_channels,
+                        fusion, shared_encoder)
     model = build_fctl(config, seed=seed).eval()
     if gamma is not None:
         with torch.no_grad():
             for corr in model.correlations:
                 corr.gamma.fill_(gamma)
-    return save_fctl(None, model, config, class_names)
+    return save_fctl(None, model, config, class_names, normalization=normalization)
 
 
 def _describe(config: FctlConfig) -> str:

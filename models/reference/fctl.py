@@ -41,12 +41,12 @@ import torch
 from models import ModelConfig, build_model
 from models.errors import CheckpointError
 from models.fctl import FctlConfig, build_fctl
-from models.info import Normalization
+from models.info import TO_TENSOR_NORMALIZATION
 from models.reference.common import Keys, fit, unwrap
 
 LOCAL = "fcn8s_vgg16"
 #: The reference's images_transform: ToTensor only (pixel / 255).
-TO_TENSOR = Normalization(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+TO_TENSOR = TO_TENSOR_NORMALIZATION
 #: The context factors of the reference's scripts (main branch): medium ×2 (B10), large ×3 (B15).
 DEFAULT_CONTEXTS = (2.0, 3.0)
 _ENCODER_PARTS = ("pool3", "pool4", "pool5")
