@@ -27,7 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ContextManager, Protocol
 
 import zarr
@@ -54,6 +54,7 @@ from pipeline.sources.discover import ImageRef, discover
 from pipeline.sources.formats import open_source
 from pipeline.storage import AuditStore, zarr_store
 from pipeline.workers.dispatch import Call, WorkerPool
+from pipeline.workers.label_pyramid import pyramid_levels
 from pipeline.workers.worker import BlockResult, BlockTask
 
 log = logging.getLogger(__name__)
@@ -414,10 +415,10 @@ class JobSteps:
         if selected is not None:  # planned with every tile: count the ones that run
             work.result.tiles -= len(stage.grid) - len(selected)
         done = blocks_done(work.out, s)
-        if s == len(work.stages) - 1:
-            work.outputs = self._outputs(work, fresh=not done)
-        sink = fw.stage_sink(work.stages, s, work.out, work.outputs, tiling.chunk, fresh=not done)
         side = tiling.block_side(plan.num_classes)
+        if s == len(work.stages) - 1:
+            work.outputs = self._outputs(work, fresh=not done, side=side)
+        sink = fw.stage_sink(work.stages, s, work.out, work.outputs, tiling.chunk, fresh=not done)
         subset = None if selected is None else frozenset(selected)
         owned = owned_counts(stage.grid, side, tiling.chunk, subset)
         blocks = plan_blocks(stage.grid.height, stage.grid.width, tiling.chunk, side)
@@ -429,16 +430,21 @@ class JobSteps:
                                tiling.batch, tiling.blend, tiling.sigma_scale, tiling.chunk), (work, s))
                 for b in blocks if b.name not in done]
 
-    def _outputs(self, work: _Work, fresh: bool) -> OutputArrays:
+    def _outputs(self, work: _Work, fresh: bool, side: int) -> OutputArrays:
         """The masks and extras: created anew when no block of the last stage is done (no stale chunk of an
-        interrupted run survives), else opened as they are."""
+        interrupted run survives), else opened as they are; the blocks of ``side`` px make the label pyramid's
+        levels they are aligned to (``label_pyramid.pyramid_levels``)."""
         plan, out = self.plan, work.out
-        kwargs = dict(label_name=plan.output.label_name, shapes=list(work.pyramid.shapes),
-                      extras=list(plan.output.extras))
+        shapes = list(work.pyramid.shapes)
+        kwargs = dict(label_name=plan.output.label_name, shapes=shapes, extras=list(plan.output.extras))
         if not fresh:
-            return open_outputs(out, **kwargs)
-        return create_outputs(out, class_names=list(plan.classes.names), class_colors=list(plan.classes.colors),
-                              chunk=plan.tiling.chunk, labels_dtype=blend.labels_dtype(plan.num_classes), **kwargs)
+            outputs = open_outputs(out, **kwargs)
+        else:
+            outputs = create_outputs(out, class_names=list(plan.classes.names), class_colors=list(plan.classes.colors),
+                                     chunk=plan.tiling.chunk, labels_dtype=blend.labels_dtype(plan.num_classes),
+                                     **kwargs)
+        levels = pyramid_levels(len(shapes), side, plan.tiling.chunk, *shapes[0])
+        return replace(outputs, block_levels=levels)
 
     def finish_stage(self, work: _Work, s: int) -> None:
         """The framework's finish of stage ``s`` (MagNet's merge), once every block is in."""
@@ -451,7 +457,7 @@ class JobSteps:
         outputs = self._audited(work, work.outputs)
         n = self.plan.num_classes
         with self.events.phase("label pyramid"):
-            for level in range(1, len(outputs.labels)):
+            for level in range(1 + outputs.block_levels, len(outputs.labels)):
                 blend.downsample_labels(outputs.labels[level - 1], outputs.labels[level], n, self.scheduler)
         mark(work.out, complete=True)
         safe_remove_work(work.out)
@@ -468,7 +474,7 @@ class JobSteps:
             return None if a is None else zarr.open_array(store=store, path=a.path, mode="r+")
 
         return OutputArrays([reopen(a) for a in outputs.labels], reopen(outputs.confidence),
-                            reopen(outputs.probabilities))
+                            reopen(outputs.probabilities), outputs.block_levels)
 
 
 __all__ = ["Events", "ImageResult", "JobSteps", "NoEvents", "Progress", "list_images", "run_job"]

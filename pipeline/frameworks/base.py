@@ -171,8 +171,9 @@ class Framework(ABC):
 def output_sink(outputs: OutputArrays, out: ImageOutput) -> OutputSink:
     """The sink that writes a stage's blend as the image's masks (level-0 labels, the extras asked for)."""
     labels = outputs.labels[0]
+    pyramid = tuple(outputs.ref(a, out) for a in outputs.labels[1 : 1 + outputs.block_levels])
     return OutputSink(outputs.ref(labels, out), str(labels.dtype), outputs.ref(outputs.confidence, out),
-                      outputs.ref(outputs.probabilities, out))
+                      outputs.ref(outputs.probabilities, out), pyramid)
 
 
 __all__ = ["STAGE_MAP", "output_sink", "ArrayRef", "DeviceConfig", "Framework", "ModelSource", "OpenArray", "Resolution", "StagePlan",

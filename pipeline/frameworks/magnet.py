@@ -26,7 +26,7 @@ import zarr
 from models import magnet as mg
 from models.errors import CheckpointError
 from models.magnet import load_refiner, seeded_refiner
-from pipeline.blend import store_outputs
+from pipeline.blend import downsample_labels, store_outputs
 from pipeline.errors import SpecError, UnsupportedImageError
 from pipeline.frameworks import magnet_maps as maps
 from pipeline.frameworks.base import STAGE_MAP, Framework, ModelSource, OpenArray, Resolution, StagePlan
@@ -54,6 +54,9 @@ class RefineSink:
     error: ArrayRef
     previous: ArrayRef  # the previous stage's map (C, H/2, W/2)
 
+    def start(self, block) -> _RefineWriter:
+        return _RefineWriter(self, block.open_array)
+
     def write(self, open_array, band: Band) -> list:
         region, probs, covered = band.region, band.probabilities(), band.covered()
         up = upsample2x_window(open_array(self.previous), self.previous.shape_yx, self.refined.shape_yx, region)
@@ -63,6 +66,18 @@ class RefineSink:
         y, x = slice(region.y0, region.y1), slice(region.x0, region.x1)
         return [(self.refined, (slice(None), y, x), host(refined, "float16")),
                 (self.error, (y, x), host(error, "float16"))]
+
+
+@dataclass
+class _RefineWriter:
+    sink: RefineSink
+    open_array: Any
+
+    def write(self, band: Band) -> list:
+        return self.sink.write(self.open_array, band)
+
+    def finish(self) -> list:
+        return []
 
 
 @dataclass(frozen=True)
@@ -200,6 +215,8 @@ class Magnet(Framework):
         targets.update({k: a for k, a in (("confidence", outputs.confidence),
                                           ("probabilities", outputs.probabilities)) if a is not None})
         store_outputs(probs, targets, c, scheduler)
+        for level in range(1, 1 + outputs.block_levels):  # the levels an output sink's blocks would have made
+            downsample_labels(outputs.labels[level - 1], outputs.labels[level], c, scheduler)
 
     def load(self, read: Callable[[str], bytes], device: DeviceConfig) -> MagnetModel:
         predictor = load_segmenter(read(self.model.url), self.runtime or GIGASEG, device)

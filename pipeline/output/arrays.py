@@ -18,11 +18,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class OutputArrays:
-    """An image's masks: the label pyramid (level 0 first) and the extras asked for."""
+    """An image's masks: the label pyramid (level 0 first) and the extras asked for; ``block_levels``: how many
+    levels above 0 the blocks that write level 0 make themselves (``workers.label_pyramid``), the rest being
+    built from the last of them after the blocks."""
 
     labels: list[zarr.Array]
     confidence: zarr.Array | None = None
     probabilities: zarr.Array | None = None
+    block_levels: int = 0
 
     def ref(self, array: zarr.Array | None, out: ImageOutput) -> ArrayRef | None:
         """``array`` as workers open it (an array of ``out``'s group)."""

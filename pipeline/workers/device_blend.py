@@ -50,10 +50,15 @@ class Band:
     def labels(self, dtype: str = "uint8") -> np.ndarray:
         """The class of highest ``P`` as a host array (ties to the lower class, as NumPy's and ``torch.argmax``'s
         first maximum)."""
-        np_dtype = np.dtype(dtype)
-        if self.acc.device.type == "cpu":
-            return argmax_classes(self.acc.numpy(), np_dtype)
-        return self.acc.argmax(0).to(torch.int32).cpu().numpy().astype(np_dtype)
+        out = self.label_tensor(dtype).cpu().numpy()
+        return out if out.dtype == np.dtype(dtype) else out.astype(dtype)
+
+    def label_tensor(self, dtype: str = "uint8") -> torch.Tensor:
+        """The labels on the sums' device: ``uint8`` for ``dtype`` uint8, else ``int32`` (torch has no uint16)."""
+        if self.acc.device.type == "cpu":  # NumPy's class-by-class argmax is faster than torch's on a CPU
+            return torch.from_numpy(argmax_classes(self.acc.numpy(), np.dtype(dtype)).astype(
+                np.uint8 if dtype == "uint8" else np.int32, copy=False))
+        return self.acc.argmax(0).to(torch.uint8 if dtype == "uint8" else torch.int32)
 
     def confidence(self) -> np.ndarray:
         """``max P`` over classes ``(h, w)``, a float32 host array."""

@@ -44,7 +44,7 @@ from pipeline.storage import AuditStore, join, read_bytes, zarr_store
 from pipeline.tiling import BlendWindow, Window, window_2d
 from pipeline.workers.device_blend import BlockBlend
 from pipeline.workers.predictor import DeviceConfig
-from pipeline.workers.sinks import BlockSink, Write
+from pipeline.workers.sinks import BlockContext, BlockSink, Write
 
 
 @dataclass(frozen=True)
@@ -81,11 +81,13 @@ class ChunkRows:
 
     Bands end wherever the tile rows left rows final (``device_blend``), but each chunk is written once and
     whole (one writer, one PUT), so what a sink makes of the bands is gathered on the host, per array, until a
-    chunk row of the block is complete; a band that is a whole chunk row passes through without a copy. The
-    row axis of every write is its second last; every write spans the block's width."""
+    chunk row of the block is complete; a band that is a whole chunk row passes through without a copy. Chunk
+    rows start at multiples of ``chunk`` and end there or at the array's last row (blocks are chunk-aligned at
+    every level they write). The row axis of every write is its second last; every write of an array spans the
+    block's width at that array's level."""
 
-    def __init__(self, region: Window, chunk: int) -> None:
-        self.region, self.chunk = region, chunk
+    def __init__(self, chunk: int) -> None:
+        self.chunk = chunk
         self._open: dict[tuple[str, str], list] = {}  # array → [ref, selection, buffer, first row, rows filled to]
 
     def add(self, writes: list[Write]) -> list[Write]:
@@ -96,8 +98,8 @@ class ChunkRows:
             while y < rows.stop:
                 entry = self._open.get(key)
                 if entry is None:
-                    cy0 = self.region.y0 + (y - self.region.y0) // self.chunk * self.chunk
-                    cy1 = min(self.region.y1, cy0 + self.chunk)
+                    cy0 = y // self.chunk * self.chunk
+                    cy1 = min(ref.shape_yx[0], cy0 + self.chunk)
                     if y == cy0 and rows.stop - y >= cy1 - cy0:  # a whole chunk row: as it is
                         n = cy1 - cy0
                         out.append((ref, (*sel[:-2], slice(cy0, cy1), sel[-1]), values[..., k : k + n, :]))
@@ -192,7 +194,10 @@ class BlockWorker:
                 if write and self.audit_dir:
                     log_path = os.path.join(self.audit_dir, f"{self.name}.log")
                     store = AuditStore(store, log_path, self.name, group_url)
-                self._arrays[key] = zarr.open_array(store=store, path=path, mode="r+" if write else "r")
+                array = zarr.open_array(store=store, path=path, mode="r+" if write else "r")
+                # every chunk a block writes is whole and new: skip zarr's comparison of each chunk with the fill
+                # value (2 ms of CPU per MP of labels, more than the codec), and never delete one
+                self._arrays[key] = array.with_config({"write_empty_chunks": True}) if write else array
             return self._arrays[key]
 
     def open(self, ref: ArrayRef):
@@ -226,12 +231,14 @@ class BlockWorker:
         cpu: dict[str, float] = defaultdict(float)
         model_seconds = 0.0
         writer = _Writer(self.open_writable)
-        assembled = ChunkRows(region, task.chunk)
+        assembled = ChunkRows(task.chunk)
+        sink = task.sink.start(BlockContext(region, self.open, self.model.device))
         if not order:  # MagNet-Fast: no chosen tile here; the sink still writes the block, band by band, uncovered
             try:
                 blend = BlockBlend(stage.num_classes, region, task.chunk, self.model.device)
                 for band in blend.ready(region.y1):
-                    writer.submit(assembled.add(task.sink.write(self.open, band)))
+                    writer.submit(assembled.add(sink.write(band)))
+                writer.submit(assembled.add(sink.finish()))
                 assembled.finish()
             finally:
                 cpu["write"] += writer.finish()
@@ -250,7 +257,7 @@ class BlockWorker:
                 with self._model_lock:
                     t1, c = time.perf_counter(), time.thread_time()
                     for band in blend.ready(windows[0].y0):  # rows above: final (MagNet-Fast: rows no tile reaches)
-                        writes += assembled.add(task.sink.write(self.open, band))
+                        writes += assembled.add(sink.write(band))
                     c = _tick(cpu, "sink", c)
                     tiles = self._tiles(row, [w.x0 - x_lo for w in windows], grid.tile)
                     c = _tick(cpu, "h2d", c)
@@ -263,11 +270,12 @@ class BlockWorker:
                         c = _tick(cpu, "blend", c)
                     next_top = grid.window(order[k + 1], 0).y0 if k + 1 < len(order) else region.y1
                     for band in blend.ready(next_top):
-                        writes += assembled.add(task.sink.write(self.open, band))
+                        writes += assembled.add(sink.write(band))
                     _tick(cpu, "sink", c)
                     model_seconds += time.perf_counter() - t1
                 if writes:
                     writer.submit(writes)
+            writer.submit(assembled.add(sink.finish()))
             assembled.finish()
         finally:
             reads.close()

@@ -150,11 +150,11 @@ def test_the_ring_reuses_rows_handed_on_and_refuses_a_tile_beyond_it():
 
 @pytest.mark.parametrize("cuts", [[0, 7, 30, 64, 100, 128, 130], [0, 64, 128, 130], [0, 1, 2, 130]])
 def test_bands_are_written_as_whole_chunk_rows_once(cuts):
-    region, chunk = Window(64, 0, 130, 5), 64  # rows 64..194: chunk rows 64..128, 128..192, 192..194
+    chunk = 64  # a block of rows 64..194: chunk rows 64..128, 128..192, 192..194
     ref = ArrayRef("mem://out", "labels", "yx", (194, 5))
     pref = ArrayRef("mem://out", "probabilities", "cyx", (194, 5))
     truth = np.arange(130 * 5).reshape(130, 5)
-    rows = ChunkRows(region, chunk)
+    rows = ChunkRows(chunk)
     writes = []
     for a, b in zip(cuts, cuts[1:]):
         y = slice(64 + a, 64 + b)
@@ -170,7 +170,7 @@ def test_bands_are_written_as_whole_chunk_rows_once(cuts):
 
 
 def test_rows_left_incomplete_are_an_error():
-    rows = ChunkRows(Window(0, 0, 100, 4), 50)
+    rows = ChunkRows(50)
     rows.add([(ArrayRef("mem://o", "l", "yx", (100, 4)), (slice(0, 30), slice(0, 4)), np.zeros((30, 4)))])
     with pytest.raises(RuntimeError, match="incomplete"):
         rows.finish()
