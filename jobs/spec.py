@@ -228,7 +228,8 @@ class ModelSpec(Strict):
 
 
 class TilingSpec(Strict):
-    tile: int = Field(default=512, ge=32, le=8192)
+    tile: int = Field(default=512, ge=32, le=8192, description="a multiple of the model's size multiple (32 for "
+                                                                "gigaseg's networks)")
     overlap: int = Field(default=128, ge=0)
     batch: int = Field(default=8, ge=1, le=1024)
     tiles_per_call: int | Literal["auto"] = Field(
@@ -253,8 +254,8 @@ class TilingSpec(Strict):
             raise ValueError(f"margin ({self.margin}) must not exceed overlap ({self.overlap})")
         if self.tiles_per_call != "auto" and not 1 <= self.tiles_per_call <= 65536:
             raise ValueError(f"tiles_per_call must be 'auto' or 1..65536, got {self.tiles_per_call}")
-        if self.tile % 32:
-            raise ValueError(f"tile ({self.tile}) must be a multiple of 32, the network's stride")
+        # tile vs the network's stride: checked against the model (``jobs.plan.resolve_model``): 32 for gigaseg's
+        # ResNet heads, any size for the reference architectures that resample by size (MagNet's 612 px patches)
         return self
 
 
