@@ -87,15 +87,55 @@ class MagnetSpec(Strict):
     patches: float | None = Field(
         default=None, gt=0, description="MagNet-Fast: ≤ 1 a fraction, > 1 a count of tiles each refinement stage "
                                         "runs (the most uncertain); absent → every tile (MagNet)")
-    refiner: str | None = Field(default=None, description="refiner checkpoint URL; absent → seeded weights")
+    refiner: str | list[str] | None = Field(
+        default=None, description="refiner checkpoint URL, or one per refinement stage (scales − 1, in order: "
+                                  "MagNet's Cityscapes model has three); absent → seeded weights")
     refiner_seed: int = Field(default=0, ge=0)
     refiner_width: int = Field(default=64, ge=4, le=256, description="width of a seeded refiner (no checkpoint)")
+    procedure: Literal["gigaseg", "reference"] = Field(
+        default="gigaseg", description="reference: the reference's test procedure, every option below at its "
+                                       "reference value unless given")
+    median_view: int | tuple[int, int] | Literal["stage", "tile"] | None = Field(
+        default=None, description="where the error score is median-filtered: stage (at the stage's resolution; "
+                                  "gigaseg) | tile (on a nearest-neighbour view the size of a tile, then back; the "
+                                  "reference, whose view is its network input) | N or [H, W] (that view)")
+    median_padding: Literal["edge", "zero"] | None = Field(
+        default=None, description="the median's padding past the image: edge (gigaseg) | zero (reference)")
+    crop: Literal["exact", "roi_align"] | None = Field(
+        default=None, description="the coarse map a tile's refiner reads: exact (the upsampled map's window; "
+                                  "gigaseg) | roi_align (torchvision roi_align, aligned=False: half a pixel down "
+                                  "and right, edge clamped; reference)")
+    stage0: Literal["tiled", "whole"] | None = Field(
+        default=None, description="stage 0: tiled (gigaseg) | whole (one pass over the image at that scale, when "
+                                  "it fits one tile; reference)")
+    patch_choice: Literal["most_uncertain", "least_uncertain"] | None = Field(
+        default=None, description="MagNet-Fast's tiles: most_uncertain (gigaseg, what the method means) | "
+                                  "least_uncertain (what the reference's code does: torch.sort ascending)")
 
     @field_validator("median")
     @classmethod
     def _odd(cls, v):
         if v % 2 == 0:
             raise ValueError(f"must be odd, got {v}")
+        return v
+
+    @field_validator("refiner")
+    @classmethod
+    def _refiners(cls, v, info):
+        if isinstance(v, list):
+            scales = info.data.get("scales", 3)
+            if len(v) not in (1, scales - 1):
+                raise ValueError(f"{len(v)} refiners for {scales - 1} refinement stages (scales: {scales}): give one "
+                                 "for all stages or one per stage")
+            return v[0] if len(v) == 1 else v
+        return v
+
+    @field_validator("median_view")
+    @classmethod
+    def _view(cls, v):
+        sides = (v,) if isinstance(v, int) else v if isinstance(v, tuple) else ()
+        if any(side < 1 for side in sides):
+            raise ValueError(f"a view of at least 1 px a side, got {v}")
         return v
 
 

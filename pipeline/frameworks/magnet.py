@@ -14,6 +14,7 @@ The refiner reads only the segmenter's probabilities, so any segmenter a ``segme
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -24,11 +25,13 @@ import torch
 import zarr
 
 from models import magnet as mg
+from models.checkpoint import read_info
 from models.errors import CheckpointError
 from models.magnet import load_refiner, seeded_refiner
 from pipeline.blend import downsample_labels, store_outputs
 from pipeline.errors import SpecError, UnsupportedImageError
 from pipeline.frameworks import magnet_maps as maps
+from pipeline.frameworks import magnet_reference as reference
 from pipeline.frameworks.base import STAGE_MAP, Framework, ModelSource, OpenArray, Resolution, StagePlan
 from pipeline.frameworks.magnet_maps import MagnetConfig
 from pipeline.frameworks.segment import GIGASEG, image_stage, runtime_of
@@ -92,21 +95,27 @@ class UpsampledMap:
 
 
 class MagnetModel:
-    """``TileModel``: the segmenter alone at stage 0, segmenter and refiner after."""
+    """``TileModel``: the segmenter alone at stage 0 (on the image alone when its input is ``WholeImage``),
+    segmenter and refiner after: stage ``s`` runs ``refiners[min(s, n) − 1]`` (one for all stages, or one each)."""
 
-    def __init__(self, predictor, refiner: torch.nn.Module) -> None:
+    def __init__(self, predictor, refiner: torch.nn.Module | Sequence[torch.nn.Module], size_multiple: int = 32) -> None:
         self.predictor, self.runner = predictor, predictor.runner
-        self.refiner = self.runner.prepare(refiner)
+        refiners = [refiner] if isinstance(refiner, torch.nn.Module) else list(refiner)
+        self.refiners = [self.runner.prepare(r) for r in refiners]
+        self.refiner = self.refiners[0]
         self.device = predictor.device
+        self.size_multiple = size_multiple
 
     @torch.inference_mode()
     def __call__(self, stage: int, tiles: torch.Tensor, inputs: Sequence[np.ndarray]) -> torch.Tensor:
-        if not inputs:
-            return self.predictor.probabilities(tiles)
+        if not stage:
+            return whole_pass(self.predictor, tiles, inputs[0], self.size_multiple) if inputs else \
+                self.predictor.probabilities(tiles)
         (previous_up,) = inputs
+        refiner = self.refiners[min(stage, len(self.refiners)) - 1]
         fine = self.predictor.probabilities(tiles)  # softmax(segmenter(x)), whatever runs the segmenter
         with self.runner.autocast():
-            return torch.softmax(self.refiner(fine, self.runner.tensor(previous_up).float()).float(), dim=1)
+            return torch.softmax(refiner(fine, self.runner.tensor(previous_up).float()).float(), dim=1)
 
 
 @dataclass(frozen=True)
@@ -115,6 +124,7 @@ class Magnet(Framework):
     refiner: WeightsRef
     config: MagnetConfig
     runtime: SegmenterRuntime | None = None  # the segmenter's, for a model you bring; None: a gigaseg checkpoint
+    more_refiners: tuple[WeightsRef, ...] = ()  # one refiner per stage: stages 2, 3, … (``refiner`` refines stage 1)
 
     name: ClassVar[str] = "magnet"
 
@@ -122,31 +132,39 @@ class Magnet(Framework):
     def resolve(cls, options: Mapping[str, Any], source: ModelSource) -> Resolution:
         resolution = resolve_segmenter(source, cls.name)
         num_classes = resolution.num_classes
-        url = options.get("refiner")
-        if url is None:
-            refiner = seeded_refiner(num_classes, seed=options["refiner_seed"], width=options["refiner_width"])
+        urls = options.get("refiner")
+        urls = [urls] if isinstance(urls, str) else urls
+        if urls is None:
+            refiners = [seeded_refiner(num_classes, seed=options["refiner_seed"], width=options["refiner_width"])]
         else:
-            try:
-                refiner = read_bytes(url, source.storage_options)
-                load_refiner(refiner, num_classes)  # fail now, naming the field, not in every worker
-            except FileNotFoundError:
-                raise SpecError("model.magnet.refiner", [f"model.magnet.refiner: {url} does not exist"]) from None
-            except CheckpointError as err:
-                raise SpecError("model.magnet.refiner", [f"model.magnet.refiner: {url}: {err}"]) from None
-        return Resolution(resolution.info, {**resolution.weights, "refiner": refiner}, resolution.details,
-                          resolution.card)
+            refiners = []
+            for url in urls:
+                try:
+                    refiners.append(read_bytes(url, source.storage_options))
+                    load_refiner(refiners[-1], num_classes)  # fail now, naming the field, not in every worker
+                except FileNotFoundError:
+                    raise SpecError("model.magnet.refiner", [f"model.magnet.refiner: {url} does not exist"]) from None
+                except CheckpointError as err:
+                    raise SpecError("model.magnet.refiner", [f"model.magnet.refiner: {url}: {err}"]) from None
+        weights = {"refiner": refiners[0], **{f"refiner-{i + 1}": r for i, r in enumerate(refiners) if i}}
+        return Resolution(resolution.info, {**resolution.weights, **weights}, resolution.details, resolution.card)
 
     @classmethod
     def build(cls, options: Mapping[str, Any], weights: Mapping[str, WeightsRef], resolution: Resolution) -> Magnet:
         config = MagnetConfig(scales=options["scales"], replace=options["replace"], median=options["median"],
-                              patches=options["patches"])
-        return cls(weights["model"], weights["refiner"], config, runtime_of(resolution))
+                              patches=options["patches"], **reference.options_of(dict(options)))
+        more = tuple(weights[k] for k in sorted((k for k in weights if k.startswith("refiner-")),
+                                                key=lambda k: int(k.split("-")[1])))
+        return cls(weights["model"], weights["refiner"], config, runtime_of(resolution), more)
 
     def fingerprint(self) -> dict[str, Any]:
         c = self.config
+        procedure = {k: getattr(c, k) for k in reference.OPTIONS  # only where not gigaseg's: old outputs resume
+                     if getattr(c, k) != MagnetConfig.__dataclass_fields__[k].default}
+        more = {"refiners": [r.sha256 for r in self.more_refiners]} if self.more_refiners else {}
         return {"framework": self.name, "checkpoint": self.model.sha256, "refiner": self.refiner.sha256,
                 "scales": c.scales, "replace": c.replace, "median": c.median, "patches": c.patches,
-                **(self.runtime.fingerprint() if self.runtime else {})}
+                **(self.runtime.fingerprint() if self.runtime else {}), **procedure, **more}
 
     def levels(self, n_levels: int) -> set[int]:
         return {lv for lv in self.config.levels() if lv < n_levels}  # too few: ``stages`` says so
@@ -158,12 +176,16 @@ class Magnet(Framework):
                 f"{pyramid.url}: MagNet with {len(levels)} scales needs {len(levels)} pyramid levels but the image "
                 f"({pyramid.shapes[0][0]}×{pyramid.shapes[0][1]}) has {pyramid.n_levels}; lower model.magnet.scales")
         plans: list[StagePlan] = []
+        crop = reference.RoiAlignedMap if self.config.crop == "roi_align" else UpsampledMap
         for s, level in enumerate(levels):
             inputs = ()
             if s:
-                inputs = (UpsampledMap(ArrayRef(plans[-1].maps_url, STAGE_MAP, "cyx", tuple(pyramid.shapes[levels[s - 1]]),
-                                                dict(out.storage_options))),)
-            plans.append(image_stage(s, pyramid, level, out, tiling, num_classes, inputs))
+                inputs = (crop(ArrayRef(plans[-1].maps_url, STAGE_MAP, "cyx", tuple(pyramid.shapes[levels[s - 1]]),
+                                        dict(out.storage_options))),)
+            plan = image_stage(s, pyramid, level, out, tiling, num_classes, inputs)
+            if not s and self.config.stage0 == "whole" and reference.fits_one_tile(plan.grid, pyramid.shapes[level]):
+                plan = dataclasses.replace(plan, inputs=(reference.WholeImage(),))
+            plans.append(plan)
         return plans
 
     def selected_tiles(self, stages: list[StagePlan], s: int, scheduler: Any) -> tuple[tuple[int, int], ...] | None:
@@ -175,7 +197,9 @@ class Magnet(Framework):
         n = self.config.tile_count(len(stage.grid))
         if n >= len(stage.grid):
             return None
-        return maps.select_tiles(maps.tile_uncertainty(stage.inputs[0].ref.open(), stage.grid, scheduler), n)
+        scores = maps.tile_uncertainty(stage.inputs[0].ref.open(), stage.grid, scheduler)
+        # the reference's code sorts ascending and takes the first: the least uncertain tiles
+        return maps.select_tiles(-scores if self.config.patch_choice == "least_uncertain" else scores, n)
 
     def stage_sink(self, stages: list[StagePlan], s: int, out: ImageOutput, outputs: OutputArrays | None,
                    chunk: int, fresh: bool) -> BlockSink:
@@ -203,7 +227,11 @@ class Magnet(Framework):
         stage_maps = maps.StageMaps(refined=group["refined"], error=group["error"],
                                     error_median=create_map(stage.maps_url, "error_median", (h, w), chunk, so))
         previous = stage.inputs[0].ref.open()
-        maps.median_pass(stage_maps, self.config.median, scheduler)
+        view = reference.view_of(self.config, stage.grid.tile)
+        if view is None:
+            maps.median_pass(stage_maps, self.config.median, scheduler, self.config.median_padding)
+        else:
+            reference.median_view_pass(stage_maps, self.config.median, view, self.config.median_padding, scheduler)
         share = 1.0 if tiles is None else len(tiles) / len(stage.grid)
         t = maps.stage_threshold(stage_maps, self.config.count(h, w, share), scheduler)
         probs = maps.merged(stage_maps, previous, t)
@@ -219,8 +247,28 @@ class Magnet(Framework):
             downsample_labels(outputs.labels[level - 1], outputs.labels[level], c, scheduler)
 
     def load(self, read: Callable[[str], bytes], device: DeviceConfig) -> MagnetModel:
-        predictor = load_segmenter(read(self.model.url), self.runtime or GIGASEG, device)
-        return MagnetModel(predictor, load_refiner(read(self.refiner.url), predictor.num_classes))
+        data = read(self.model.url)
+        predictor = load_segmenter(data, self.runtime or GIGASEG, device)
+        refiners = [load_refiner(read(r.url), predictor.num_classes) for r in (self.refiner, *self.more_refiners)]
+        multiple = self.runtime.card.size_multiple if self.runtime else read_info(data).config.size_multiple
+        return MagnetModel(predictor, refiners, multiple)
+
+
+def whole_pass(predictor, tiles: torch.Tensor, extents: np.ndarray, multiple: int) -> torch.Tensor:
+    """Stage 0 in one pass (``stage0: whole``): for each tile, the segmenter on the image inside it alone (rows
+    ``y:y+h``, columns ``x:x+w`` of ``extents``), extended to a multiple of the model's size multiple with the
+    tile's own mirrored margin; its probabilities fill the tile, edges replicated past the image (those pixels are
+    not kept). A tile without room for that runs whole. ``(B, 3, T, T) → (B, C, T, T)``."""
+    out = []
+    for tile, (y, x, h, w) in zip(tiles, extents.tolist(), strict=True):
+        hh, ww = -(-h // multiple) * multiple, -(-w // multiple) * multiple
+        t = tile.shape[-1]
+        if y < 0 or x < 0 or y + hh > t or x + ww > t:
+            out.append(predictor.probabilities(tile[None]))
+            continue
+        p = predictor.probabilities(tile[None, :, y : y + hh, x : x + ww])[..., :h, :w]
+        out.append(torch.nn.functional.pad(p, (x, t - x - w, y, t - y - h), mode="replicate"))
+    return torch.cat(out)
 
 
 __all__ = ["Magnet", "MagnetConfig", "MagnetModel", "UpsampledMap"]

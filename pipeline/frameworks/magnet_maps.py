@@ -47,6 +47,14 @@ class MagnetConfig:
     replace: float = 0.75  # ≤ 1: fraction of each stage's pixels; > 1: a pixel count per stage
     median: int = 5  # median filter side, in pixels of the stage's level
     patches: float | None = None  # MagNet-Fast: ≤ 1 a fraction, > 1 a count of tiles refined per stage
+    # the reference's procedure where it is a choice (``pipeline.frameworks.magnet_reference``); these defaults are
+    # gigaseg's: the median at the stage's resolution, edges replicated; the coarse map's exact window; stage 0
+    # tiled; MagNet-Fast's most uncertain tiles
+    median_view: str | tuple[int, int] = "stage"  # "stage", "tile" or a (h, w) view
+    median_padding: str = "edge"  # "edge" or "zero"
+    crop: str = "exact"  # "exact" or "roi_align"
+    stage0: str = "tiled"  # "tiled" or "whole"
+    patch_choice: str = "most_uncertain"  # or "least_uncertain"
 
     def __post_init__(self) -> None:
         if self.scales < 2:
@@ -108,12 +116,14 @@ class StageMaps:
     error_median: zarr.Array  # (H, W) float16
 
 
-def median_pass(maps: StageMaps, median: int, scheduler: Any = "threads") -> None:
-    """Step 2: ``E`` (written by the stage's blocks) median-filtered, stored; a ``k//2`` halo across chunks."""
+def median_pass(maps: StageMaps, median: int, scheduler: Any = "threads", padding: str = "edge") -> None:
+    """Step 2: ``E`` (written by the stage's blocks) median-filtered, stored; a ``k//2`` halo across chunks, past
+    the image the edge replicated (``padding="edge"``) or zeros (``"zero"``, as the reference's conv padding)."""
     err = da.from_zarr(maps.error).astype(np.float32)
     med = err
     if median > 1:
-        med = err.map_overlap(mg.median_filter, depth=median // 2, boundary="nearest", k=median, dtype=np.float32)
+        boundary = "nearest" if padding == "edge" else 0.0
+        med = err.map_overlap(mg.median_filter, depth=median // 2, boundary=boundary, k=median, dtype=np.float32)
     da.store(med.astype(np.float16), maps.error_median, lock=False, scheduler=scheduler)
 
 
