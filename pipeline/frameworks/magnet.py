@@ -34,13 +34,12 @@ from pipeline.frameworks import magnet_maps as maps
 from pipeline.frameworks import magnet_reference as reference
 from pipeline.frameworks.base import STAGE_MAP, Framework, ModelSource, OpenArray, Resolution, StagePlan
 from pipeline.frameworks.magnet_maps import MagnetConfig
-from pipeline.frameworks.segment import GIGASEG, image_stage, runtime_of
+from pipeline.frameworks.segment import GIGASEG, runtime_of
 from pipeline.frameworks.segmenters import SegmenterRuntime, load_segmenter, resolve_segmenter
 from pipeline.output.arrays import OutputArrays, create_map, map_ref
 from pipeline.output.layout import ImageOutput
 from pipeline.plan import ArrayRef, TilingPlan, WeightsRef
 from pipeline.pyramid import Pyramid
-from pipeline.reader import upsample2x_window
 from pipeline.storage import read_bytes, zarr_store
 from pipeline.tiling import Window
 from pipeline.workers.device_blend import Band
@@ -62,7 +61,7 @@ class RefineSink:
 
     def write(self, open_array, band: Band) -> list:
         region, probs, covered = band.region, band.probabilities(), band.covered()
-        up = upsample2x_window(open_array(self.previous), self.previous.shape_yx, self.refined.shape_yx, region)
+        up = reference.resize_window(open_array(self.previous), self.previous.shape_yx, self.refined.shape_yx, region)
         up = torch.from_numpy(up).to(probs.device)
         refined = torch.where(covered[None], probs, up)
         error = torch.where(covered, mg.error_score(refined[None], up[None])[0], torch.zeros_like(up[0]))
@@ -91,7 +90,7 @@ class UpsampledMap:
 
     def read(self, open_array: OpenArray, image: ArrayRef, windows: list[Window]) -> np.ndarray:
         previous = open_array(self.ref)
-        return np.stack([upsample2x_window(previous, self.ref.shape_yx, image.shape_yx, w) for w in windows])
+        return np.stack([reference.resize_window(previous, self.ref.shape_yx, image.shape_yx, w) for w in windows])
 
 
 class MagnetModel:
@@ -151,8 +150,10 @@ class Magnet(Framework):
 
     @classmethod
     def build(cls, options: Mapping[str, Any], weights: Mapping[str, WeightsRef], resolution: Resolution) -> Magnet:
-        config = MagnetConfig(scales=options["scales"], replace=options["replace"], median=options["median"],
-                              patches=options["patches"], **reference.options_of(dict(options)))
+        scales = options["scales"]
+        factors = tuple(float(f) for f in scales) if isinstance(scales, list) else ()
+        config = MagnetConfig(scales=len(factors) or scales, replace=options["replace"], median=options["median"],
+                              patches=options["patches"], factors=factors, **reference.options_of(dict(options)))
         more = tuple(weights[k] for k in sorted((k for k in weights if k.startswith("refiner-")),
                                                 key=lambda k: int(k.split("-")[1])))
         return cls(weights["model"], weights["refiner"], config, runtime_of(resolution), more)
@@ -163,7 +164,8 @@ class Magnet(Framework):
                      if getattr(c, k) != MagnetConfig.__dataclass_fields__[k].default}
         more = {"refiners": [r.sha256 for r in self.more_refiners]} if self.more_refiners else {}
         return {"framework": self.name, "checkpoint": self.model.sha256, "refiner": self.refiner.sha256,
-                "scales": c.scales, "replace": c.replace, "median": c.median, "patches": c.patches,
+                "scales": list(c.factors) if c.factors else c.scales, "replace": c.replace, "median": c.median,
+                "patches": c.patches,
                 **(self.runtime.fingerprint() if self.runtime else {}), **procedure, **more}
 
     def levels(self, n_levels: int) -> set[int]:
@@ -177,13 +179,16 @@ class Magnet(Framework):
                 f"({pyramid.shapes[0][0]}×{pyramid.shapes[0][1]}) has {pyramid.n_levels}; lower model.magnet.scales")
         plans: list[StagePlan] = []
         crop = reference.RoiAlignedMap if self.config.crop == "roi_align" else UpsampledMap
-        for s, level in enumerate(levels):
+        images = reference.stage_images(self.config.stage_factors(), pyramid, [out.maps_url(s) for s in
+                                        range(len(levels))], tiling.image_chunk, dict(out.storage_options))
+        for s, (image, shape) in enumerate(images):
             inputs = ()
             if s:
-                inputs = (crop(ArrayRef(plans[-1].maps_url, STAGE_MAP, "cyx", tuple(pyramid.shapes[levels[s - 1]]),
+                inputs = (crop(ArrayRef(plans[-1].maps_url, STAGE_MAP, "cyx", plans[-1].image.shape_yx,
                                         dict(out.storage_options))),)
-            plan = image_stage(s, pyramid, level, out, tiling, num_classes, inputs)
-            if not s and self.config.stage0 == "whole" and reference.fits_one_tile(plan.grid, pyramid.shapes[level]):
+            plan = StagePlan(index=s, image=image, grid=tiling.grid(*shape), maps_url=out.maps_url(s),
+                             num_classes=num_classes, storage_options=dict(out.storage_options), inputs=inputs)
+            if not s and self.config.stage0 == "whole" and reference.fits_one_tile(plan.grid, shape):
                 plan = dataclasses.replace(plan, inputs=(reference.WholeImage(),))
             plans.append(plan)
         return plans

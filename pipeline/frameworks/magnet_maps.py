@@ -35,6 +35,7 @@ import torch
 import zarr
 
 from models import magnet as mg
+from pipeline.frameworks.magnet_reference import level_of, resize_window
 from pipeline.reader import read_window, upsample2x_window
 from pipeline.tiling import Window
 
@@ -56,7 +57,14 @@ class MagnetConfig:
     stage0: str = "tiled"  # "tiled" or "whole"
     patch_choice: str = "most_uncertain"  # or "least_uncertain"
 
+    factors: tuple[float, ...] = ()  # any list of scales (fractions of the image, the last 1); () → powers of two
+
     def __post_init__(self) -> None:
+        if self.factors:
+            object.__setattr__(self, "scales", len(self.factors))
+            if list(self.factors) != sorted(set(self.factors)) or not 0 < self.factors[0] or self.factors[-1] != 1:
+                raise ValueError(f"MagNet's scales must increase in (0, 1] and end at 1 (the image), got "
+                                 f"{list(self.factors)}")
         if self.scales < 2:
             raise ValueError(f"MagNet needs at least 2 scales, got {self.scales}")
         if self.replace <= 0:
@@ -67,7 +75,14 @@ class MagnetConfig:
             raise ValueError(f"patches must be a positive fraction or count of tiles, got {self.patches}")
 
     def levels(self) -> tuple[int, ...]:
+        """The pyramid level each stage reads (a stage at a factor that is no power of two resizes it)."""
+        if self.factors:
+            return tuple(level_of(f, 1 << 30) for f in self.factors)
         return tuple(range(self.scales - 1, -1, -1))
+
+    def stage_factors(self) -> tuple[float, ...]:
+        """Each stage's size as a fraction of the image: the given factors, or ``2^-(scales−1) … 1``."""
+        return self.factors or tuple(2.0**-lv for lv in self.levels())
 
     def count(self, h: int, w: int, share: float = 1.0) -> int:
         """Pixels replaced in an ``h × w`` stage of which ``share`` of the tiles ran (1 unless MagNet-Fast):
@@ -147,18 +162,23 @@ def merged(maps: StageMaps, previous: zarr.Array, t: float) -> da.Array:
         (y0, y1), (x0, x1) = block_info[None]["array-location"][1:]
         region = Window(y0, x0, y1 - y0, x1 - x0)
         e = np.asarray(error_median[y0:y1, x0:x1], np.float32)
-        previous_up = upsample2x_window(previous, prev_shape, (h, w), region)
+        previous_up = resize_window(previous, prev_shape, (h, w), region)
         return np.where((e >= np.float32(t))[None], r.astype(np.float32), previous_up)
 
     return refined.map_blocks(block, dtype=np.float32)
 
 
-def footprint(window: Window, fine_shape: tuple[int, int]) -> Window:
+def footprint(window: Window, fine_shape: tuple[int, int], coarse_shape: tuple[int, int] | None = None) -> Window:
     """A level-s tile window's footprint on the level-(s−1) map: the window clipped to the image, then
-    ``[⌊y0/2⌋, ⌈y1/2⌉) × [⌊x0/2⌋, ⌈x1/2⌉)``."""
+    ``[⌊y0/2⌋, ⌈y1/2⌉) × [⌊x0/2⌋, ⌈x1/2⌉)``; for another size ratio (``coarse_shape`` given and not half of
+    ``fine_shape``) ``[⌊y0·h/H⌋, ⌈y1·h/H⌉)``, likewise in x."""
     c = window.clip(*fine_shape)
-    y0, x0 = c.y0 // 2, c.x0 // 2
-    return Window(y0, x0, -(-c.y1 // 2) - y0, -(-c.x1 // 2) - x0)
+    if coarse_shape is None or all(f in (2 * k, 2 * k - 1) for k, f in zip(coarse_shape, fine_shape, strict=True)):
+        y0, x0 = c.y0 // 2, c.x0 // 2
+        return Window(y0, x0, -(-c.y1 // 2) - y0, -(-c.x1 // 2) - x0)
+    (h, w), (hh, ww) = coarse_shape, fine_shape
+    y0, x0 = c.y0 * h // hh, c.x0 * w // ww
+    return Window(y0, x0, -(-c.y1 * h // hh) - y0, -(-c.x1 * w // ww) - x0)
 
 
 def mean_uncertainty(block: np.ndarray) -> float:
@@ -172,11 +192,12 @@ def tile_uncertainty(previous, grid, scheduler: Any = "threads") -> np.ndarray:
     import dask
 
     fine = (grid.height, grid.width)
+    coarse = tuple(previous.shape[1:])
 
     def row(iy: int) -> np.ndarray:
         out = np.empty(grid.nx, np.float64)
         for ix in range(grid.nx):
-            f = footprint(grid.window(iy, ix), fine)
+            f = footprint(grid.window(iy, ix), fine, coarse)
             out[ix] = mean_uncertainty(np.asarray(previous[:, f.y0 : f.y1, f.x0 : f.x1]))
         return out
 

@@ -101,6 +101,41 @@ def test_one_refiner_per_stage():
         torch.testing.assert_close(model(stage, tiles, [up]), torch.softmax(fine + i, 1))
 
 
+@pytest.mark.parametrize(("src", "dst"), [((20, 24), (40, 48)), ((20, 24), (39, 47)), ((16, 16), (48, 40)),
+                                          ((30, 30), (30, 30))])
+def test_resize_window_is_torch_bilinear_by_size(src, dst):
+    prev = np.random.default_rng(1).random((2, *src)).astype(np.float32)
+    whole = ref.resize_window(prev, src, dst, Window(0, 0, *dst))
+    if dst[0] in (2 * src[0], 2 * src[0] - 1):  # ×2: gigaseg's pyramid rule (scale 0.5, as scale_factor=2)
+        expected = F.interpolate(torch.from_numpy(prev)[None], scale_factor=2, mode="bilinear", align_corners=False)
+        expected = expected[0, :, : dst[0], : dst[1]]
+    else:
+        expected = F.interpolate(torch.from_numpy(prev)[None], size=dst, mode="bilinear", align_corners=False)[0]
+    np.testing.assert_allclose(whole, expected.numpy(), atol=1e-6)
+    part = ref.resize_window(prev, src, dst, Window(5, 7, 11, 13))
+    np.testing.assert_array_equal(part, whole[:, 5:16, 7:20])
+
+
+def test_stage_images_resize_the_nearest_finer_level(tmp_path):
+    from pipeline.pyramid import Pyramid
+    from tests.pipeline.fixtures_images import write_ome_zarr
+
+    image = np.random.default_rng(2).integers(0, 256, (3, 96, 80), dtype=np.uint8)
+    half = image.reshape(3, 48, 2, 40, 2).mean((2, 4)).round().astype(np.uint8)
+    write_ome_zarr(tmp_path / "p.ome.zarr", [image, half], chunk=32)
+    pyramid = Pyramid(str(tmp_path / "p.ome.zarr"), ("0", "1"), ((96, 80), (48, 40)), "cyx", True)
+    assert [ref.level_of(f, 2) for f in (0.25, 0.375, 0.5, 0.75, 1)] == [1, 1, 1, 0, 0]
+    (a, sa), (b, sb), (c, sc) = ref.stage_images((0.375, 0.5, 1.0), pyramid, [str(tmp_path / f"s{i}") for i in range(3)],
+                                                 16, {})
+    assert (sa, sb, sc) == ((36, 30), (48, 40), (96, 80)) and b.path == "1" and c.path == "0"
+    resized = a.open()[:]
+    expected = F.interpolate(torch.from_numpy(half)[None].float(), size=(36, 30), mode="bilinear",
+                             align_corners=False)[0].round().numpy()
+    assert np.abs(resized.astype(int) - expected).max() <= 1  # float32 index arithmetic: off by one at .5 ties only
+    again, _ = ref.stage_images((0.375,), pyramid, [str(tmp_path / "s0")], 16, {})[0]  # complete: reused
+    assert again == a
+
+
 def test_procedure_reference_sets_every_option_and_each_can_be_overridden():
     spec = MagnetSpec(procedure="reference", crop="exact", median_view=508).model_dump(mode="json")
     assert ref.options_of(spec) == {"median_view": 508, "median_padding": "zero", "crop": "exact", "stage0": "whole",
@@ -148,7 +183,7 @@ def _sensitive_models() -> tuple[bytes, bytes, bytes]:
     from models.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
-    x = torch.rand(2, 3, 128, 128)
+    x = torch.rand(2, 3, 64, 64)
     config = ModelConfig("fpn_resnet10", 4, width=8)
     segmenter = build_model(config, seed=1).eval()
     with torch.no_grad():
@@ -163,11 +198,18 @@ def _sensitive_models() -> tuple[bytes, bytes, bytes]:
     return save_checkpoint(None, segmenter, config, names), *refiners
 
 
+def _torch_resize(level: np.ndarray, size: int) -> np.ndarray:
+    x = torch.from_numpy(level)[None].float()
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)[0].round().to(torch.uint8).numpy()
+
+
 @pytest.mark.integration
-def test_tiled_reference_procedure_matches_the_references_algorithm(tmp_path, ray_cluster):
+@pytest.mark.parametrize("scales", [3, [0.25, 0.75, 1]])
+def test_tiled_reference_procedure_matches_the_references_algorithm(tmp_path, ray_cluster, scales):
     """``procedure: reference`` through ``gigaseg run`` (3 scales, stage 0 one tile, non-overlapping tiles as the
     reference's patches, two refiners) against ``_reference_magnet``. They differ only where the tiled run's
-    float16 maps round the error score across the threshold."""
+    float16 maps round the error score across the threshold. With a list of scales the ×0.75 stage is level 0
+    resized, and its map the ×3 upsampling of stage 0's."""
     from jobs.runner import run_spec
     from jobs.spec import parse_spec
     from models.checkpoint import load_checkpoint
@@ -179,27 +221,29 @@ def test_tiled_reference_procedure_matches_the_references_algorithm(tmp_path, ra
     (tmp_path / "model.safetensors").write_bytes(ckpt)
     for name, data in (("r1", refiner_bytes), ("r2", second)):
         (tmp_path / f"{name}.safetensors").write_bytes(data)
-    image = land_cover(0, 0, 512, 512, seed=4).transpose(2, 0, 1)
-    levels = [image, image.reshape(3, 256, 2, 256, 2).mean((2, 4)).round().astype(np.uint8)]
-    levels.append(levels[1].reshape(3, 128, 2, 128, 2).mean((2, 4)).round().astype(np.uint8))
+    image = land_cover(0, 0, 256, 256, seed=4).transpose(2, 0, 1)
+    levels = [image, image.reshape(3, 128, 2, 128, 2).mean((2, 4)).round().astype(np.uint8)]
+    levels.append(levels[1].reshape(3, 64, 2, 64, 2).mean((2, 4)).round().astype(np.uint8))
     (tmp_path / "in").mkdir()
-    write_ome_zarr(tmp_path / "in" / "scene.ome.zarr", levels, chunk=128)
+    write_ome_zarr(tmp_path / "in" / "scene.ome.zarr", levels, chunk=64)
     spec = parse_spec(spec_dict(
         str(tmp_path / "in"), str(tmp_path / "out"), model__framework="magnet", model__name="fpn_resnet10",
         model__classes=None, model__checkpoint=str(tmp_path / "model.safetensors"),
-        model__magnet={"scales": 3, "median": 3, "procedure": "reference",
+        model__magnet={"scales": scales, "median": 3, "procedure": "reference",
                        "refiner": [str(tmp_path / "r1.safetensors"), str(tmp_path / "r2.safetensors")]},
-        tiling__tile=128, tiling__overlap=0, tiling__margin=0, tiling__chunk=256,
+        tiling__tile=64, tiling__overlap=0, tiling__margin=0, tiling__chunk=128,
     ))
     [result] = run_spec(spec)
     assert result.status == "ok", result.error
     tiled = zarr.open_array(str(tmp_path / "out" / "scene.zarr" / "labels" / "segmentation" / "0"), mode="r")[:]
     segmenter, info = load_checkpoint(ckpt)
+    if scales != 3:
+        levels = [levels[0], _torch_resize(levels[0], 192), levels[2]]
     with torch.no_grad():
         expected = _reference_magnet(levels, segmenter, [mg.load_refiner(d, 4) for d in (refiner_bytes, second)],
-                                     info.normalization, 128, 3).argmax(0).numpy()
-        coarse = _reference_magnet(levels[2:], segmenter, [], info.normalization, 128, 3)[None]
-        coarse = F.interpolate(coarse, size=(512, 512), mode="bilinear", align_corners=False)[0].argmax(0).numpy()
+                                     info.normalization, 64, 3).argmax(0).numpy()
+        coarse = _reference_magnet(levels[2:], segmenter, [], info.normalization, 64, 3)[None]
+        coarse = F.interpolate(coarse, size=(256, 256), mode="bilinear", align_corners=False)[0].argmax(0).numpy()
     agree = (tiled == expected).mean()
     assert agree >= 0.999, f"tiled reference procedure and the reference's algorithm agree on {agree:.4%}"
     assert len(np.unique(expected)) >= 2 and (expected != coarse).mean() > 0.01, "the refinement changed little"
