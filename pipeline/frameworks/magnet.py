@@ -188,7 +188,8 @@ class Magnet(Framework):
                                         dict(out.storage_options))),)
             plan = StagePlan(index=s, image=image, grid=tiling.grid(*shape), maps_url=out.maps_url(s),
                              num_classes=num_classes, storage_options=dict(out.storage_options), inputs=inputs)
-            if not s and self.config.stage0 == "whole" and reference.fits_one_tile(plan.grid, shape):
+            fixed = self.runtime is not None and self.runtime.fixed_size is not None  # an ONNX model of one size
+            if not s and self.config.stage0 == "whole" and not fixed and reference.fits_one_tile(plan.grid, shape):
                 plan = dataclasses.replace(plan, inputs=(reference.WholeImage(),))
             plans.append(plan)
         return plans

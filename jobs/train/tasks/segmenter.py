@@ -98,9 +98,11 @@ def plan(spec: TrainSpec, info, problems: list[str]) -> tuple[SegmenterModel, di
     if spec.model.init:
         try:
             data = read_bytes(spec.model.init, spec.dataset.storage_options)
-            init_weights(None, data, config, info.class_names)
             encoder = encoder_weights(data, spec.model.init)
-            if encoder is not None:  # features learnt on inputs normalised so: keep feeding them so
+            if encoder is None:
+                init_weights(None, data, config, info.class_names)
+            else:  # features learnt on inputs normalised so: keep feeding them so
+                _init_encoder(None, encoder, config)
                 normalization = encoder.normalization.to_dict()
         except (CheckpointError, FileNotFoundError) as err:
             problems.append(f"model.init: {spec.model.init}: {err}")
