@@ -13,14 +13,15 @@ from typing import Any
 _RAY_SYSTEM_TITLES = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
 
 
-def role(proc, root_pid: int) -> str:
-    """``driver``, ``ray workers`` (actors, idle workers) or ``ray system`` (gcs, raylet, agents, monitors)."""
+def role(proc, root_pid: int) -> str | None:
+    """``driver``, ``ray workers`` (actors, idle workers) or ``ray system`` (gcs, raylet, agents, monitors); None
+    for a process that ended before its command line could be read."""
     if proc.pid == root_pid:
         return "driver"
     try:
         cmd = " ".join(proc.cmdline())
     except Exception:  # noqa: BLE001  (a process that just ended)
-        return "ray system"
+        return None
     if cmd.startswith("ray::") and not cmd.startswith(_RAY_SYSTEM_TITLES) or "default_worker.py" in cmd:
         return "ray workers"
     return "ray system"
@@ -128,7 +129,10 @@ class TreeSampler:
             try:
                 with p.oneshot():
                     self._cpu[p.pid] = sum(p.cpu_times()[:2])
-                    r = self._roles[p.pid] = role(p, self.root.pid)
+                    # a process ending between two reads keeps the role it was seen with (an actor's CPU stays
+                    # the workers' when its command line can no longer be read at the last sample)
+                    r = role(p, self.root.pid) or self._roles.get(p.pid, "ray system")
+                    self._roles[p.pid] = r
                     if pss and self.pss_interval is not None:
                         info = p.memory_full_info()
                         pss_roles[r] += info.pss

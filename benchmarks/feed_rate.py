@@ -45,10 +45,12 @@ from jobs.runner import run_plan
 from jobs.spec import parse_spec
 
 TARGETS = {"segment": 0.02, "magnet": 0.05, "fctl": 0.05}
-WORKER_PHASES = ("read", "h2d", "blend", "sink", "write")
-#: The worker phases that are tensor work on the model's device (the running sums; labels, confidence and maps
-#: from them): on a GPU node the GPU does them and the host only launches kernels; here the device is the CPU.
-DEVICE_PHASES = ("blend", "sink")
+WORKER_PHASES = ("read", "h2d", "inputs", "blend", "sink", "write")
+#: The worker phases that are tensor work on the model's device (the tiles' other inputs made from what was read:
+#: MagNet's upsampling, FCtL's context windows; the running sums; labels, confidence and maps from them): on a GPU
+#: node the GPU does them and the host only launches kernels (and, for ``inputs``, copies the map rows or context
+#: rows read into pinned memory: a fraction of the image row's bytes); here the device is the CPU.
+DEVICE_PHASES = ("inputs", "blend", "sink")
 NODE_CORES = 16
 
 
@@ -155,7 +157,8 @@ def report(runs: dict[str, tuple[dict, dict]], args) -> str:
          "device ops (here on the CPU)", "host side", "target", "", "start-up CPU-s", f"{NODE_CORES}-core feed MP/s",
          "GPU busy at that feed"], rows)
     phases = markdown_table(
-        ["framework", "driver", "Ray workers", "Ray system", "decode", "host→device", "blend", "sink", "write (caller)",
+        ["framework", "driver", "Ray workers", "Ray system", "decode", "host→device", "inputs", "blend", "sink",
+         "write (caller)",
          "workers, other threads", "ingest", "stage merge", "label pyramid", "blocks"], phase_rows)
     return (f"{table}\n\n''Outside the model'' is the process tree's CPU less the null model's; ''device ops'' are the "
             f"worker phases that are tensor work on the model's device ({', '.join(DEVICE_PHASES)}: the running sums, "

@@ -65,6 +65,32 @@ class DeviceBusy:
         return sum(self.samples) / len(self.samples) if self.samples else None
 
 
+def thread_cpu() -> dict[str, float]:
+    """CPU-seconds of this process's threads by kind (Linux ``/proc/self/task``; names with their trailing
+    numbers folded: ``asyncio`` are Zarr's codec threads, ``zarr_io`` its event loop, ``gigaseg-read`` and
+    ``gigaseg-write`` the worker's reader and writers); empty where there is no ``/proc``."""
+    import os
+    import re
+
+    out: dict[str, float] = defaultdict(float)
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return {}
+    names = {t.native_id: t.name for t in threading.enumerate()}  # Python's names; the OS knows only "python"
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        name = re.sub(r"[_-]?\d+$", "", names.get(int(tid), "native (torch, codecs' own pools)"))
+        fields = stat[stat.rindex(")") + 2 :].split()
+        out[name] += (int(fields[11]) + int(fields[12])) / tick
+    return dict(out)
+
+
 def prepare(scene: Path, out_root: Path, name: str, job):
     """The image's stages and a sink writing its labels and confidence, as the engine prepares them."""
     from pipeline.frameworks.base import output_sink
@@ -161,11 +187,12 @@ def main(argv: list[str] | None = None) -> None:
         prepared = [prepare(scene.parent, out_root, f"scene-{i}", job) for i in range(args.images)]
         mp = sum(h * w for _, _, (h, w) in prepared) / 1e6
         with DeviceBusy() as busy:
-            t0, c0 = time.perf_counter(), time.process_time()
+            t0, c0, th0 = time.perf_counter(), time.process_time(), thread_cpu()
             tiles = sum(run_image(worker, st, sk, tiling, args.classes, cpu) for st, sk, _ in prepared)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             wall, proc = time.perf_counter() - t0, time.process_time() - c0
+            threads = {k: v - th0.get(k, 0.0) for k, v in thread_cpu().items()}
     finally:
         shutil.rmtree(out_root, ignore_errors=True)
     model_name = "null model" if args.null else f"{args.model} width {args.width}"
@@ -173,9 +200,11 @@ def main(argv: list[str] | None = None) -> None:
     rows = [[model_name, f"{device}", f"{dtype or 'fp32'}", f"{args.images} × {args.size}²", f"{tiles}",
              f"{wall:.1f}", f"{mp / wall:.1f}", f"{proc / mp:.4f}",
              " ".join(f"{k} {v / mp:.4f}" for k, v in sorted(cpu.items())),
+             " ".join(f"{k} {v / mp:.4f}" for k, v in sorted(threads.items(), key=lambda kv: -kv[1]) if v > 0),
              "n/a (CPU device)" if busy.mean is None else f"**{busy.mean:.0f} %**"]]
     table = markdown_table(["model", "device", "autocast", "images", "tiles", "wall s", "output MP/s",
-                            "process CPU-s / MP", "worker thread CPU-s / MP by phase", "device busy (NVML)"], rows)
+                            "process CPU-s / MP", "worker thread CPU-s / MP by phase", "CPU-s / MP by thread",
+                            "device busy (NVML)"], rows)
     print(table)
     if not args.no_results:
         body = (f"`python -m benchmarks.worker_feed{' --quick' if args.quick else ''}"

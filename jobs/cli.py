@@ -1,5 +1,5 @@
 """``gigaseg`` command line: validate, run, status, inspect, demo, synth, train, import-pairs, import-checkpoint,
-eval, submit, logs, job-status.
+eval, export-masks, submit, logs, job-status.
 
 Exit codes (``jobs.console``, the same for every command): 0 every image succeeded (or was already done), 1 some
 image failed, 2 the spec or the command line is wrong. Problems print one line each; ``--debug`` adds tracebacks.
@@ -16,6 +16,7 @@ from jobs.console import EXIT_FAILED, EXIT_OK, EXIT_USAGE, error, print_problems
 from jobs.spec import load_spec
 from models.errors import GigasegError
 from pipeline.errors import SpecError
+from pipeline.redact import RedactingFilter, redact
 
 # Each command's own module is imported when that command runs (the function-local imports below): the
 # runner, training, evaluation and submission pull in Ray, Dask and their clients, about a second of start-up
@@ -27,7 +28,10 @@ log = logging.getLogger("gigaseg")
 def _setup_logging(debug: bool, quiet: bool = False) -> None:
     level = logging.DEBUG if debug else (logging.WARNING if quiet else logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("ray", "distributed", "botocore", "s3fs", "aiobotocore", "fsspec", "urllib3"):
+    for handler in logging.getLogger().handlers:  # no credential or presigned-URL signature in the log
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
+    for noisy in ("ray", "distributed", "botocore", "s3fs", "aiobotocore", "fsspec", "urllib3", "rasterio", "pyogrio"):
         logging.getLogger(noisy).setLevel(logging.WARNING if not debug else logging.INFO)
 
 
@@ -48,11 +52,12 @@ def cmd_run(args) -> int:
 
     try:
         spec = load_spec(args.spec, args.set)
-        results = run_spec(spec, audit_dir=args.audit_writes)
+        results = run_spec(spec, audit_dir=args.audit_writes, force=args.force)
     except GigasegError as err:  # anything else is a bug: main's last line of defence
         return report_error(err, args.debug)
     print_results(results)
-    print(f"masks: {spec.output.url}/<name>.zarr/labels/{spec.output.label_name}  report: {spec.output.url}/report.json")
+    print(redact(f"masks: {spec.output.url}/<name>.zarr/labels/{spec.output.label_name}  "
+                 f"report: {spec.output.url}/report.json"))
     return EXIT_FAILED if any(r.status == "failed" for r in results) else EXIT_OK
 
 
@@ -65,8 +70,10 @@ def cmd_status(args) -> int:
     except FileNotFoundError as err:
         return report_error(err, args.debug)
     if args.json:
-        print(json.dumps(st, indent=2))
+        print(redact(json.dumps(st, indent=2)))
     else:
+        if st.get("lease"):
+            print(f"being written by {st['lease']}")
         for row in st["images"]:
             extra = f"  {row['error']}" if row["error"] else ""
             print(f"{row['name']:<32} {row['status']:<12} {row['tiles_done']}/{row['tiles']} tiles{extra}")
@@ -174,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a spec field, e.g. --set resources.workers=4 (repeatable)")
     r.add_argument("--audit-writes", metavar="DIR", default=None,
                    help="log every chunk key each worker writes under DIR (to check single-writer chunks)")
+    r.add_argument("--force", action="store_true",
+                   help="take the output over from another driver's lease at once (only when that driver is dead)")
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("status", help="what is done, what failed, what is left in an output")
@@ -212,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_synth)
 
     from jobs.eval_cli import add_eval_parser
+    from jobs.export_cli import add_export_parser
     from jobs.import_checkpoint import add_parser as add_import_checkpoint_parser
     from jobs.submit import add_submit_parsers
     from jobs.train.cli import add_import_parser, add_train_parser
@@ -220,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_import_parser(sub)
     add_import_checkpoint_parser(sub)
     add_eval_parser(sub)
+    add_export_parser(sub)
     add_submit_parsers(sub)
     return p
 

@@ -16,13 +16,16 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable, Sequence
 
-from pipeline.errors import SpecError
+from pipeline.errors import OutputUnwritableError, SpecError
+from pipeline.redact import redact
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 #: Exceptions that mean the command could not run as asked (an input that is not there, an output holding
-#: something else, a value the command cannot take: ``CheckpointError`` and ``SpecError`` are ValueErrors).
-USAGE_ERRORS: tuple[type[BaseException], ...] = (SpecError, FileNotFoundError, FileExistsError, ValueError)
+#: something else or held by another driver, an output that cannot be written, a value the command cannot take:
+#: ``CheckpointError`` and ``SpecError`` are ValueErrors).
+USAGE_ERRORS: tuple[type[BaseException], ...] = (SpecError, FileNotFoundError, FileExistsError, ValueError,
+                                                 OutputUnwritableError)
 
 
 def exit_code(err: BaseException) -> int:
@@ -31,12 +34,13 @@ def exit_code(err: BaseException) -> int:
 
 
 def error(message: str) -> None:
-    """One problem line on stderr (only its first line: a message never spills a traceback)."""
-    print(f"error: {message}".splitlines()[0], file=sys.stderr)
+    """One problem line on stderr (only its first line: a message never spills a traceback), redacted
+    (``pipeline.redact``: no credential or presigned-URL signature is printed)."""
+    print(redact(f"error: {message}".splitlines()[0]), file=sys.stderr)
 
 
 def warning(message: str) -> None:
-    print(f"warning: {message}".splitlines()[0], file=sys.stderr)
+    print(redact(f"warning: {message}".splitlines()[0]), file=sys.stderr)
 
 
 def print_problems(err: SpecError) -> None:
@@ -59,7 +63,7 @@ def report_error(err: BaseException, debug: bool = False) -> int:
 
 def print_table(header: Sequence[str], rows: Iterable[Sequence[str]], stream=None) -> None:
     """Columns padded to their widest cell; the last column is left unpadded (it may be long)."""
-    rows = [tuple(header), *(tuple(r) for r in rows)]
+    rows = [tuple(header), *(tuple(redact(c) for c in r) for r in rows)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1], file=stream or sys.stdout)

@@ -4,9 +4,10 @@ with the checkpoints shipped in ``jobs/checkpoints/``, print each image's mIoU, 
 The archive (``pipeline.synth`` scenes, each with its own seed, never one the checkpoints were trained on)
 exercises every input path: a chunked Zarr v3 array (the large one, generated chunk by chunk with Dask; only
 its uint8 truth is held whole, to write the PNG), a tiled BigTIFF, a grayscale uint16 TIFF, a PNG with alpha
-and a JPEG. The ground truth of each goes to ``<output>/truth/<name>.png`` (class ids), the scores to
-``<output>/scores.json``, and ``<output>/preview/index.html`` shows image | truth | mask of each, downscaled
-(one PNG per image).
+and a JPEG. The tiled BigTIFF is a GeoTIFF (EPSG:32633, 0.5 m pixels) when the ``geo`` extra is installed (reading
+its georeferencing needs rasterio). The ground truth of each goes to ``<output>/truth/<name>.png`` (class ids), the
+scores to ``<output>/scores.json``, and ``<output>/preview/index.html`` shows image | truth | mask of each,
+downscaled (one PNG per image), with a scale bar and, for the GeoTIFF, its CRS.
 """
 
 from __future__ import annotations
@@ -28,11 +29,15 @@ from PIL import Image
 
 from jobs.console import EXIT_FAILED, EXIT_OK, EXIT_USAGE, print_results
 from jobs.evaluate import score_pair, scores
+from jobs.preview import spatial_html
 from jobs.runner import run_spec
 from jobs.spec import parse_spec
 from pipeline.evaluation.masks import open_mask
 from pipeline.evaluation.metrics import BoundaryCounts
+from pipeline.optional import available
 from pipeline.sources.discover import _safe_name
+from pipeline.spatial import Spatial
+from pipeline.storage import write_bytes
 from pipeline.synth import CLASSES, SynthConfig, image_and_labels, synth_dask
 
 log = logging.getLogger(__name__)
@@ -45,6 +50,11 @@ REFINER = CHECKPOINTS / "magnet-pointrend-refiner.safetensors"
 MAGNET_SCALES = 4
 DEMO_SEED = 9000  # the checkpoints were trained on split_seed(0, "train", i): other scenes
 PREVIEW_SIDE = 512
+#: GeoKeys of the demo GeoTIFF: projected, pixel is area, EPSG:32633 (WGS 84 / UTM zone 33N); 0.5 m pixels whose
+#: top-left corner is at (500000 E, 5000000 N).
+GEOKEYS = (1, 1, 0, 3, 1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, 32633)
+GEOTIFF_TAGS = [(33550, "d", 3, (0.5, 0.5, 0.0), False), (33922, "d", 6, (0, 0, 0, 500000.0, 5000000.0, 0), False),
+                (34735, "H", len(GEOKEYS), GEOKEYS, False)]
 
 
 @dataclass(frozen=True)
@@ -81,7 +91,9 @@ def _write_one(path: Path, how: str, cfg, truth: Path) -> None:
     image, labels = image_and_labels(cfg, 0, 0, cfg.height, cfg.width)
     hwc = np.ascontiguousarray(np.moveaxis(image, 0, -1))
     if how == "bigtiff":
-        tifffile.imwrite(path, hwc, bigtiff=True, tile=(256, 256), photometric="rgb", compression="zlib")
+        geo = GEOTIFF_TAGS if available("rasterio") else []  # a GeoTIFF only where gigaseg can read it back
+        tifffile.imwrite(path, hwc, bigtiff=True, tile=(256, 256), photometric="rgb", compression="zlib",
+                         extratags=geo)
     elif how == "gray":
         gray = (hwc.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).round().astype(np.uint16)
         tifffile.imwrite(path, gray * 257, tile=(256, 256), compression="zlib")
@@ -105,10 +117,11 @@ def make_archive(root: Path, large: int = 8192) -> list[DemoImage]:
         seed = DEMO_SEED + i
         name = _safe_name(rel.rsplit(".", 1)[0])
         path, gt = archive / rel, truth / f"{name}.png"
-        if known.get(rel) != [h, w, seed] or not gt.exists():
+        stamp = [h, w, seed] + (["geotiff"] if how == "bigtiff" and available("rasterio") else [])
+        if known.get(rel) != stamp or not gt.exists():
             _write_one(path, how, SynthConfig(height=h, width=w, seed=seed), gt)
-            known[rel] = [h, w, seed]
-            record.write_text(json.dumps(known))
+            known[rel] = stamp
+            write_bytes(str(record), json.dumps(known).encode())  # whole or not at all: a rerun trusts it
         images.append(DemoImage(name, path, h, w, seed, kind))
     return images
 
@@ -160,8 +173,10 @@ def write_preview(root: Path, images: list[DemoImage], masks_url: str, table: di
         sheet = np.concatenate([np.pad(p, ((0, 0), (0, 6), (0, 0)), constant_values=255) for p in panels], 1)
         Image.fromarray(sheet).save(preview / f"{im.name}.png")
         s = table[im.name]
+        state = zarr.open_group(f"{masks_url}/{im.name}.zarr", mode="r").attrs.get("gigaseg", {})
+        where = spatial_html(Spatial.from_json(state.get("spatial")), step, rgb.shape[1])
         rows.append(f"<h3>{html.escape(im.name)} — {html.escape(im.kind)}, {im.height}×{im.width}: mIoU "
-                    f"{100 * (s['miou'] or 0):.1f} %</h3><img src='{html.escape(im.name)}.png'>")
+                    f"{100 * (s['miou'] or 0):.1f} %</h3><img src='{html.escape(im.name)}.png'>{where}")
     legend = " ".join(f"<span style='background:rgb{tuple(c)};padding:0 8px'>&nbsp;</span> {n}" for n, c in CLASSES)
     page = (f"<html><head><meta charset='utf-8'><title>gigaseg demo</title></head><body>"
             f"<h2>MagNet + PointRend (shipped checkpoints): image | ground truth | mask</h2><p>{legend}</p>"

@@ -15,16 +15,19 @@ from jobs.progress import ProgressBar
 from jobs.report import Report
 from jobs.spec import JobSpec
 from pipeline.engine import Events, ImageResult, NoEvents, list_images, run_job
-from pipeline.errors import SpecError
+from pipeline.errors import OutputUnwritableError, SpecError
+from pipeline.output.layout import JobLayout
+from pipeline.output.lease import Lease, acquire
 from pipeline.plan import JobPlan, PoolPlan
+from pipeline.retries import RETRY_LOG
 from pipeline.workers.dask_cluster import ON_RAY, start_dask
 from pipeline.workers.dispatch import WorkerPool
 from pipeline.workers.ray_cluster import start_ray
 
 log = logging.getLogger(__name__)
 
-__all__ = ["JobWorkers", "ResolvedModel", "auto_workers", "check_resources", "embedded_resources", "job_plan",
-           "resolve_model", "run_plan", "run_spec"]
+__all__ = ["JobWorkers", "ResolvedModel", "auto_workers", "check_resources", "embedded_resources", "hold_output",
+           "job_plan", "resolve_model", "run_plan", "run_spec"]
 
 
 def embedded_resources(spec: JobSpec) -> tuple[float, float]:
@@ -153,18 +156,39 @@ class JobWorkers:
             self.session = None
 
 
+def hold_output(spec: JobSpec, force: bool = False) -> Lease:
+    """The output's lease for this driver (``pipeline.output.lease``), taken before anything is computed: a live
+    driver on the same output is refused, and an output that cannot be written at all stops the job here."""
+    layout = JobLayout(spec.output.url, dict(spec.output.storage_options))
+    try:
+        return acquire(layout, force=force)
+    except OSError as err:
+        if isinstance(err, FileExistsError):  # LeaseHeldError: another driver holds it
+            raise
+        raise OutputUnwritableError(
+            f"{spec.output.url}: the output cannot be written, so nothing was run: {type(err).__name__}: {err}. "
+            "Check output.url, its permissions and free space (and the bucket, for object stores)") from err
+
+
 def run_spec(spec: JobSpec, *, progress: ProgressBar | None = None, audit_dir: str | None = None,
-             events: Events = NoEvents()) -> list[ImageResult]:
+             events: Events = NoEvents(), force: bool = False) -> list[ImageResult]:
     """Run a job; returns one result per image attempted (report.json is kept current as they finish).
-    ``events`` listens to the job's phases (``pipeline.engine.Events``)."""
-    with events.phase("model"):
-        plan = job_plan(spec, resolve_model(spec), audit_dir)
-    return run_plan(spec, plan, progress=progress, events=events)
+    ``events`` listens to the job's phases (``pipeline.engine.Events``); ``force`` takes the output over from
+    another driver's lease (``gigaseg run --force``)."""
+    RETRY_LOG.take()  # an earlier job's counts in this process are not this one's
+    with hold_output(spec, force) as lease:
+        with events.phase("model"):
+            plan = job_plan(spec, resolve_model(spec), audit_dir)
+        return run_plan(spec, plan, progress=progress, events=events, lease=lease)
 
 
 def run_plan(spec: JobSpec, plan: JobPlan, *, progress: ProgressBar | None = None,
-             events: Events = NoEvents()) -> list[ImageResult]:
-    """Run ``plan`` (``jobs.plan.job_plan`` of ``spec``; a benchmark may swap its framework for a null model)."""
+             events: Events = NoEvents(), lease: Lease | None = None) -> list[ImageResult]:
+    """Run ``plan`` (``jobs.plan.job_plan`` of ``spec``; a benchmark may swap its framework for a null model)
+    under ``lease`` (taken here when None)."""
+    if lease is None:
+        with hold_output(spec) as held:
+            return run_plan(spec, plan, progress=progress, events=events, lease=held)
     refs = list_images(plan)
     log.info("%d image(s) under %s", len(refs), spec.inputs.url)
     workers = JobWorkers(spec, plan, events)
@@ -178,10 +202,13 @@ def run_plan(spec: JobSpec, plan: JobPlan, *, progress: ProgressBar | None = Non
         report = Report(spec.output.url, dict(spec.output.storage_options), [x.name for x in refs],
                         spec.model_dump(mode="json"))
         try:
-            return run_job(plan, refs, workers.start, progress or ProgressBar(), on_image=report.add,
-                           on_tiles_done=workers.release_in_background, scheduler=dask_session.scheduler,
-                           events=events)
+            results = run_job(plan, refs, workers.start, progress or ProgressBar(), on_image=report.add,
+                              on_tiles_done=workers.release_in_background, scheduler=dask_session.scheduler,
+                              events=events, stop_when=lambda: lease.lost is not None)
+            lease.check()
+            return results
         finally:
+            report.job_retries += sum(RETRY_LOG.take().values())  # the job's files, the weights, the lease
             report.set_cluster(workers=workers.finish(), dask=dask_session.info())
     finally:
         workers.finish()

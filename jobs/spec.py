@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from models import ARCHITECTURES
 from pipeline.errors import SpecError
+from pipeline.redact import redact
 from pipeline.workers.dask_cluster import check_setting
 
 #: Keys that carry secrets in fsspec/s3fs/gcsfs/adlfs storage options.
@@ -81,10 +82,7 @@ class ClassSpec(Strict):
 
 
 class MagnetSpec(Strict):
-    scales: Annotated[int, Field(ge=2, le=12)] | Annotated[list[float], Field(min_length=2, max_length=12)] = Field(
-        default=3, description="stages: N (stage s at pyramid level N−1−s), or each stage's size as a fraction of the "
-                               "image, increasing to 1 (e.g. [0.25, 0.5, 1]; a factor that is no power of two reads "
-                               "the nearest finer level, resized)")
+    scales: int = Field(default=3, ge=2, le=12, description="stages; stage s runs at pyramid level scales-1-s")
     replace: float = Field(default=0.75, gt=0, description="≤ 1: fraction of pixels replaced per stage; > 1: a count")
     median: int = Field(default=5, ge=1, le=63, description="median filter side of the error score (odd)")
     patches: float | None = Field(
@@ -122,19 +120,11 @@ class MagnetSpec(Strict):
             raise ValueError(f"must be odd, got {v}")
         return v
 
-    @field_validator("scales")
-    @classmethod
-    def _factors(cls, v):
-        if isinstance(v, list) and (v != sorted(set(v)) or v[0] <= 0 or v[-1] != 1):
-            raise ValueError(f"fractions of the image must increase in (0, 1] and end at 1, got {v}")
-        return v
-
     @field_validator("refiner")
     @classmethod
     def _refiners(cls, v, info):
         if isinstance(v, list):
             scales = info.data.get("scales", 3)
-            scales = len(scales) if isinstance(scales, list) else scales
             if len(v) not in (1, scales - 1):
                 raise ValueError(f"{len(v)} refiners for {scales - 1} refinement stages (scales: {scales}): give one "
                                  "for all stages or one per stage")
@@ -366,8 +356,9 @@ class JobSpec(Strict):
     failure: FailureSpec = Field(default_factory=FailureSpec)
 
     def echo(self) -> str:
-        """The spec as YAML, as the run uses it (safe to log: it never holds credentials)."""
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The spec as YAML, as the run uses it (safe to log: it never holds credentials, and a presigned URL's
+        signature is masked: ``pipeline.redact``)."""
+        return redact(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

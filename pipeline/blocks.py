@@ -51,9 +51,12 @@ def plan_blocks(height: int, width: int, chunk: int, side: int) -> list[Block]:
             for by, y in enumerate(range(0, height, s)) for bx, x in enumerate(range(0, width, s))]
 
 
-def block_tiles(grid: TileGrid, block: Block, subset: frozenset[Tile] | None = None) -> list[Tile]:
-    """The tiles the block runs, in grid order (row by row): all that overlap it, or those of ``subset``."""
-    tiles = grid.tiles_overlapping(block.region)
+def block_tiles(grid: TileGrid, block: Block, subset: frozenset[Tile] | None = None, halo: int = 0) -> list[Tile]:
+    """The tiles the block runs, in grid order (row by row): all that overlap its region grown by ``halo`` (within
+    the level), or those of ``subset``."""
+    r = block.region
+    region = Window(r.y0 - halo, r.x0 - halo, r.h + 2 * halo, r.w + 2 * halo).clip(grid.height, grid.width)
+    tiles = grid.tiles_overlapping(region)
     return tiles if subset is None else [t for t in tiles if t in subset]
 
 

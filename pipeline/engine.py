@@ -38,6 +38,7 @@ from pipeline.blocks import block_tiles, owned_counts, plan_blocks
 from pipeline.frameworks.base import StagePlan
 from pipeline.output.arrays import OutputArrays, create_outputs, open_outputs
 from pipeline.output.layout import ImageOutput
+from pipeline.output.nodata import Nodata, nodata_label
 from pipeline.output.state import (
     blocks_done,
     check_resumable,
@@ -50,8 +51,11 @@ from pipeline.output.state import (
 )
 from pipeline.plan import JobPlan
 from pipeline.pyramid import Pyramid, level_shapes, prepare_pyramid
+from pipeline.redact import redact
+from pipeline.retries import RETRY_LOG, under
 from pipeline.sources.discover import ImageRef, discover
-from pipeline.sources.formats import open_source
+from pipeline.sources.formats import ImageSource, open_source
+from pipeline.sources.pixels import level_reader
 from pipeline.storage import AuditStore, zarr_store
 from pipeline.workers.dispatch import Call, WorkerPool
 from pipeline.workers.label_pyramid import pyramid_levels
@@ -71,6 +75,7 @@ class ImageResult:
     tiles_retried: int = 0
     seconds: float = 0.0
     megapixels_per_s: float = 0.0
+    retries: int = 0  # storage requests retried for this image's input and output (``pipeline.retries``)
     error: str | None = None
 
 
@@ -111,6 +116,7 @@ class _Work:
     result: ImageResult
     t0: float
     out: ImageOutput | None = None
+    source: ImageSource | None = None
     pyramid: Pyramid | None = None
     stages: list[StagePlan] = field(default_factory=list)
     outputs: OutputArrays | None = None
@@ -126,13 +132,17 @@ class _Work:
     def failed(self) -> bool:
         return self.result.status == "failed"
 
+    def roots(self) -> list[str]:
+        """The URLs under which this image's reads and writes go: its source, its output group, its work area."""
+        return [self.ref.url, *((self.out.group_url, self.out.work_url) if self.out is not None else ())]
+
     def fail(self, err: Exception | str) -> None:
         """One bad image never stops the others; the report says why."""
         if self.failed:
             return
         self.result.status = "failed"
-        self.result.error = err if isinstance(err, str) else (
-            str(err) if isinstance(err, GigasegError) else f"{type(err).__name__}: {err}".splitlines()[0])
+        self.result.error = redact(err if isinstance(err, str) else (
+            str(err) if isinstance(err, GigasegError) else f"{type(err).__name__}: {err}".splitlines()[0]))
         log.error("%s: %s", self.ref.url, self.result.error)
         if not isinstance(err, str):
             log.debug("traceback for %s", self.ref.url, exc_info=err)
@@ -189,6 +199,7 @@ def run_job(
     *,
     scheduler: Any = "threads",
     events: Events = NoEvents(),
+    stop_when: Callable[[], bool] = lambda: False,
 ) -> list[ImageResult]:
     """Run every image, several at a time (module docstring); results are reported in input order.
 
@@ -198,9 +209,11 @@ def run_job(
     ``scheduler`` runs the Dask graphs (``"threads"`` or a ``distributed.Client``). ``pool`` may be a function
     that starts the pool: it is called once the first image's preparation is under way, so starting the cluster
     overlaps it. ``on_tiles_done`` is called once no block is left to run, before the last images are finished,
-    so the caller can release the workers meanwhile.
+    so the caller can release the workers meanwhile. Once ``stop_when()`` is true no further image is started
+    (the output's lease was lost); those in flight finish.
     """
     job = _Job(plan, progress, on_image, scheduler, events)
+    job.stop_when = stop_when
     return job.run(refs, pool, on_tiles_done)
 
 
@@ -214,6 +227,8 @@ class _Job:
         self.results: list[ImageResult | None] = []
         self.emitted = 0
         self.stop = False
+        self.works: list[_Work] = []  # images in flight (their retries are counted by URL)
+        self.stop_when: Callable[[], bool] = lambda: False
 
     # ---------------------------------------------------------------- the flow of images
 
@@ -241,9 +256,13 @@ class _Job:
 
     def _admit(self) -> None:
         with self._lock:
+            if not self.stop and self.stop_when():
+                log.error("stopping: no further image is started")
+                self.stop = True
             while self.upcoming and self.in_flight < self.max_in_flight and not self.stop:
                 position, ref = self.upcoming.popleft()
                 work = _Work(position, ref, ImageResult(name=ref.name, url=ref.url, status="ok"), time.perf_counter())
+                self.works.append(work)
                 self.in_flight += 1
                 self.prep.submit(self._guard, self._prepare, work)
             if self.stop:
@@ -286,6 +305,7 @@ class _Job:
     def _on_result(self, call: Call, result: BlockResult) -> None:
         work, s = call.tag
         self.events.batch(result)
+        self._count_retries(result.retries, work)
         if work.failed:
             return
         mark_block(work.out, s, call.task.block, owned=result.owned, tiles=result.tiles_run)
@@ -315,6 +335,19 @@ class _Job:
         with self._lock:
             work.result.tiles_retried += call.task.owned
 
+    def _count_retries(self, by_url: dict[str, int], work: _Work) -> None:
+        """A worker's retries, by URL, added to the image in flight whose URLs they are under (``work`` first: the
+        block's own image; a worker running two blocks at once hands over the other's too). Retries of no image's
+        URL (the weights, the job's files) go back to this process's log, counted for the job as a whole."""
+        with self._lock:
+            works = [work, *(w for w in self.works if w is not work)]
+            for url, n in by_url.items():
+                owner = next((w for w in works if any(under(url, r) for r in w.roots())), None)
+                if owner is not None and not owner.finished:
+                    owner.result.retries += n
+                else:
+                    RETRY_LOG.add(url, n)
+
     def _close(self, work: _Work) -> None:
         with self._lock:
             if not work.closed:
@@ -338,8 +371,10 @@ class _Job:
         with self._lock:
             if work.finished:
                 return
-            work.finished = True
             result = work.result
+            result.retries += sum(RETRY_LOG.take(work.roots()).values())  # the driver's own, for this image
+            work.finished = True
+            self.works.remove(work)
             result.seconds = time.perf_counter() - work.t0
             if result.status == "ok" and work.first_call is not None and work.megapixels:
                 result.megapixels_per_s = work.megapixels / max(work.last_result - work.first_call, 1e-9)
@@ -389,20 +424,23 @@ class JobSteps:
                 result.tiles = int(state.get("tiles", 0))
                 return
             with self.events.phase("ingest"):
-                work.pyramid = pyramid = self._pyramid(work.ref, out)
+                work.source = source = self._source(work.ref)
+                work.pyramid = pyramid = self._pyramid(source, out)
             h, w = pyramid.shapes[0]
             result.shape = (h, w)
             work.stages = plan.framework.stages(pyramid, out, plan.tiling, plan.num_classes)
-            result.tiles = sum(len(st.grid) for st in work.stages)
+            result.tiles = sum(len(st.grid) for st in work.stages if st.tiles)
             mark(out, fingerprint=plan.fingerprint, complete=False, shape=[h, w], tiles=result.tiles,
-                 source=work.ref.url, in_place=pyramid.in_place)
+                 source=work.ref.url, in_place=pyramid.in_place, spatial=source.spatial.to_json())
         except Exception as err:
             work.fail(err)
 
-    def _pyramid(self, ref: ImageRef, out: ImageOutput) -> Pyramid:
-        """Level 0 read in place where it can be; the coarser levels the framework reads built (``prepare_pyramid``)."""
+    def _source(self, ref: ImageRef) -> ImageSource:
         inputs = self.plan.inputs
-        source = open_source(ref, inputs.storage_options, inputs.value_range)
+        return open_source(ref, inputs.storage_options, inputs.value_range)
+
+    def _pyramid(self, source: ImageSource, out: ImageOutput) -> Pyramid:
+        """Level 0 read in place where it can be; the coarser levels the framework reads built (``prepare_pyramid``)."""
         levels = self.plan.framework.levels(len(level_shapes(source.shape_yx)))
         return prepare_pyramid(source, out.group_url, levels, chunk=self.plan.tiling.image_chunk,
                                storage_options=self.plan.output.storage_options, scheduler=self.scheduler)
@@ -411,14 +449,18 @@ class JobSteps:
         """The calls of stage ``s``'s blocks not done yet; the arrays they write created (or, resuming, opened)."""
         plan, stage, fw = self.plan, work.stages[s], self.plan.framework
         tiling = plan.tiling
-        selected = work.selected[s] = fw.selected_tiles(work.stages, s, self.scheduler)
-        if selected is not None:  # planned with every tile: count the ones that run
-            work.result.tiles -= len(stage.grid) - len(selected)
+        if not stage.tiles:  # a pass over stored arrays: blocks, no tiles
+            selected = work.selected[s] = ()
+        else:
+            selected = work.selected[s] = fw.selected_tiles(work.stages, s, self.scheduler)
+            if selected is not None:  # planned with every tile: count the ones that run
+                work.result.tiles -= len(stage.grid) - len(selected)
         done = blocks_done(work.out, s)
         side = tiling.block_side(plan.num_classes)
         if s == len(work.stages) - 1:
             work.outputs = self._outputs(work, fresh=not done, side=side)
-        sink = fw.stage_sink(work.stages, s, work.out, work.outputs, tiling.chunk, fresh=not done)
+        sink = fw.stage_sink(work.stages, s, work.out, work.outputs, tiling.chunk, fresh=not done,
+                             extras=tuple(plan.output.extras), side=side)
         subset = None if selected is None else frozenset(selected)
         owned = owned_counts(stage.grid, side, tiling.chunk, subset)
         blocks = plan_blocks(stage.grid.height, stage.grid.width, tiling.chunk, side)
@@ -426,9 +468,9 @@ class JobSteps:
         n = len(work.stages)
         label = work.ref.name if n == 1 else f"{work.ref.name} [stage {s + 1}/{n}]"
         progress.start_image(label, total, sum(owned.get(b.index, 0) for b in blocks if b.name in done))
-        return [Call(BlockTask(stage, b, tuple(block_tiles(stage.grid, b, subset)), sink, owned.get(b.index, 0),
-                               tiling.batch, tiling.blend, tiling.sigma_scale, tiling.chunk), (work, s))
-                for b in blocks if b.name not in done]
+        return [Call(BlockTask(stage, b, tuple(block_tiles(stage.grid, b, subset, stage.halo)), sink,
+                               owned.get(b.index, 0), tiling.batch, tiling.blend, tiling.sigma_scale, tiling.chunk),
+                     (work, s)) for b in blocks if b.name not in done]
 
     def _outputs(self, work: _Work, fresh: bool, side: int) -> OutputArrays:
         """The masks and extras: created anew when no block of the last stage is done (no stale chunk of an
@@ -437,14 +479,22 @@ class JobSteps:
         plan, out = self.plan, work.out
         shapes = list(work.pyramid.shapes)
         kwargs = dict(label_name=plan.output.label_name, shapes=shapes, extras=list(plan.output.extras))
+        spatial = work.source.spatial
+        dtype = blend.labels_dtype(plan.num_classes)
+        label = nodata_label(plan.num_classes, dtype, work.ref.url) if spatial.has_nodata else None
         if not fresh:
             outputs = open_outputs(out, **kwargs)
         else:
             outputs = create_outputs(out, class_names=list(plan.classes.names), class_colors=list(plan.classes.colors),
-                                     chunk=plan.tiling.chunk, labels_dtype=blend.labels_dtype(plan.num_classes),
+                                     chunk=plan.tiling.chunk, labels_dtype=dtype, spatial=spatial, nodata_label=label,
                                      **kwargs)
         levels = pyramid_levels(len(shapes), side, plan.tiling.chunk, *shapes[0])
-        return replace(outputs, block_levels=levels)
+        nodata = None
+        if label is not None:
+            reader, axes = level_reader(work.source, 0)
+            nodata = Nodata(reader, axes, spatial, label)
+        return replace(outputs, block_levels=levels, nodata=nodata)
+
 
     def finish_stage(self, work: _Work, s: int) -> None:
         """The framework's finish of stage ``s`` (MagNet's merge), once every block is in."""
@@ -453,7 +503,12 @@ class JobSteps:
                                          self.plan.tiling.chunk, self.scheduler)
 
     def finish_image(self, work: _Work) -> None:
-        """Label pyramid, completion mark; the work area goes once the mask is complete."""
+        """The label pyramid above the levels the blocks made, completion mark; the work area goes once the mask
+        is complete. (Nodata the input states is in the labels already: the blocks write it, ``output.nodata``.)
+        Resuming an image whose stages were all done (its driver died before the completion mark), the masks are
+        opened as they are."""
+        if work.outputs is None:
+            work.outputs = self._outputs(work, fresh=False, side=self.plan.tiling.block_side(self.plan.num_classes))
         outputs = self._audited(work, work.outputs)
         n = self.plan.num_classes
         with self.events.phase("label pyramid"):
@@ -473,8 +528,8 @@ class JobSteps:
         def reopen(a):
             return None if a is None else zarr.open_array(store=store, path=a.path, mode="r+")
 
-        return OutputArrays([reopen(a) for a in outputs.labels], reopen(outputs.confidence),
-                            reopen(outputs.probabilities), outputs.block_levels)
+        return replace(outputs, labels=[reopen(a) for a in outputs.labels], confidence=reopen(outputs.confidence),
+                       probabilities=reopen(outputs.probabilities))
 
 
 __all__ = ["Events", "ImageResult", "JobSteps", "NoEvents", "Progress", "list_images", "run_job"]

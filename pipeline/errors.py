@@ -36,3 +36,27 @@ class SpecError(GigasegError, ValueError):
         self.source = source
         self.problems = problems
         super().__init__(f"{source}: " + "; ".join(problems))
+
+
+class MissingDependencyError(GigasegError, ImportError):
+    """An optional dependency is needed for this input or output (a GeoTIFF, a whole-slide image, an export) and
+    is not installed; the message names the extra that installs it (``pip install 'gigaseg[geo]'``)."""
+
+
+class StorageError(GigasegError, OSError):
+    """A store (a bucket, a disk) refused a read or a write, or kept failing after every retry. The message names
+    the URL and the cause: a bucket that is gone, access denied, a disk full or read-only. Never a
+    ``FileNotFoundError``: a reader must not take a bucket that is gone for a chunk never written."""
+
+
+class LeaseHeldError(GigasegError, FileExistsError):
+    """Another live driver holds the output (``pipeline.output.lease``); the message names it."""
+
+
+class LeaseLostError(GigasegError, RuntimeError):
+    """Another driver took this driver's output over while it ran (``gigaseg run --force`` elsewhere)."""
+
+
+class OutputUnwritableError(GigasegError, PermissionError):
+    """The output cannot be written at all (read-only, full, access denied, bucket gone): the job stops before any
+    work, naming the URL and the cause."""

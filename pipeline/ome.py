@@ -9,8 +9,10 @@ level of ``.zattrs``. Layout written by gigaseg::
     image.zarr/labels/mask/     attrs["ome"] = {**label_multiscales(...), "image-label": image_label(...)}
 
 Level ``l`` is a 2^l downsampling in y and x; its ``scale`` transform is ``pixel_size · 2^l`` on y and x and
-1 on every other axis. No translation is written (pixel ``i`` of level ``l`` is placed at ``i · 2^l``),
-which is how most writers describe power-of-two pyramids.
+1 on every other axis, in ``unit`` (an NGFF space unit, e.g. ``"micrometer"``, ``"meter"``; written on the y and
+x axes; none when the input stated none). ``pixel_size`` is one number or (y, x). No translation is written
+(pixel ``i`` of level ``l`` is placed at ``i · 2^l``), which is how most writers describe power-of-two pyramids;
+where a georeferenced image sits on the map is in its CF grid mapping (``pipeline.spatial``).
 """
 
 from __future__ import annotations
@@ -34,14 +36,20 @@ def _axes(axes: Sequence[str], unit: str | None) -> list[dict[str, str]]:
     return out
 
 
+PixelSize = float | tuple[float, float]
+
+
 def _multiscales(
-    name: str, n_levels: int, axes: Sequence[str], pixel_size: float, unit: str | None, method: str | None
+    name: str, n_levels: int, axes: Sequence[str], pixel_size: PixelSize, unit: str | None, method: str | None
 ) -> dict[str, Any]:
     if n_levels < 1:
         raise ValueError(f"a multiscale image needs at least 1 level, got n_levels={n_levels}.")
+    if isinstance(pixel_size, (int, float)):
+        pixel_size = (pixel_size, pixel_size)
+    size = dict(zip("yx", pixel_size, strict=True))
     datasets = []
     for level in range(n_levels):
-        scale = [float(pixel_size * 2**level) if a in "yx" else 1.0 for a in axes]
+        scale = [float(size[a] * 2**level) if a in "yx" else 1.0 for a in axes]
         datasets.append({"path": str(level), "coordinateTransformations": [{"type": "scale", "scale": scale}]})
     ms: dict[str, Any] = {"name": name, "axes": _axes(axes, unit), "datasets": datasets}
     if method is not None:
@@ -53,7 +61,7 @@ def image_multiscales(
     name: str,
     n_levels: int,
     axes: Sequence[str] = ("c", "y", "x"),
-    pixel_size: float = 1.0,
+    pixel_size: PixelSize = 1.0,
     *,
     unit: str | None = None,
     method: str | None = "mean",
@@ -66,7 +74,7 @@ def image_multiscales(
 
 
 def label_multiscales(
-    name: str, n_levels: int, pixel_size: float = 1.0, *, unit: str | None = None, method: str | None = None
+    name: str, n_levels: int, pixel_size: PixelSize = 1.0, *, unit: str | None = None, method: str | None = None
 ) -> dict[str, Any]:
     """The ``"ome"`` value for a ``(y, x)`` label pyramid; add ``"image-label": image_label(...)`` to it."""
     return _multiscales(name, n_levels, ("y", "x"), pixel_size, unit, method)

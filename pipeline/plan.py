@@ -22,6 +22,7 @@ import zarr
 
 from pipeline.output.layout import JobLayout
 from pipeline.sources.pixels import LazyLevel
+from pipeline.sources.slides import SlideLevel
 from pipeline.storage import zarr_store
 from pipeline.tiling import BlendWindow, TileGrid
 
@@ -40,7 +41,8 @@ Extra = Literal["confidence", "probabilities"]
 class ArrayRef:
     """One array a worker reads or writes: ``<group_url>/<path>`` with named axes and its y/x shape; values
     mapped from ``value_range`` to 0..255 on read where it is an image read in place. ``tiff_level``: the array
-    is that level of the TIFF at ``group_url`` (read through tifffile's Zarr store), not a Zarr array."""
+    is that level of the TIFF at ``group_url`` (read through tifffile's Zarr store), not a Zarr array; with
+    ``slide`` that level of the whole-slide image at ``group_url``, read through OpenSlide (``SlideLevel``)."""
 
     group_url: str
     path: str
@@ -49,9 +51,12 @@ class ArrayRef:
     storage_options: dict[str, Any] = field(default_factory=dict)
     value_range: tuple[float, float] | None = None
     tiff_level: int | None = None
+    slide: bool = False
 
     def open(self):
-        """The array, read-only (array-like for a TIFF level: ``shape``, ``chunks``, slicing)."""
+        """The array, read-only (array-like for a TIFF or slide level: ``shape``, ``chunks``, slicing)."""
+        if self.slide:
+            return SlideLevel(self.group_url, self.tiff_level or 0)
         if self.tiff_level is not None:
             return LazyLevel(self.group_url, self.storage_options, self.tiff_level)
         return zarr.open_array(store=zarr_store(self.group_url, self.storage_options, read_only=True), path=self.path,

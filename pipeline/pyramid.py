@@ -30,6 +30,7 @@ from zarr.codecs import ZstdCodec
 
 from pipeline import ome
 from pipeline.errors import ImageReadError, InputNotFoundError, OutputConflictError, UnsupportedImageError
+from pipeline.output.spatial import write_grid_mappings
 from pipeline.plan import ArrayRef
 from pipeline.sources.formats import ImageSource
 from pipeline.sources.pixels import source_to_dask
@@ -133,14 +134,15 @@ IN_PLACE_CHUNK = 4096
 def source_level_ref(source: ImageSource, level: int = 0) -> ArrayRef | None:
     """Level ``level`` of ``source`` as a worker reads it where it is, or None when it cannot be read by window
     cheaply: PNG/JPEG (no random access), or storage chunks over ``IN_PLACE_CHUNK`` a side (a striped TIFF's strips
-    may span the width up to ``8 · IN_PLACE_CHUNK``)."""
+    may span the width up to ``8 · IN_PLACE_CHUNK``). A whole-slide image is read through OpenSlide, tile by tile."""
     fmt, url, so = source.ref.format, source.ref.url, source.storage_options
-    if fmt not in ("zarr", "ome-zarr", "tiff"):
+    if fmt not in ("zarr", "ome-zarr", "tiff", "slide"):
         return None
     path = source.levels[level].path
-    tiff_level = int(path) if fmt == "tiff" else None
-    ref = ArrayRef(url if fmt == "tiff" else (source.group_url or url), "" if fmt == "tiff" else path, source.axes,
-                   tuple(source.levels[level].shape_yx), dict(so), source.value_range, tiff_level)
+    in_file = fmt in ("tiff", "slide")  # a level of one file, not a Zarr array
+    ref = ArrayRef(url if in_file else (source.group_url or url), "" if in_file else path, source.axes,
+                   tuple(source.levels[level].shape_yx), dict(so), source.value_range,
+                   int(path) if in_file else None, slide=fmt == "slide")
     array = ref.open()
     iy, ix = source.axes.index("y"), source.axes.index("x")
     cy, cx = array.chunks[iy], array.chunks[ix]
@@ -239,8 +241,11 @@ def ingest(
         _store([_mean2(da.from_zarr(arrays[level - 1], chunks=(3, 2 * chunk, 2 * chunk)))], [arrays[level]],
                chunk, scheduler)
     log.debug("%s: %d levels written, %d×%d to %d×%d", group_url, len(arrays), *shapes[0], *shapes[-1])
+    size, unit = source.spatial.ngff_scale(0)
+    write_grid_mappings(group, source.spatial, {str(level): level for level in range(len(shapes))})
     state = {**group.attrs.get(_MARKER, {}), "ingest_complete": True}
-    group.attrs.update({"ome": ome.image_multiscales(source.ref.name, len(shapes)), _MARKER: state})
+    group.attrs.update({"ome": ome.image_multiscales(source.ref.name, len(shapes), pixel_size=size, unit=unit),
+                        _MARKER: state})
     return Pyramid(group_url, tuple(str(i) for i in range(len(shapes))), tuple(shapes), "cyx", False, dict(so))
 
 
@@ -272,6 +277,7 @@ def _ingest_some(source: ImageSource, group_url: str, shapes: list[tuple[int, in
         if level >= 2:
             _store([_mean2(da.from_zarr(arrays[level - 1], chunks=(3, 2 * chunk, 2 * chunk)))], [arrays[level]],
                    chunk, scheduler)
+    write_grid_mappings(group, source.spatial, {str(level): level for level in built})
     state = {**group.attrs.get(_MARKER, {}), "ingest_complete": True, "levels_built": built,
              "shape": list(source.shape_yx)}
     group.attrs.update({_MARKER: state})

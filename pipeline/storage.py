@@ -4,6 +4,11 @@ Every path in gigaseg is a URL: a local path, ``file://``, ``s3://bucket/prefix`
 ``storage_options`` are passed to fsspec unchanged (``endpoint_url`` for S3-compatible stores goes under
 ``client_kwargs`` or at the top level, as s3fs accepts both). Credentials are never part of them: fsspec
 reads them from the environment or the standard config files.
+
+S3 filesystems and stores are ``pipeline.objectstore.S3FileSystem``: s3fs under the retry policy of
+``pipeline.retries``. Writes conditional on a file's version (the output lease) are in ``pipeline.conditional``. Writes are whole or absent: locally a temp file and a rename (``write_bytes``; Zarr's
+``LocalStore`` does the same for chunks and metadata), on object stores one PUT, which S3 makes visible whole or
+not at all. Errors name the file or object and the cause.
 """
 
 from __future__ import annotations
@@ -13,13 +18,18 @@ import json
 import os
 import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import fsspec
 import zarr
-from zarr.storage import FsspecStore, LocalStore
+from zarr.storage import FsspecStore
+
+from pipeline.objectstore import S3FileSystem
 
 _LOCAL_PROTOCOLS = {"file", "local"}
+#: Filesystem classes gigaseg builds itself (the rest come from fsspec's registry).
+_FILESYSTEMS: dict[str, type] = {"s3": S3FileSystem, "s3a": S3FileSystem}
 
 
 def protocol_of(url: str) -> str:
@@ -67,13 +77,18 @@ def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> fs
     protocol = protocol_of(url)
     if protocol in _LOCAL_PROTOCOLS:
         return fsspec.filesystem("file")
+    if protocol in _FILESYSTEMS:
+        return _FILESYSTEMS[protocol](**effective_options(url, storage_options))
     return fsspec.filesystem(protocol, **effective_options(url, storage_options))
 
 
 def fs_path(url: str) -> str:
-    """The path form fsspec filesystems expect (protocol stripped)."""
+    """The path form fsspec filesystems expect (protocol stripped; HTTP(S) URLs, a presigned one for instance,
+    stay whole: fsspec's HTTP filesystem takes them so)."""
     if is_local(url):
         return os.path.abspath(local_path(url))
+    if protocol_of(url) in ("http", "https"):
+        return url
     return url.split("://", 1)[1]
 
 
@@ -81,14 +96,46 @@ def zarr_store(url: str, storage_options: Mapping[str, Any] | None = None, *, re
     """A Zarr v3 store for ``url``.
 
     Local URLs get ``LocalStore`` (writes are temp file + rename, so a killed writer never leaves a torn
-    chunk); everything else gets ``FsspecStore`` over an async fsspec filesystem (object PUTs are atomic).
+    chunk; errors name the file); S3 gets ``FsspecStore`` over gigaseg's ``S3FileSystem`` (object PUTs are
+    atomic), other protocols an ``FsspecStore`` over fsspec's async filesystem.
     """
     if is_local(url):
         path = os.path.abspath(local_path(url))
         if not read_only:
-            os.makedirs(path, exist_ok=True)
+            try:
+                os.makedirs(path, exist_ok=True)
+            except OSError as err:
+                raise _named_local(err, path, "create the directory") from err
         return LocalStore(path, read_only=read_only)
+    protocol = protocol_of(url)
+    if protocol in _FILESYSTEMS:
+        fs = _FILESYSTEMS[protocol](asynchronous=True, **effective_options(url, storage_options))
+        return FsspecStore(fs=fs, path=fs_path(url), read_only=read_only)
     return FsspecStore.from_url(url, storage_options=effective_options(url, storage_options), read_only=read_only)
+
+
+def _named_local(err: OSError, path: str | Path, action: str) -> OSError:
+    """``err`` (same type and errno) with a message naming ``path`` and what failed."""
+    if str(err).startswith(str(path)) or err.errno is None:
+        return err
+    return type(err)(err.errno, f"{path}: cannot {action}: {err.strerror or err}")
+
+
+class LocalStore(zarr.storage.LocalStore):
+    """Zarr's ``LocalStore`` (each write a temp file renamed over the key: ``zarr/storage/_local.py``,
+    ``_atomic_write``) whose write errors name the file and the cause (disk full, read-only, permission)."""
+
+    async def set(self, key: str, value) -> None:
+        try:
+            await super().set(key, value)
+        except OSError as err:
+            raise _named_local(err, self.root / key, "write") from err
+
+    def set_sync(self, key: str, value) -> None:
+        try:
+            super().set_sync(key, value)
+        except OSError as err:
+            raise _named_local(err, self.root / key, "write") from err
 
 
 def open_group(url: str, storage_options: Mapping[str, Any] | None = None, *, mode: str = "r") -> zarr.Group:
@@ -157,18 +204,25 @@ def write_bytes(url: str, data: bytes, storage_options: Mapping[str, Any] | None
     ``url``'s name). Object stores: one PUT, which S3 and its peers make visible whole or not at all."""
     if is_local(url):
         path = os.path.abspath(local_path(url))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+            _write_local(path, data)
+        except OSError as err:
+            raise _named_local(err, path, "write") from err
         return
     filesystem(url, storage_options).pipe_file(fs_path(url), data)
+
+
+def _write_local(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def write_once(url: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> bool:

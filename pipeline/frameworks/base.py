@@ -23,7 +23,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-import numpy as np
 import torch
 
 from models.card import ModelCard
@@ -43,11 +42,23 @@ STAGE_MAP = "map"
 OpenArray = Callable[[ArrayRef], Any]
 
 
+class RowInput(Protocol):
+    """One block's reader of a tile input, a row of tiles at a time, top to bottom."""
+
+    def read(self, windows: list[Window]) -> Any:
+        """On the host (the worker's reader thread, one row ahead of the device): what the tiles ``windows`` (one
+        tile row, left to right) need, decoded."""
+
+    def to_device(self, host: Any, windows: list[Window], runner: Any) -> torch.Tensor:
+        """``read``'s result as the tiles' inputs ``(B, …)`` on ``runner``'s device (the model's thread)."""
+
+
 class TileInput(Protocol):
     """Something a stage's tiles read besides their image window (a framework's own kind of input)."""
 
-    def read(self, open_array: OpenArray, image: ArrayRef, windows: list[Window]) -> np.ndarray:
-        """The input of each of ``windows`` (tile windows of ``image``'s level), stacked ``(B, …)``."""
+    def open_rows(self, open_array: OpenArray, image: ArrayRef, tile: int, x_lo: int, x_hi: int) -> RowInput:
+        """The reader of this input for one block whose ``tile``-px tile windows span columns ``[x_lo, x_hi)`` of
+        ``image``'s level."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +66,10 @@ class StagePlan:
     """One stage of one image: the level it reads, its tile grid, what else its tiles read, where they go.
 
     Stage ``index`` of the image's stages; the maps it leaves for the next stage (and a framework's intermediate
-    arrays) live in the group at ``maps_url``.
+    arrays) live in the group at ``maps_url``. A block blends the tiles over its region grown by ``halo`` px
+    (within the level), for a sink that needs a neighbourhood of every pixel it writes (MagNet's median). A
+    stage without ``tiles`` is a pass over what earlier stages stored: its blocks run no tile and their sink
+    reads what it writes from storage.
     """
 
     index: int
@@ -65,17 +79,25 @@ class StagePlan:
     num_classes: int
     storage_options: dict[str, Any] = field(default_factory=dict)
     inputs: tuple[TileInput, ...] = ()
+    halo: int = 0
+    tiles: bool = True
+
+    def blend_region(self, region: Window) -> Window:
+        """``region`` grown by ``halo`` on every side, clipped to the level."""
+        h = self.halo
+        return Window(region.y0 - h, region.x0 - h, region.h + 2 * h, region.w + 2 * h).clip(self.grid.height,
+                                                                                                self.grid.width)
 
 
 class TileModel(Protocol):
     """A framework's model on one worker, loaded once: ``(stage, tiles (B, 3, T, T) uint8 on the device, [input
-    (B, …) host arrays]) → probabilities (B, C, T, T) float32 on the device``; ``runner`` is its device (uploads,
-    autocast)."""
+    (B, …) on the device]) → probabilities (B, C, T, T) float32 on the device``; ``runner`` is its device
+    (uploads, autocast)."""
 
     device: torch.device
     runner: Any
 
-    def __call__(self, stage: int, tiles: torch.Tensor, inputs: Sequence[np.ndarray]) -> torch.Tensor: ...
+    def __call__(self, stage: int, tiles: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -149,9 +171,11 @@ class Framework(ABC):
         return None
 
     def stage_sink(self, stages: list[StagePlan], s: int, out: ImageOutput, outputs: OutputArrays | None,
-                   chunk: int, fresh: bool) -> BlockSink:
+                   chunk: int, fresh: bool, extras: tuple[str, ...] = (), side: int = 0) -> BlockSink:
         """What stage ``s``'s blocks write (``pipeline.workers.sinks``): by default, for the last stage, the output
-        (``outputs``). The arrays a sink writes are created here (``fresh``: anew; else opened, resuming)."""
+        (``outputs``; ``extras`` are the ones asked for, known before the last stage). The arrays a sink writes are
+        created here (``fresh``: anew; else opened, resuming); the stage's blocks are ``side`` px a side
+        (``pipeline.blocks.plan_blocks``)."""
         if s != len(stages) - 1:
             raise NotImplementedError(f"{self.name} has one stage; stage {s} has no sink")
         return output_sink(outputs, out)
@@ -173,8 +197,8 @@ def output_sink(outputs: OutputArrays, out: ImageOutput) -> OutputSink:
     labels = outputs.labels[0]
     pyramid = tuple(outputs.ref(a, out) for a in outputs.labels[1 : 1 + outputs.block_levels])
     return OutputSink(outputs.ref(labels, out), str(labels.dtype), outputs.ref(outputs.confidence, out),
-                      outputs.ref(outputs.probabilities, out), pyramid)
+                      outputs.ref(outputs.probabilities, out), pyramid, outputs.nodata)
 
 
-__all__ = ["STAGE_MAP", "output_sink", "ArrayRef", "DeviceConfig", "Framework", "ModelSource", "OpenArray", "Resolution", "StagePlan",
-           "TileInput", "TileModel"]
+__all__ = ["STAGE_MAP", "ArrayRef", "DeviceConfig", "Framework", "ModelSource", "OpenArray", "Resolution", "RowInput",
+           "StagePlan", "TileInput", "TileModel", "output_sink"]

@@ -25,13 +25,10 @@ from models.info import TO_TENSOR_NORMALIZATION
 from models.tta import dihedral_mean
 from pipeline.errors import ImageReadError, SpecError
 from pipeline.frameworks.base import Framework, ModelSource, OpenArray, Resolution, StagePlan
-from pipeline.frameworks.fctl_contexts import (
-    check_power_of_two,
-    context_level,
-    context_levels,
-    context_window,
-    read_context,
-)
+from pipeline.frameworks.fctl_contexts import check_power_of_two, context_level, context_levels, context_window
+from pipeline.reader import read_region, resize_image
+from pipeline.row_reader import LevelRows, chunk_rows
+from pipeline.sources.convert import to_rgb8
 from pipeline.frameworks.segment import image_stage
 from pipeline.frameworks.segmenters import kind_of
 from pipeline.output.layout import ImageOutput
@@ -50,29 +47,76 @@ class Contexts:
     """A tile input: FCtL's context windows ``(B, n, 3, T, T)`` uint8 of each tile, at ``factors``.
 
     ``levels[l]`` is level ``l`` of the image pyramid, for every level up to the coarsest a context reads; only
-    those ``context_levels`` are opened.
+    those ``context_levels`` are opened. A block reads each context level a row window at a time over the columns
+    all its tiles' contexts span (``row_reader.LevelRows``, zeros past the level): each chunk is decoded once per
+    block, not once per tile, and the windows are cut on the device.
     """
 
     factors: tuple[float, ...]
     levels: tuple[ArrayRef, ...]
 
-    def read(self, open_array: OpenArray, image: ArrayRef, windows: list[Window]) -> np.ndarray:
-        shapes = tuple(ref.shape_yx for ref in self.levels)
-        check_power_of_two(shapes, context_levels(self.factors, len(shapes)))
-        arrays = {lv: open_array(self.levels[lv]) for lv in context_levels(self.factors, len(self.levels))}
-        out = np.empty((len(windows), len(self.factors), 3, windows[0].h, windows[0].h), np.uint8)
-        for k, w in enumerate(windows):
-            for i, factor in enumerate(self.factors):
-                level = context_level(factor, len(shapes))
-                ref = self.levels[level]  # each level as stored: level 0 may be the source's own array
-                try:
-                    out[k, i] = read_context(arrays[level], ref.axes, shapes[level], context_window(w, factor, level),
-                                             w.h, ref.value_range)
-                except Exception as err:  # name the image and the tile: the decoder's own message says neither
-                    raise ImageReadError(
-                        f"{image.group_url}: cannot read the FCtL contexts of tile y {w.y0}:{w.y1}, x {w.x0}:{w.x1}: "
-                        f"{type(err).__name__}: {err}") from err
-        return out
+    def open_rows(self, open_array: OpenArray, image: ArrayRef, tile: int, x_lo: int, x_hi: int) -> ContextRows:
+        return ContextRows(self, open_array, image, tile, x_lo, x_hi)
+
+
+class ContextRows:
+    """One block's context reader (``Contexts``): per tile row, one row window of each context level."""
+
+    def __init__(self, contexts: Contexts, open_array: OpenArray, image: ArrayRef, tile: int, x_lo: int,
+                 x_hi: int) -> None:
+        shapes = tuple(ref.shape_yx for ref in contexts.levels)
+        check_power_of_two(shapes, context_levels(contexts.factors, len(shapes)))
+        self.image, self.tile = image, tile
+        self.factors = [(c, context_level(c, len(shapes))) for c in contexts.factors]
+        ends = (Window(0, x_lo, tile, tile), Window(0, x_hi - tile, tile, tile))  # the block's first and last column
+        self.rows: dict[int, LevelRows] = {}
+        self.x0: dict[int, int] = {}
+        for level in sorted({lv for _, lv in self.factors}):
+            spans = [context_window(w, c, level) for c, lv in self.factors if lv == level for w in ends]
+            x0, x1 = min(s.x0 for s in spans), max(s.x1 for s in spans)
+            ref, array = contexts.levels[level], open_array(contexts.levels[level])
+            self.rows[level] = LevelRows(
+                lambda win, a=array, r=ref: to_rgb8(read_region(a, r.axes, win), r.value_range), ref.shape_yx,
+                chunk_rows(array, ref.axes), x0, x1, "constant")
+            self.x0[level] = x0
+
+    def read(self, windows: list[Window]) -> tuple[dict[int, np.ndarray], list]:
+        """Per level the row window all contexts of the tile row lie in; per factor where its windows are in it
+        (``r = T``) or, for a factor that needs resizing (``r ≠ T``), the resized windows themselves."""
+        try:
+            spans = [[context_window(w, c, level) for w in windows] for c, level in self.factors]
+            slabs, tops = {}, {}
+            for level, rows in self.rows.items():
+                mine = [s[0] for s, (_, lv) in zip(spans, self.factors) if lv == level]
+                tops[level] = min(s.y0 for s in mine)
+                slabs[level] = rows.rows(tops[level], max(s.y1 for s in mine))
+            items = []
+            for (_, level), wins in zip(self.factors, spans):
+                dy, x0 = wins[0].y0 - tops[level], self.x0[level]
+                if wins[0].h == self.tile:
+                    items.append((level, dy, [w.x0 - x0 for w in wins]))
+                else:  # a factor like ×3: its r×r window resized on the host, as the training crops are
+                    slab = slabs[level]
+                    items.append(np.stack([resize_image(slab[:, dy : dy + w.h, w.x0 - x0 : w.x1 - x0], self.tile)
+                                           for w in wins]))
+            return slabs, items
+        except Exception as err:  # name the image and the tiles: the decoder's own message says neither
+            raise ImageReadError(
+                f"{self.image.group_url}: cannot read the FCtL contexts of tiles y {windows[0].y0}:{windows[0].y1}, "
+                f"x {windows[0].x0}:{windows[-1].x1}: {type(err).__name__}: {err}") from err
+
+    def to_device(self, host, windows: list[Window], runner) -> torch.Tensor:
+        slabs, items = host
+        used = {item[0] for item in items if isinstance(item, tuple)}
+        dev = {level: runner.upload(slabs[level]) for level in used}
+        t, out = self.tile, []
+        for item in items:
+            if isinstance(item, tuple):
+                level, dy, xs = item
+                out.append(torch.stack([dev[level][:, dy : dy + t, x : x + t] for x in xs]))
+            else:
+                out.append(runner.upload(item))
+        return torch.stack(out, dim=1)
 
 
 class FctlModel:
@@ -84,7 +128,7 @@ class FctlModel:
         self.tta = tta
 
     @torch.inference_mode()
-    def __call__(self, stage: int, tiles: torch.Tensor, inputs: Sequence[np.ndarray]) -> torch.Tensor:
+    def __call__(self, stage: int, tiles: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         (contexts,) = inputs
         if not self.tta:
             return self.predictor.probabilities(tiles, contexts)
@@ -186,4 +230,5 @@ def _seeded_variant(options: Mapping[str, Any], source: ModelSource, contexts: t
     return variant
 
 
-__all__ = ["ARCHITECTURE_OPTIONS", "DEFAULT_CONTEXTS", "REFERENCE_CONTEXTS", "Contexts", "Fctl", "FctlModel"]
+__all__ = ["ARCHITECTURE_OPTIONS", "DEFAULT_CONTEXTS", "REFERENCE_CONTEXTS", "ContextRows", "Contexts", "Fctl",
+           "FctlModel"]

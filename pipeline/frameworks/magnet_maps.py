@@ -1,19 +1,19 @@
-"""MagNet's maps over a Zarr pyramid, chunk by chunk: the pieces of ``pipeline.frameworks.magnet`` that work on
-whole stages (Huynh et al., CVPR 2021; github VinAIResearch/MagNet, ``magnet/model/refinement.py``, ``test.py``).
+"""MagNet's formulas on maps (Huynh et al., CVPR 2021; github VinAIResearch/MagNet, ``magnet/model/refinement.py``,
+``test.py``): the configuration, the image-wide threshold, MagNet-Fast's choice of tiles, and the whole algorithm
+on whole arrays as the reference for tests. The per-pixel work of a stage runs on the workers
+(``pipeline.frameworks.magnet_blocks``).
 
 Stage ``s`` runs at pyramid level ``L_s = scales − 1 − s`` (coarse to fine; level 0 last). Stage 0 is plain
 tiled segmentation; its blended probabilities are the map ``Y₀``. A stage-s tile reads its image window at
 ``L_s`` and the stage-(s−1) map over the same footprint, upsampled ×2 (``reader.upsample2x_window``), and
-gives ``R = softmax(refiner(softmax(segmenter(x)), Y_up))``. The stage's result is then computed chunk by
-chunk from the blend of its tiles, never holding a whole map:
+gives ``R = softmax(refiner(softmax(segmenter(x)), Y_up))``. Then, never holding a whole map:
 
-1. ``R`` = blend of the tiles; ``E = certainty(R) · uncertainty(Y_up)``; both stored (float16) by the stage's
-   blocks on the workers (``pipeline.frameworks.magnet.RefineSink``).
-2. ``E`` median-filtered (``map_overlap`` with a ``k//2`` halo, edges replicated) and stored; a histogram
-   of its exact float16 values is summed over all chunks.
-3. The image-wide top-k becomes one threshold every chunk can apply: ``t`` = the largest value with
-   ``count(E ≥ t) ≥ k`` (``models.magnet.topk_threshold``), read off the histogram exactly.
-4. ``Y_s = where(E ≥ t, R, Y_up)``: the next stage's map, or the final probabilities.
+1. ``R`` = blend of the tiles; ``E = certainty(R) · uncertainty(Y_up)``, as float16;
+2. ``E`` median-filtered (``k × k``, edges replicated): ``E_med``, float16; a histogram of its exact values;
+3. the image-wide top-k becomes one threshold every pixel can apply: ``t`` = the largest value with
+   ``count(E_med ≥ t) ≥ k`` (``models.magnet.topk_threshold``), read off the summed histograms exactly
+   (``threshold_from_histogram``);
+4. ``Y_s = where(E_med ≥ t, R, Y_up)``: the next stage's map, or the final probabilities.
 
 MagNet-Fast (the reference's ``--n_patches``; ``MagnetConfig.patches``): a refinement stage runs only the
 ``n`` tiles whose footprint is most uncertain in the previous stage's map (mean of ``1 − (top1 − top2)``,
@@ -29,17 +29,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import dask.array as da
 import numpy as np
 import torch
-import zarr
 
 from models import magnet as mg
-from pipeline.frameworks.magnet_reference import level_of, resize_window
 from pipeline.reader import read_window, upsample2x_window
 from pipeline.tiling import Window
 
-_F16_BINS = 1 << 16
+F16_BINS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -57,14 +54,7 @@ class MagnetConfig:
     stage0: str = "tiled"  # "tiled" or "whole"
     patch_choice: str = "most_uncertain"  # or "least_uncertain"
 
-    factors: tuple[float, ...] = ()  # any list of scales (fractions of the image, the last 1); () → powers of two
-
     def __post_init__(self) -> None:
-        if self.factors:
-            object.__setattr__(self, "scales", len(self.factors))
-            if list(self.factors) != sorted(set(self.factors)) or not 0 < self.factors[0] or self.factors[-1] != 1:
-                raise ValueError(f"MagNet's scales must increase in (0, 1] and end at 1 (the image), got "
-                                 f"{list(self.factors)}")
         if self.scales < 2:
             raise ValueError(f"MagNet needs at least 2 scales, got {self.scales}")
         if self.replace <= 0:
@@ -75,14 +65,7 @@ class MagnetConfig:
             raise ValueError(f"patches must be a positive fraction or count of tiles, got {self.patches}")
 
     def levels(self) -> tuple[int, ...]:
-        """The pyramid level each stage reads (a stage at a factor that is no power of two resizes it)."""
-        if self.factors:
-            return tuple(level_of(f, 1 << 30) for f in self.factors)
         return tuple(range(self.scales - 1, -1, -1))
-
-    def stage_factors(self) -> tuple[float, ...]:
-        """Each stage's size as a fraction of the image: the given factors, or ``2^-(scales−1) … 1``."""
-        return self.factors or tuple(2.0**-lv for lv in self.levels())
 
     def count(self, h: int, w: int, share: float = 1.0) -> int:
         """Pixels replaced in an ``h × w`` stage of which ``share`` of the tiles ran (1 unless MagNet-Fast):
@@ -108,9 +91,9 @@ def error_block(refined: np.ndarray, previous_up: np.ndarray) -> np.ndarray:
     return _certainty_np(refined) * (1.0 - _certainty_np(previous_up))
 
 
-def _histogram(e: np.ndarray) -> np.ndarray:
-    """Counts of exact float16 values (non-negative float16 sort like their uint16 bit patterns)."""
-    return np.bincount(e.astype(np.float16).view(np.uint16).ravel(), minlength=_F16_BINS)[None, None]
+def histogram(e: np.ndarray) -> np.ndarray:
+    """Counts of exact float16 values (non-negative float16 sort like their uint16 bit patterns): ``(2^16,)``."""
+    return np.bincount(e.astype(np.float16).view(np.uint16).ravel(), minlength=F16_BINS)
 
 
 def threshold_from_histogram(hist: np.ndarray, k: int) -> float:
@@ -122,63 +105,12 @@ def threshold_from_histogram(hist: np.ndarray, k: int) -> float:
     return float(np.array([b], np.uint16).view(np.float16)[0])
 
 
-@dataclass(frozen=True)
-class StageMaps:
-    """Where one refinement stage keeps its intermediate arrays (all chunked like the masks)."""
-
-    refined: zarr.Array  # (C, H, W) float16
-    error: zarr.Array  # (H, W) float16, before the median
-    error_median: zarr.Array  # (H, W) float16
-
-
-def median_pass(maps: StageMaps, median: int, scheduler: Any = "threads", padding: str = "edge") -> None:
-    """Step 2: ``E`` (written by the stage's blocks) median-filtered, stored; a ``k//2`` halo across chunks, past
-    the image the edge replicated (``padding="edge"``) or zeros (``"zero"``, as the reference's conv padding)."""
-    err = da.from_zarr(maps.error).astype(np.float32)
-    med = err
-    if median > 1:
-        boundary = "nearest" if padding == "edge" else 0.0
-        med = err.map_overlap(mg.median_filter, depth=median // 2, boundary=boundary, k=median, dtype=np.float32)
-    da.store(med.astype(np.float16), maps.error_median, lock=False, scheduler=scheduler)
-
-
-def stage_threshold(maps: StageMaps, k: int, scheduler: Any = "threads") -> float:
-    """Step 3: the global threshold from per-chunk histograms of the median-filtered error score."""
-    e = da.from_zarr(maps.error_median)
-    hist = e.map_blocks(_histogram, dtype=np.int64, chunks=((1,) * e.numblocks[0], (1,) * e.numblocks[1],
-                                                            (_F16_BINS,)), new_axis=2)
-    total = hist.sum(axis=(0, 1)).compute(scheduler=scheduler)
-    return threshold_from_histogram(total, k)
-
-
-def merged(maps: StageMaps, previous: zarr.Array, t: float) -> da.Array:
-    """Step 4, lazily: ``Y_s = where(E ≥ t, R, Y_up)`` as ``(C, H, W)`` float32, chunked like the maps."""
-    refined = da.from_zarr(maps.refined)
-    h, w = refined.shape[1:]
-    prev_shape = previous.shape[1:]
-    error_median = maps.error_median
-
-    def block(r, block_info=None):
-        (y0, y1), (x0, x1) = block_info[None]["array-location"][1:]
-        region = Window(y0, x0, y1 - y0, x1 - x0)
-        e = np.asarray(error_median[y0:y1, x0:x1], np.float32)
-        previous_up = resize_window(previous, prev_shape, (h, w), region)
-        return np.where((e >= np.float32(t))[None], r.astype(np.float32), previous_up)
-
-    return refined.map_blocks(block, dtype=np.float32)
-
-
-def footprint(window: Window, fine_shape: tuple[int, int], coarse_shape: tuple[int, int] | None = None) -> Window:
+def footprint(window: Window, fine_shape: tuple[int, int]) -> Window:
     """A level-s tile window's footprint on the level-(s−1) map: the window clipped to the image, then
-    ``[⌊y0/2⌋, ⌈y1/2⌉) × [⌊x0/2⌋, ⌈x1/2⌉)``; for another size ratio (``coarse_shape`` given and not half of
-    ``fine_shape``) ``[⌊y0·h/H⌋, ⌈y1·h/H⌉)``, likewise in x."""
+    ``[⌊y0/2⌋, ⌈y1/2⌉) × [⌊x0/2⌋, ⌈x1/2⌉)``."""
     c = window.clip(*fine_shape)
-    if coarse_shape is None or all(f in (2 * k, 2 * k - 1) for k, f in zip(coarse_shape, fine_shape, strict=True)):
-        y0, x0 = c.y0 // 2, c.x0 // 2
-        return Window(y0, x0, -(-c.y1 // 2) - y0, -(-c.x1 // 2) - x0)
-    (h, w), (hh, ww) = coarse_shape, fine_shape
-    y0, x0 = c.y0 * h // hh, c.x0 * w // ww
-    return Window(y0, x0, -(-c.y1 * h // hh) - y0, -(-c.x1 * w // ww) - x0)
+    y0, x0 = c.y0 // 2, c.x0 // 2
+    return Window(y0, x0, -(-c.y1 // 2) - y0, -(-c.x1 // 2) - x0)
 
 
 def mean_uncertainty(block: np.ndarray) -> float:
@@ -192,12 +124,11 @@ def tile_uncertainty(previous, grid, scheduler: Any = "threads") -> np.ndarray:
     import dask
 
     fine = (grid.height, grid.width)
-    coarse = tuple(previous.shape[1:])
 
     def row(iy: int) -> np.ndarray:
         out = np.empty(grid.nx, np.float64)
         for ix in range(grid.nx):
-            f = footprint(grid.window(iy, ix), fine, coarse)
+            f = footprint(grid.window(iy, ix), fine)
             out[ix] = mean_uncertainty(np.asarray(previous[:, f.y0 : f.y1, f.x0 : f.x1]))
         return out
 

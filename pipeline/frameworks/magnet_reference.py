@@ -1,22 +1,22 @@
 """MagNet's reference procedure where it is a choice (github VinAIResearch/MagNet, ``test.py``), as options of
-``pipeline.frameworks.magnet`` (``MagnetConfig``; ``procedure: reference`` sets them all):
+``pipeline.frameworks.magnet`` (``MagnetConfig``; ``procedure: reference`` sets them all), on the block path
+(``magnet_blocks``):
 
 - **median view** (``median_view``): the reference median-filters the error score ``E`` (``H × W``, the stage's
   size) on a view the size of its network input (``input_size``, e.g. 508²): ``E`` is resized there by nearest
-  neighbour, filtered ``k × k`` with zero padding, and resized back by nearest neighbour. Its footprint is then
-  about ``k·H/view`` stage pixels. The view is small, so the driver holds it; ``E`` is sampled chunk by chunk
-  and the result written chunk by chunk (``median_view_pass``).
+  neighbour, filtered ``k × k``, and resized back by nearest neighbour, so a pixel's median reads ``E`` about
+  ``(r + 1)·H/view`` pixels away (``view_halo``, the stage's halo). ``ViewMedianRows`` does it on a block's rows as
+  they come: it keeps only the sampled rows and columns of ``E``.
+- **zero padding** (``median_padding: zero``): the reference's ``MedianBlur`` is a conv with zero padding, then
+  ``torch.median``: past the level's (or the view's) edges the neighbourhood holds zeros (``ZeroMedianRows``),
+  not the repeated edge.
 - **crop alignment** (``crop: roi_align``): the refiner's coarse input is ``torchvision.ops.roi_align(Y_up,
   [x0, y0, x0 + T, y0 + T], T, aligned=False)``: with one sample per output pixel at ``(y0 + i + ½, x0 + j + ½)``
   (pixel ``i`` at coordinate ``i``), the mean of each 2 × 2 block of ``Y_up``, the last row and column clamped to
-  the image, 0 past ``H`` (``roi_align_window``; a tile input, ``RoiAlignedMap``).
+  the image, 0 past it (``roi_align_window`` on whole arrays, ``RoiPreviousMap`` on a block's rows).
 - **stage 0 in one pass** (``stage0: whole``): when the coarsest level fits one tile, the segmenter runs on
   exactly the image (padded to its size multiple by the tile's own mirrored margin), not on the mirrored tile
   (``WholeImage``, read by ``MagnetModel``).
-- **any list of scales** (``scales: [f₀, …, 1]``): stage ``s`` covers the image at ``f_s`` of its size. A power of
-  two is its pyramid level; another factor is read from the nearest finer level and resized bilinearly, chunk by
-  chunk, into the stage's work area (``stage_images``); the previous stage's map is resized to each stage's size
-  by the same bilinear rule (``resize_window``; ×2 is ``reader.upsample2x_window``).
 
 Nearest-neighbour resizing follows ``torch.nn.functional.interpolate(mode="nearest")``: output index ``i`` takes
 input ``min(⌊i · (in/out)⌋, in − 1)`` computed in float32 (``i >> 1`` when ``out = 2·in``).
@@ -26,22 +26,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import dask.array as da
 import numpy as np
-import zarr
+import torch
 
 from models import magnet as mg
 from pipeline.frameworks.base import OpenArray
+from pipeline.frameworks.magnet_blocks import MedianRows, PreviousRows, StageMap
 from pipeline.plan import ArrayRef
-from pipeline.pyramid import Pyramid
-from pipeline.reader import read_window, reflect_index, upsample2x_window, upsample_index
-from pipeline.storage import zarr_store
+from pipeline.reader import upsample2x_window
+from pipeline.row_reader import upsample2x_rows, upsample_source
 from pipeline.tiling import Window
-
-if TYPE_CHECKING:  # magnet_maps reads resize_window from here
-    from pipeline.frameworks.magnet_maps import StageMaps
+from pipeline.workers.median import median_float16
 
 
 def nearest_index(out: int, size: int) -> np.ndarray:
@@ -55,35 +52,18 @@ def nearest_index(out: int, size: int) -> np.ndarray:
     return np.minimum(np.floor(i.astype(np.float32) * scale).astype(np.int64), size - 1)
 
 
-def median_view(error: np.ndarray | Any, view: tuple[int, int], k: int, padding: str = "zero") -> np.ndarray:
-    """The reference's smoothing of a whole ``(H, W)`` error score (an array or anything indexable by rows and
-    columns): nearest to ``view``, ``k × k`` median, nearest back. ``(H, W) → (H, W)`` float32."""
+def median_view(error: np.ndarray, view: tuple[int, int], k: int, padding: str = "zero") -> np.ndarray:
+    """The reference's smoothing of a whole ``(H, W)`` error score: nearest to ``view``, ``k × k`` median (zeros or
+    the edge past it), nearest back. ``(H, W) → (H, W)`` float32."""
     h, w = error.shape
-    small = _sample(error, nearest_index(view[0], h), nearest_index(view[1], w))
+    small = error[np.ix_(nearest_index(view[0], h), nearest_index(view[1], w))].astype(np.float32)
     filtered = mg.median_filter(small, k, padding)
     return filtered[nearest_index(h, view[0])][:, nearest_index(w, view[1])]
 
 
-def _sample(error, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    if isinstance(error, np.ndarray):
-        return error[np.ix_(rows, cols)].astype(np.float32)
-    return np.asarray(error[rows][:, cols], np.float32)
-
-
-def median_view_pass(maps: StageMaps, k: int, view: tuple[int, int], padding: str, scheduler: Any = "threads") -> None:
-    """``median_view`` of the stage's ``E`` into ``error_median``, one chunk at a time (the view is held whole)."""
-    err = da.from_zarr(maps.error)
-    h, w = err.shape
-    rows, cols = nearest_index(view[0], h), nearest_index(view[1], w)
-    small = np.asarray(err[rows][:, cols].compute(scheduler=scheduler), np.float32)
-    filtered = mg.median_filter(small, k, padding)
-    back_rows, back_cols = nearest_index(h, view[0]), nearest_index(w, view[1])
-
-    def block(e, block_info=None):
-        (y0, y1), (x0, x1) = block_info[None]["array-location"]
-        return filtered[back_rows[y0:y1]][:, back_cols[x0:x1]].astype(np.float16)
-
-    da.store(err.map_blocks(block, dtype=np.float16), maps.error_median, lock=False, scheduler=scheduler)
+def view_halo(shape: tuple[int, int], view: tuple[int, int], k: int) -> int:
+    """How far (px of the stage) a pixel's median on the view reads ``E``: ``⌈(r + 1)·H/view⌉ + 1`` (either axis)."""
+    return math.ceil((k // 2 + 1) * max(shape[0] / view[0], shape[1] / view[1])) + 1
 
 
 def _roi_axis(start: int, length: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -101,38 +81,181 @@ def _roi_axis(start: int, length: int, size: int) -> tuple[np.ndarray, np.ndarra
     return low, high, ((1 - frac) * valid).astype(np.float32), (frac * valid).astype(np.float32)
 
 
+def _span(*index: np.ndarray) -> tuple[int, int]:
+    return int(min(i.min() for i in index)), int(max(i.max() for i in index)) + 1
+
+
 def roi_align_window(previous, prev_shape: tuple[int, int], shape: tuple[int, int], window: Window) -> np.ndarray:
-    """``roi_align(Y_up, window, window size, aligned=False)`` with ``Y_up`` the bilinear upsampling of the
-    ``(C, h, w)`` map ``previous`` to ``shape`` (``resize_window``): ``(C, window.h, window.w)`` float32. Only the part of ``Y_up``
-    under the window (one more row and column) is computed."""
+    """``roi_align(Y_up, window, window size, aligned=False)`` with ``Y_up`` the ×2 bilinear upsampling of the
+    ``(C, h, w)`` map ``previous`` to ``shape``: ``(C, window.h, window.w)`` float32 (whole arrays; tests)."""
     (ly, hy, wly, why), (lx, hx, wlx, whx) = (_roi_axis(window.y0, window.h, shape[0]),
                                               _roi_axis(window.x0, window.w, shape[1]))
-    y0, y1 = int(min(ly.min(), hy.min())), int(max(ly.max(), hy.max())) + 1
-    x0, x1 = int(min(lx.min(), hx.min())), int(max(lx.max(), hx.max())) + 1
-    up = resize_window(previous, prev_shape, shape, Window(y0, x0, y1 - y0, x1 - x0))
+    (y0, y1), (x0, x1) = _span(ly, hy), _span(lx, hx)
+    up = upsample2x_window(previous, prev_shape, shape, Window(y0, x0, y1 - y0, x1 - x0))
     rows = up[:, ly - y0] * wly[None, :, None] + up[:, hy - y0] * why[None, :, None]
     return rows[:, :, lx - x0] * wlx[None, None, :] + rows[:, :, hx - x0] * whx[None, None, :]
 
 
 @dataclass(frozen=True)
-class RoiAlignedMap:
-    """A tile input: the previous stage's map cropped for the tile as the reference crops it (``roi_align_window``)."""
+class RoiPreviousMap:
+    """A tile input: the previous stage's map cropped for each tile as the reference crops it (``roi_align``)."""
 
-    ref: ArrayRef
+    map: StageMap
 
-    def read(self, open_array: OpenArray, image: ArrayRef, windows: list[Window]) -> np.ndarray:
-        previous = open_array(self.ref)
-        return np.stack([roi_align_window(previous, self.ref.shape_yx, image.shape_yx, w) for w in windows])
+    def open_rows(self, open_array: OpenArray, image: ArrayRef, tile: int, x_lo: int, x_hi: int) -> RoiPreviousRows:
+        return RoiPreviousRows(self.map, open_array, image.shape_yx, tile, x_lo, x_hi)
+
+
+class RoiPreviousRows(PreviousRows):
+    """One block's ``RoiPreviousMap``: per tile row, the map rows under the samples on the host; on the device the
+    ×2 upsampling of the rows and columns the samples read (inside the level), then ``roi_align``'s weights."""
+
+    def __init__(self, stage_map: StageMap, open_array: OpenArray, fine_shape: tuple[int, int], tile: int,
+                 x_lo: int, x_hi: int) -> None:
+        super().__init__(stage_map, open_array, fine_shape, tile, x_lo, x_hi + 1)  # one more column: the samples'
+        self.cols = _roi_axis(x_lo, x_hi - x_lo, fine_shape[1])
+        self.x_lo, self.tiles_hi = x_lo, x_hi
+
+    def read(self, windows: list[Window]) -> tuple[np.ndarray, int, tuple]:
+        w0 = windows[0]
+        axis = _roi_axis(w0.y0, w0.h, self.fine[0])
+        a, b = _span(axis[0], axis[1])
+        r0, r1 = upsample_source((a, b), self.fine[0], self.map.shape_yx[0])
+        return self.rows.rows(r0, r1), r0, (a, b, axis)
+
+    def to_device(self, host, windows: list[Window], runner) -> torch.Tensor:
+        slab, r0, (a, b, (ly, hy, wly, why)) = host
+        lx, hx, wlx, whx = self.cols
+        c0, c1 = _span(lx, hx)
+        up = upsample2x_rows(runner.upload(slab), (r0, self.s0), self.map.shape_yx, self.fine,
+                             Window(a, c0, b - a, c1 - c0))
+        dev = up.device
+        t = {k: torch.from_numpy(v).to(dev) for k, v in
+             (("ly", ly - a), ("hy", hy - a), ("wly", wly), ("why", why), ("lx", lx - c0), ("hx", hx - c0),
+              ("wlx", wlx), ("whx", whx))}
+        rows = up[:, t["ly"]] * t["wly"][None, :, None] + up[:, t["hy"]] * t["why"][None, :, None]
+        full = rows[:, :, t["lx"]] * t["wlx"][None, None, :] + rows[:, :, t["hx"]] * t["whx"][None, None, :]
+        return torch.stack([full[:, :, w.x0 - self.x_lo : w.x1 - self.x_lo] for w in windows])
+
+
+class ZeroMedianRows(MedianRows):
+    """``MedianRows`` with zeros past the level's edges (the reference's zero-padded conv), not the edge repeated;
+    inside the level the block's halo holds the neighbours as before."""
+
+    def __init__(self, k: int, blend: Window, own: Window, device: torch.device, level: tuple[int, int]) -> None:
+        super().__init__(k, blend, own, device)
+        cols = np.arange(own.x0 - self.r, own.x1 + self.r)
+        self.col_out = torch.from_numpy((cols < 0) | (cols >= level[1])).to(device)
+        self.height = level[0]
+
+    def _median(self, a: int, b: int) -> torch.Tensor:
+        rows = np.arange(a - self.r, b + self.r)
+        clipped = np.clip(rows, self.blend.y0, self.blend.y1 - 1) - self.lo
+        win = self.buf[torch.from_numpy(clipped).to(self.buf.device)][:, self.cols]
+        out = torch.from_numpy((rows < 0) | (rows >= self.height)).to(self.buf.device)
+        return median_float16(win.masked_fill(out[:, None] | self.col_out[None, :], 0), self.k)
+
+
+class ViewMedianRows:
+    """The reference's median of ``E`` on a ``view`` (``median_view``) for the pixels of ``own``, from the rows of
+    ``blend`` as they come (the interface of ``MedianRows``). It keeps the sampled rows and columns of ``E`` only: a
+    ``(view rows, view columns)`` window around ``own``'s, zeros past the view's edges (or its edge repeated)."""
+
+    def __init__(self, k: int, blend: Window, own: Window, device: torch.device, level: tuple[int, int],
+                 view: tuple[int, int], padding: str = "zero") -> None:
+        (h, w), (vh, vw) = level, view
+        self.k, self.r, self.blend, self.own = k, k // 2, blend, own
+        self.src_rows = nearest_index(vh, h)
+        back_rows, back_cols = nearest_index(h, vh), nearest_index(w, vw)
+        r = self.r
+        self.v0, self.v1 = int(back_rows[own.y0]) - r, int(back_rows[own.y1 - 1]) + r + 1  # view rows kept
+        self.c0, c1 = int(back_cols[own.x0]) - r, int(back_cols[own.x1 - 1]) + r + 1
+        cols = np.arange(self.c0, c1)
+        inside = np.clip(cols, 0, vw - 1)
+        src_cols = nearest_index(vw, w)[inside] - blend.x0
+        if src_cols.min() < 0 or src_cols.max() >= blend.w:
+            raise ValueError(f"the median's view reads columns past the block's halo ({blend}); raise the stage's halo")
+        self.src_cols = torch.from_numpy(src_cols).to(device)
+        self.col_zero = torch.from_numpy((cols < 0) | (cols >= vw)).to(device) if padding == "zero" else None
+        self.edge = padding != "zero"
+        self.vh = vh
+        self.small = torch.zeros((self.v1 - self.v0, len(cols)), dtype=torch.float16, device=device)
+        self.next_v = max(self.v0, 0)  # the next view row to sample
+        self.last_v = min(self.v1, vh)
+        self.own_rows = back_rows[own.y0 : own.y1]
+        self.own_cols = torch.from_numpy(back_cols[own.x0 : own.x1] - self.c0 - r).to(device)
+        self.next = own.y0
+
+    def add(self, y0: int, rows: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        n = rows.shape[0]
+        while self.next_v < self.last_v and self.src_rows[self.next_v] < y0 + n:
+            y = int(self.src_rows[self.next_v])
+            if y < y0:
+                raise ValueError(f"the median's view row {self.next_v} reads row {y}, above the rows given ({y0}..)")
+            row = rows[y - y0][self.src_cols]
+            self.small[self.next_v - self.v0] = row if self.col_zero is None else row.masked_fill(self.col_zero, 0)
+            self.next_v += 1
+        done_v = self.v1 if self.next_v >= self.last_v else self.next_v  # view rows below this are known
+        last = self.next
+        while last < self.own.y1 and self.own_rows[last - self.own.y0] + self.r < done_v:
+            last += 1
+        if last == self.next:
+            return []
+        out = (self.next, self._median(self.next, last))
+        self.next = last
+        return [out]
+
+    def finish(self) -> None:
+        if self.next != self.own.y1:
+            raise RuntimeError(f"view median rows up to {self.next} of {self.own.y1}: the block's rows did not all come")
+
+    def _median(self, a: int, b: int) -> torch.Tensor:
+        """Own rows ``[a, b)``: the median on the view at each pixel's view row and column, ``(b − a, own.w)``."""
+        va, vb = int(self.own_rows[a - self.own.y0]), int(self.own_rows[b - 1 - self.own.y0]) + 1
+        lo, hi = va - self.r - self.v0, vb + self.r - self.v0
+        win = self.small[lo:hi]
+        if self.edge:  # the view's edge repeated (rows past it were never sampled: copy the nearest)
+            idx = np.clip(np.arange(va - self.r, vb + self.r), 0, self.vh - 1) - self.v0
+            win = self.small[torch.from_numpy(idx).to(self.small.device)]
+        filtered = median_float16(win, self.k)  # (vb − va, view columns − 2r)
+        rows = torch.from_numpy(self.own_rows[a - self.own.y0 : b - self.own.y0] - va).to(filtered.device)
+        return filtered[rows][:, self.own_cols]
+
+
+@dataclass(frozen=True)
+class MedianFactory:
+    """The median a refinement stage's blocks run (``magnet_blocks.RefineSink.median_rows``): on the view (when
+    ``view``), with zeros or the edge past the level."""
+
+    view: tuple[int, int] | None
+    padding: str
+
+    def __call__(self, k: int, blend: Window, own: Window, device: torch.device, level: tuple[int, int]):
+        if self.view is not None:
+            return ViewMedianRows(k, blend, own, device, level, self.view, self.padding)
+        if self.padding == "zero":
+            return ZeroMedianRows(k, blend, own, device, level)
+        return MedianRows(k, blend, own, device)
 
 
 @dataclass(frozen=True)
 class WholeImage:
-    """A tile input of stage 0 when its level fits one tile: where the image lies in each tile,
-    ``(B, 4)`` int64 rows ``(y, x, h, w)``, so the model runs on the image alone (``MagnetModel``)."""
+    """A tile input of stage 0 when its level fits one tile: where the image lies in each tile, ``(B, 4)`` int64
+    rows ``(y, x, h, w)`` (kept on the host), so the model runs on the image alone (``MagnetModel``)."""
 
-    def read(self, open_array: OpenArray, image: ArrayRef, windows: list[Window]) -> np.ndarray:
-        h, w = image.shape_yx
-        return np.array([[-win.y0, -win.x0, h, w] for win in windows], np.int64)
+    def open_rows(self, open_array: OpenArray, image: ArrayRef, tile: int, x_lo: int, x_hi: int) -> _Extents:
+        return _Extents(image.shape_yx)
+
+
+@dataclass(frozen=True)
+class _Extents:
+    shape: tuple[int, int]
+
+    def read(self, windows: list[Window]) -> np.ndarray:
+        return np.array([[-w.y0, -w.x0, *self.shape] for w in windows], np.int64)
+
+    def to_device(self, host: np.ndarray, windows: list[Window], runner) -> torch.Tensor:
+        return torch.from_numpy(host)
 
 
 def fits_one_tile(grid, shape: tuple[int, int]) -> bool:
@@ -141,91 +264,6 @@ def fits_one_tile(grid, shape: tuple[int, int]) -> bool:
         return False
     win = grid.window(0, 0)
     return win.y0 <= 0 and win.x0 <= 0 and win.y1 >= shape[0] and win.x1 >= shape[1]
-
-
-def _axis(start: int, length: int, src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Bilinear (``align_corners=False``) source rows and weights of outputs ``start…start+length−1`` of a
-    ``src → dst`` resize, by size as ``F.interpolate(size=…)``: ``u = max(0, (i + ½)·src/dst − ½)`` in float32;
-    ×2 (``dst`` = 2·src or 2·src − 1) is ``reader.upsample_index``, the rule of gigaseg's power-of-two stages."""
-    if dst in (2 * src, 2 * src - 1):
-        return upsample_index(start, length, src)
-    scale = np.float32(src) / np.float32(dst)
-    u = np.maximum(np.float32(0), (np.arange(start, start + length, dtype=np.float32) + np.float32(0.5)) * scale
-                   - np.float32(0.5))
-    i0 = np.minimum(np.floor(u).astype(np.int64), src - 1)
-    return i0, np.minimum(i0 + 1, src - 1), (u - i0).astype(np.float32)
-
-
-def resize_window(array, src_shape: tuple[int, int], dst_shape: tuple[int, int], window: Window) -> np.ndarray:
-    """Window of the bilinear resize of a ``(C, h, w)`` map to ``dst_shape``, mirrored past it: float32; the ×2
-    case is exactly ``reader.upsample2x_window``. Only the source rows and columns under the window are read."""
-    if all(d in (2 * s_, 2 * s_ - 1) for s_, d in zip(src_shape, dst_shape, strict=True)):
-        return upsample2x_window(array, src_shape, dst_shape, window)
-    iy = reflect_index(window.y0, window.h, dst_shape[0])
-    ix = reflect_index(window.x0, window.w, dst_shape[1])
-    y0, x0 = int(iy.min()), int(ix.min())
-    ry0, ry1, wy = _axis(y0, int(iy.max()) + 1 - y0, src_shape[0], dst_shape[0])
-    rx0, rx1, wx = _axis(x0, int(ix.max()) + 1 - x0, src_shape[1], dst_shape[1])
-    sy0, sy1, sx0, sx1 = int(ry0.min()), int(ry1.max()) + 1, int(rx0.min()), int(rx1.max()) + 1
-    src = np.asarray(array[:, sy0:sy1, sx0:sx1], dtype=np.float32)
-    rows = src[:, ry0 - sy0] * (1 - wy)[None, :, None] + src[:, ry1 - sy0] * wy[None, :, None]
-    up = rows[:, :, rx0 - sx0] * (1 - wx)[None, None, :] + rows[:, :, rx1 - sx0] * wx[None, None, :]
-    return up[:, iy - y0][:, :, ix - x0]
-
-
-def level_of(factor: float, n_levels: int) -> int:
-    """The pyramid level a stage at ``factor`` of the image reads: the coarsest still at least that fine,
-    ``clamp(⌊log2(1/f)⌋, 0, n − 1)``."""
-    return min(max(math.floor(math.log2(1 / factor) + 1e-9), 0), n_levels - 1)
-
-
-def stage_shape(factor: float, level: int, pyramid: Pyramid) -> tuple[int, int]:
-    """The stage's (H, W): its pyramid level's when ``factor`` is ``2^-level``, else ``round(f·H₀) × round(f·W₀)``."""
-    if math.isclose(factor, 2.0**-level):
-        return tuple(pyramid.shapes[level])
-    h0, w0 = pyramid.shapes[0]
-    return max(1, round(factor * h0)), max(1, round(factor * w0))
-
-
-def stage_images(factors: tuple[float, ...], pyramid: Pyramid, maps_urls: list[str], chunk: int,
-                 storage_options: dict) -> list[tuple[ArrayRef, tuple[int, int]]]:
-    """Each stage's image and (H, W): a pyramid level, or that level resized to the stage's size, written (once:
-    a complete one is reused when resuming) as ``image`` in the stage's maps group, chunk by chunk."""
-    out = []
-    for factor, url in zip(factors, maps_urls, strict=True):
-        level = level_of(factor, pyramid.n_levels)
-        shape = stage_shape(factor, level, pyramid)
-        source = pyramid.level_ref(level)
-        if shape == tuple(pyramid.shapes[level]):
-            out.append((source, shape))
-            continue
-        out.append((_resized(source, shape, url, chunk, storage_options), shape))
-    return out
-
-
-def _resized(source: ArrayRef, shape: tuple[int, int], url: str, chunk: int, storage_options: dict) -> ArrayRef:
-    group = zarr.open_group(store=zarr_store(url, storage_options), mode="a")
-    if "image" in group and tuple(group["image"].shape) == (3, *shape) and group["image"].attrs.get("complete"):
-        return ArrayRef(url, "image", "cyx", shape, dict(storage_options))
-    target = group.create_array("image", shape=(3, *shape), chunks=(3, min(chunk, shape[0]), min(chunk, shape[1])),
-                                dtype="uint8", overwrite=True)
-    src_shape = source.shape_yx
-
-    def block(_, block_info=None):
-        (_c0, _c1), (y0, y1), (x0, x1) = block_info[None]["array-location"]
-        ry0, ry1, wy = _axis(y0, y1 - y0, src_shape[0], shape[0])
-        rx0, rx1, wx = _axis(x0, x1 - x0, src_shape[1], shape[1])
-        sy0, sy1, sx0, sx1 = int(ry0.min()), int(ry1.max()) + 1, int(rx0.min()), int(rx1.max()) + 1
-        src = read_window(source.open(), source.axes, src_shape, Window(sy0, sx0, sy1 - sy0, sx1 - sx0),
-                          value_range=source.value_range).astype(np.float32)
-        rows = src[:, ry0 - sy0] * (1 - wy)[None, :, None] + src[:, ry1 - sy0] * wy[None, :, None]
-        up = rows[:, :, rx0 - sx0] * (1 - wx)[None, None, :] + rows[:, :, rx1 - sx0] * wx[None, None, :]
-        return np.clip(np.rint(up), 0, 255).astype(np.uint8)
-
-    blocks = da.zeros((3, *shape), dtype=np.uint8, chunks=target.chunks).map_blocks(block, dtype=np.uint8)
-    da.store(blocks, target, lock=False)
-    target.attrs["complete"] = True
-    return ArrayRef(url, "image", "cyx", shape, dict(storage_options))
 
 
 def view_of(config, tile: int) -> tuple[int, int] | None:
@@ -257,6 +295,6 @@ def options_of(spec_options: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["OPTIONS", "REFERENCE", "RoiAlignedMap", "WholeImage", "fits_one_tile", "level_of", "median_view",
-           "median_view_pass", "nearest_index", "options_of", "resize_window", "roi_align_window", "stage_images",
-           "stage_shape", "view_of"]
+__all__ = ["OPTIONS", "REFERENCE", "MedianFactory", "RoiPreviousMap", "RoiPreviousRows", "ViewMedianRows",
+           "WholeImage", "ZeroMedianRows", "fits_one_tile", "median_view", "nearest_index", "options_of",
+           "roi_align_window", "view_halo", "view_of"]

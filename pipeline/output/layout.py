@@ -8,6 +8,7 @@
         confidence                             optional: max blended probability (H, W) float32
         probabilities                          optional: blended probabilities (C, H, W) float16
     <output>/_work/plan.json                   the images of the job, in order (``gigaseg status``)
+    <output>/_work/lease.json                  the driver writing this output now (``pipeline.output.lease``)
     <output>/_work/<kind>-<sha256[:16]>.safetensors   the weights the workers load (copied once per content)
     <output>/_work/<name>/stage-<s>/blocks/<by>-<bx>.json   a block of stage s done (its chunks written)
     <output>/_work/<name>/stage-<s>/done.json  stage s done (its result stored)
@@ -29,6 +30,7 @@ from pipeline.storage import filesystem, fs_path, join
 WORK_DIR = "_work"
 REPORT_NAME = "report.json"
 PLAN_NAME = "plan.json"
+LEASE_NAME = "lease.json"
 _STAGE = re.compile(r"^stage-(\d+)$")
 
 
@@ -50,6 +52,10 @@ class JobLayout:
     @property
     def plan_url(self) -> str:
         return join(self.work_url, PLAN_NAME)
+
+    @property
+    def lease_url(self) -> str:
+        return join(self.work_url, LEASE_NAME)
 
     def weights_url(self, kind: str, sha256: str) -> str:
         """Where the workers' copy of a weights file lives: one per content (``kind``: model, refiner, …)."""
@@ -101,4 +107,4 @@ def image_output(output_url: str, name: str, storage_options: dict[str, Any]) ->
     return JobLayout(output_url, dict(storage_options)).image(name)
 
 
-__all__ = ["PLAN_NAME", "REPORT_NAME", "WORK_DIR", "ImageOutput", "JobLayout", "image_output"]
+__all__ = ["LEASE_NAME", "PLAN_NAME", "REPORT_NAME", "WORK_DIR", "ImageOutput", "JobLayout", "image_output"]

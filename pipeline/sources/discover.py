@@ -17,12 +17,14 @@ from typing import Any, Literal
 
 from pipeline import ome
 from pipeline.errors import InputNotFoundError, UnsupportedImageError
+from pipeline.sources.slides import SLIDE_SUFFIXES
 from pipeline.storage import filesystem, fs_path, join, protocol_of
 
 log = logging.getLogger(__name__)
 
-ImageFormat = Literal["zarr", "ome-zarr", "tiff", "png", "jpeg"]
-_FILE_FORMATS = {".tif": "tiff", ".tiff": "tiff", ".btf": "tiff", ".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
+ImageFormat = Literal["zarr", "ome-zarr", "tiff", "png", "jpeg", "slide"]
+_FILE_FORMATS = {".tif": "tiff", ".tiff": "tiff", ".btf": "tiff", ".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg",
+                 **dict.fromkeys(SLIDE_SUFFIXES, "slide")}
 _ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")
 _STRIP_SUFFIXES = (".ome.zarr", ".ome.tiff", ".ome.tif", ".ome.btf", ".zarr", *_FILE_FORMATS)
 
@@ -43,7 +45,8 @@ def discover(
 ) -> list[ImageRef]:
     """Images under ``url`` (a directory/prefix, a single image file, or a single Zarr), sorted by URL.
 
-    Images are ``.tif/.tiff/.btf/.png/.jpg/.jpeg`` files and Zarr arrays/groups (a directory holding
+    Images are ``.tif/.tiff/.btf/.png/.jpg/.jpeg`` files, whole-slide images (``SLIDE_SUFFIXES``: ``.svs``,
+    ``.ndpi``, ``.mrxs``, …, read through OpenSlide) and Zarr arrays/groups (a directory holding
     ``zarr.json``, ``.zarray`` or ``.zgroup``; never descended into). A pattern without ``/`` matches the name
     at any depth (``"*.tif"``); one with ``/`` matches the path relative to ``url``, ``**`` spanning
     directories (``"tiles/**/*.zarr"``). Patterns are ignored when ``url`` is itself one image. Hidden

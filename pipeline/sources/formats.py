@@ -26,6 +26,9 @@ from pipeline import ome
 from pipeline.errors import ImageReadError, InputNotFoundError, UnsupportedImageError
 from pipeline.sources.convert import check_convertible
 from pipeline.sources.discover import ImageRef, _sample
+from pipeline.sources.georef import ome_zarr_spatial, tiff_spatial
+from pipeline.sources.slides import open_slide, slide_levels, slide_spatial
+from pipeline.spatial import Spatial
 from pipeline.storage import filesystem, fs_path, is_local, zarr_store
 
 log = logging.getLogger(__name__)
@@ -62,7 +65,8 @@ class ImageSource:
     """What ``open_source`` learnt from an image's metadata; enough to read it anywhere.
 
     The array of level ``i`` is at ``join(group_url or ref.url, levels[i].path)`` (path ``""`` for a bare
-    Zarr array); for TIFF, ``path`` is the pyramid level index and PNG/JPEG have one level ``"0"``.
+    Zarr array); for TIFF and slides, ``path`` is the pyramid level index and PNG/JPEG have one level ``"0"``.
+    ``spatial``: where the pixels are (pixel size, CRS and transform, nodata; ``pipeline.sources.georef``).
     """
 
     ref: ImageRef
@@ -74,6 +78,7 @@ class ImageSource:
     has_pyramid: bool
     storage_options: dict = field(default_factory=dict, hash=False)
     value_range: tuple[float, float] | None = None
+    spatial: Spatial = Spatial()
 
     def __post_init__(self) -> None:
         if not self.levels:
@@ -89,7 +94,8 @@ class ImageSource:
 
 # ---------------------------------------------------------------- metadata
 
-_Meta = tuple["str | None", tuple[ArrayLevel, ...], str, int, str]  # group_url, levels, axes, channels, dtype
+# group_url, levels, axes, channels, dtype, spatial
+_Meta = tuple["str | None", tuple[ArrayLevel, ...], str, int, str, Spatial]
 
 
 def open_source(
@@ -101,9 +107,10 @@ def open_source(
     conversion, see ``pipeline.convert``) or ``ImageReadError`` (not a readable image).
     """
     so = dict(storage_options or {})
-    readers = {"zarr": _zarr_meta, "ome-zarr": _zarr_meta, "tiff": _tiff_meta, "png": _pil_meta, "jpeg": _pil_meta}
+    readers = {"zarr": _zarr_meta, "ome-zarr": _zarr_meta, "tiff": _tiff_meta, "png": _pil_meta, "jpeg": _pil_meta,
+               "slide": _slide_meta}
     try:
-        group_url, levels, axes, channels, dtype = readers[ref.format](ref, so)
+        group_url, levels, axes, channels, dtype, spatial = readers[ref.format](ref, so)
     except GigasegError:
         raise
     except FileNotFoundError as exc:
@@ -115,7 +122,7 @@ def open_source(
         ) from exc
     check_convertible(dtype, channels, value_range, where=ref.url)
     has_pyramid = ref.format in ("zarr", "ome-zarr") and group_url is not None and len(levels) >= 2
-    return ImageSource(ref, group_url, levels, axes, channels, dtype, has_pyramid, so, value_range)
+    return ImageSource(ref, group_url, levels, axes, channels, dtype, has_pyramid, so, value_range, spatial)
 
 
 def native_dtype(dtype: Any) -> str:
@@ -164,7 +171,7 @@ def _zarr_meta(ref: ImageRef, so: dict) -> _Meta:
     if isinstance(node, zarr.Array):
         axes = _infer_axes(node.shape, ref.url)
         level = ArrayLevel("", spatial_shape(node.shape, axes), (1.0, 1.0))
-        return None, (level,), axes, _check_axes(axes, node.shape, ref.url), native_dtype(node.dtype)
+        return None, (level,), axes, _check_axes(axes, node.shape, ref.url), native_dtype(node.dtype), Spatial()
     attrs = node.attrs.asdict()
     if not ome.is_multiscales(attrs):
         names = sorted(node.array_keys())
@@ -176,7 +183,7 @@ def _zarr_meta(ref: ImageRef, so: dict) -> _Meta:
         arr = node[names[0]]
         axes = _infer_axes(arr.shape, ref.url)
         level = ArrayLevel(names[0], spatial_shape(arr.shape, axes), (1.0, 1.0))
-        return ref.url, (level,), axes, _check_axes(axes, arr.shape, ref.url), native_dtype(arr.dtype)
+        return ref.url, (level,), axes, _check_axes(axes, arr.shape, ref.url), native_dtype(arr.dtype), Spatial()
     entries = ome.read_multiscales(attrs)
     arrays = [node[path] for path, _ in entries]
     shape0 = arrays[0].shape
@@ -193,7 +200,8 @@ def _zarr_meta(ref: ImageRef, so: dict) -> _Meta:
         shape_yx = spatial_shape(arr.shape, axes)
         sy, sx = (scale[iy], scale[ix]) if scale else (shape0[iy] / shape_yx[0], shape0[ix] / shape_yx[1])
         levels.append(ArrayLevel(path, shape_yx, (float(sy), float(sx))))
-    return ref.url, tuple(levels), axes, channels, native_dtype(arrays[0].dtype)
+    spatial = ome_zarr_spatial(attrs, axes, entries[0][1], ref.url)
+    return ref.url, tuple(levels), axes, channels, native_dtype(arrays[0].dtype), spatial
 
 
 def _tiff_axes(tiff_axes: str, shape: Sequence[int], where: str) -> str:
@@ -228,7 +236,8 @@ def _tiff_meta(ref: ImageRef, so: dict) -> _Meta:
         for i, lvl in enumerate(series.levels):
             h, w = spatial_shape(lvl.shape, axes)
             levels.append(ArrayLevel(str(i), (h, w), (h0 / h, w0 / w)))
-        return None, tuple(levels), axes, channels, native_dtype(series.dtype)
+        spatial = tiff_spatial(tif, ref.url, so)
+        return None, tuple(levels), axes, channels, native_dtype(series.dtype), spatial
 
 
 def pil_mode(mode: str, info: Mapping[str, Any], where: str) -> tuple[str | None, int, str]:
@@ -254,7 +263,17 @@ def _pil_meta(ref: ImageRef, so: dict) -> _Meta:
     if w * h > MAX_DECODE_PIXELS:
         raise _too_large(ref, f"{w}×{h} px")
     _, channels, dtype = pil_mode(mode, info, ref.url)
-    return None, (ArrayLevel("0", (h, w), (1.0, 1.0)),), "cyx", channels, dtype
+    return None, (ArrayLevel("0", (h, w), (1.0, 1.0)),), "cyx", channels, dtype, Spatial()
+
+
+def _slide_meta(ref: ImageRef, so: dict) -> _Meta:
+    """A whole-slide image's levels (RGBA uint8, ``yxc``; ``pipeline.sources.slides``) and its mpp."""
+    slide = open_slide(ref.url)
+    try:
+        levels = tuple(ArrayLevel(str(i), shape, (ds, ds)) for i, (shape, ds) in enumerate(slide_levels(slide)))
+        return None, levels, "yxc", 4, "uint8", slide_spatial(slide.properties)
+    finally:
+        slide.close()
 
 
 def _too_large(ref: ImageRef, size: str) -> UnsupportedImageError:

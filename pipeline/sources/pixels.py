@@ -21,6 +21,7 @@ from models.errors import GigasegError
 from pipeline.errors import ImageReadError
 from pipeline.sources.convert import to_rgb8
 from pipeline.sources.formats import ImageSource, native_dtype, open_tiff_file, pil_mode, spatial_shape
+from pipeline.sources.slides import SlideLevel
 from pipeline.storage import filesystem, fs_path, join, zarr_store
 
 _READ_BUDGET_BYTES = 64 * 2**20  # largest block read at once when storage chunks are strips
@@ -118,6 +119,19 @@ def _decode_pil(url: str, storage_options: dict) -> np.ndarray:
     return a[None] if a.ndim == 2 else np.moveaxis(a, -1, 0)
 
 
+def level_reader(source: ImageSource, level: int = 0) -> tuple[Any, str]:
+    """An array-like over one level of a Zarr, TIFF or slide source, in its own dtype and ``axes`` (returned too):
+    ``LazyLevel`` or ``SlideLevel``, read window by window. PNG/JPEG have none (no random access)."""
+    url, so, path = source.ref.url, source.storage_options, source.levels[level].path
+    if source.ref.format == "tiff":
+        return LazyLevel(url, so, int(path)), source.axes
+    if source.ref.format == "slide":
+        return SlideLevel(url, int(path)), source.axes
+    if source.ref.format in ("zarr", "ome-zarr"):
+        return LazyLevel(join(source.group_url or url, path), so, None), source.axes
+    raise ValueError(f"{url}: a {source.ref.format} image has no level reader (decoded whole, see _decode_pil).")
+
+
 def source_to_dask(source: ImageSource, chunk: int = 512, *, level: int = 0) -> da.Array:
     """Lazy ``(3, H, W)`` uint8 of one level of ``source``, chunks ``(3, chunk, chunk)``.
 
@@ -133,12 +147,7 @@ def source_to_dask(source: ImageSource, chunk: int = 512, *, level: int = 0) -> 
         decoded = dask.delayed(_decode_pil, pure=True)(url, so)
         raw, axes = da.from_delayed(decoded, shape=(source.channels, h, w), dtype=source.dtype), "cyx"
     else:
-        path = source.levels[level].path
-        if source.ref.format == "tiff":
-            reader = LazyLevel(url, so, int(path))
-        else:
-            reader = LazyLevel(join(source.group_url or url, path), so, None)
-        axes = source.axes
+        reader, axes = level_reader(source, level)
         iy, ix = axes.index("y"), axes.index("x")
         bpp = reader.dtype.itemsize * source.channels
         ry, rx = read_chunks_yx((reader.chunks[iy], reader.chunks[ix]), spatial_shape(reader.shape, axes), chunk, bpp)

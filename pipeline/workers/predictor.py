@@ -75,26 +75,30 @@ class Uploader:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self._slots: list[tuple[torch.Tensor | None, object]] = [(None, None), (None, None)]
-        self._next = 0
+        # two buffers per dtype (image rows are uint8, maps float16): a buffer is refilled only once the copy
+        # before last of that dtype has left it
+        self._slots: dict[torch.dtype, list] = {}
+        self._next: dict[torch.dtype, int] = {}
 
     def __call__(self, array: np.ndarray) -> torch.Tensor:
         array = np.ascontiguousarray(array)
         if self.device.type != "cuda":
             return torch.from_numpy(array)
-        buf, event = self._slots[self._next]
+        flat = torch.from_numpy(array).reshape(-1)
+        slots = self._slots.setdefault(flat.dtype, [(None, None), (None, None)])
+        k = self._next.get(flat.dtype, 0)
+        buf, event = slots[k]
         if event is not None:
             event.synchronize()  # the copy that last used this buffer has finished
-        flat = torch.from_numpy(array).reshape(-1)
-        if buf is None or buf.dtype != flat.dtype or buf.numel() < flat.numel():
+        if buf is None or buf.numel() < flat.numel():
             buf = torch.empty(max(flat.numel(), 1), dtype=flat.dtype, pin_memory=True)
         staged = buf[: flat.numel()]
         staged.copy_(flat)
         out = staged.view(array.shape).to(self.device, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        self._slots[self._next] = (buf, event)
-        self._next = 1 - self._next
+        slots[k] = (buf, event)
+        self._next[flat.dtype] = 1 - k
         return out
 
 

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from pipeline.output.nodata import Nodata
 from pipeline.plan import ArrayRef
 from pipeline.tiling import Window
 from pipeline.workers.device_blend import Band
@@ -30,9 +31,13 @@ Write = tuple[ArrayRef, tuple[slice, ...], np.ndarray]
 @dataclass(frozen=True)
 class BlockContext:
     """What a sink's writer knows of its block: the block's ``region`` (of the stage's level; the chunks it owns),
-    how the worker opens an array it reads (``open_array(ref)``), and the device the sums are on."""
+    the ``blend_region`` its bands cover (``region`` unless the stage has a halo: ``StagePlan.blend_region``),
+    its ``index`` in the stage, how the worker opens an array it reads (``open_array(ref)``), and the device the
+    sums are on."""
 
     region: Window
+    blend_region: Window
+    index: tuple[int, int]
     open_array: Callable[[ArrayRef], Any]
     device: torch.device
 
@@ -58,14 +63,16 @@ def _yx(region: Window) -> tuple[slice, slice]:
 @dataclass(frozen=True)
 class OutputSink:
     """The masks of a stage whose blend is the output: labels (level 0, and the pyramid levels ``pyramid``
-    1 … K made on the device, ``label_pyramid``; the driver builds the rest), and the extras asked for:
-    confidence (max probability, float32) and probabilities (float16)."""
+    1 … K made on the device, ``label_pyramid``; the driver builds the rest; ``nodata``'s label where the input
+    states no data), and the extras asked for: confidence (max probability, float32) and probabilities
+    (float16)."""
 
     labels: ArrayRef
     labels_dtype: str = "uint8"
     confidence: ArrayRef | None = None
     probabilities: ArrayRef | None = None
     pyramid: tuple[ArrayRef, ...] = ()
+    nodata: Nodata | None = None  # where level 0 of the input states no data: its label there
 
     def start(self, block: BlockContext) -> LabelWriter:
         return LabelWriter(self, block)
@@ -91,7 +98,13 @@ class LabelWriter:
         return writes
 
     def labels(self, region: Window, labels: torch.Tensor) -> list[Write]:
-        """Level-0 ``labels`` ``(h, w)`` (device) of ``region``, and the pyramid rows they complete."""
+        """Level-0 ``labels`` ``(h, w)`` (device) of ``region`` (nodata marked, where the input states it), and
+        the pyramid rows they complete."""
+        nodata = self.sink.nodata
+        if nodata is not None:
+            mask = nodata.mask(region)
+            if mask.any():
+                labels = labels.masked_fill(torch.from_numpy(mask).to(labels.device), nodata.label)
         writes = [(self.sink.labels, _yx(region), host_labels(labels, self.sink.labels_dtype))]
         if self.pyramid is not None:
             writes += self._levels(self.pyramid.add(region.y0, labels), region)

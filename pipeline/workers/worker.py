@@ -5,7 +5,7 @@ so each actor holds its share of a GPU — a logical one on machines without CUD
 a GPU cluster. An actor loads its framework's model once (``Framework.load``). For a block (``pipeline.blocks``)
 it goes down the block's tile rows:
 
-1. a reader thread reads each tile row's window once (``reader.RowReader``: each image chunk decoded once) and
+1. a reader thread reads each tile row's window once (``row_reader.LevelRows``: each image chunk decoded once) and
    whatever else the stage's tiles read (``StagePlan.inputs``), one row ahead of the device;
 2. the row goes to the device in one copy; its tiles are views of it; the model runs ``batch`` tiles at a time;
 3. each tile's probabilities, weighted by the blend window, are added into the block's running sums
@@ -25,7 +25,7 @@ import os
 import queue
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,9 +39,10 @@ from pipeline.blocks import Block, Tile
 from pipeline.errors import ImageReadError
 from pipeline.frameworks.base import Framework, StagePlan
 from pipeline.plan import ArrayRef
-from pipeline.reader import RowReader
+from pipeline.row_reader import image_rows
+from pipeline.retries import RETRY_LOG
 from pipeline.storage import AuditStore, join, read_bytes, zarr_store
-from pipeline.tiling import BlendWindow, Window, window_2d
+from pipeline.tiling import BlendWindow, window_2d
 from pipeline.workers.device_blend import BlockBlend
 from pipeline.workers.predictor import DeviceConfig
 from pipeline.workers.sinks import BlockContext, BlockSink, Write
@@ -74,6 +75,7 @@ class BlockResult:
     megapixels: float  # tile pixels through the model
     worker: str
     cpu: dict[str, float] = field(default_factory=dict)  # CPU-seconds by phase: read, device, write
+    retries: dict[str, int] = field(default_factory=dict)  # storage retries this process made since its last result, by URL
 
 
 class ChunkRows:
@@ -93,6 +95,9 @@ class ChunkRows:
     def add(self, writes: list[Write]) -> list[Write]:
         out: list[Write] = []
         for ref, sel, values in writes:
+            if "y" not in ref.axes:  # not an array of the level (a block's own record): as it is
+                out.append((ref, sel, values))
+                continue
             key, rows = (ref.group_url, ref.path), sel[-2]
             y, k = rows.start, 0
             while y < rows.stop:
@@ -132,16 +137,23 @@ def _tick(cpu: dict[str, float], phase: str, since: float) -> float:
 
 
 class _Writer:
-    """Carries out a block's writes in its own thread(s), so encoding overlaps the device; errors re-raised."""
+    """Carries out a block's writes in its own thread(s), so encoding overlaps the device; errors re-raised. At
+    most ``pending`` submissions wait or run at once: a submission beyond that waits for the oldest, so a writer
+    slower than the device holds a few chunk rows, not the block's."""
 
-    def __init__(self, open_writable, threads: int = 2) -> None:
+    def __init__(self, open_writable, threads: int = 2, pending: int = 4) -> None:
         self.open = open_writable
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="gigaseg-write")
-        self.futures = []
+        self.futures: deque = deque()
+        self.pending = pending
         self.cpu = 0.0
         self._lock = threading.Lock()
 
     def submit(self, writes) -> None:
+        if not writes:
+            return
+        while len(self.futures) >= self.pending:
+            self.futures.popleft().result()
         self.futures.append(self.pool.submit(self._write, writes))
 
     def _write(self, writes) -> None:
@@ -232,22 +244,23 @@ class BlockWorker:
         model_seconds = 0.0
         writer = _Writer(self.open_writable)
         assembled = ChunkRows(task.chunk)
-        sink = task.sink.start(BlockContext(region, self.open, self.model.device))
-        if not order:  # MagNet-Fast: no chosen tile here; the sink still writes the block, band by band, uncovered
+        blend_region = stage.blend_region(region)
+        sink = task.sink.start(BlockContext(region, blend_region, task.block.index, self.open, self.model.device))
+        if not order:  # no tile here (a pass, or MagNet-Fast chose none): the sink writes the block, band by band
             try:
-                blend = BlockBlend(stage.num_classes, region, task.chunk, self.model.device)
-                for band in blend.ready(region.y1):
+                blend = BlockBlend(stage.num_classes, blend_region, task.chunk, self.model.device)
+                for band in blend.ready(blend_region.y1):
                     writer.submit(assembled.add(sink.write(band)))
                 writer.submit(assembled.add(sink.finish()))
                 assembled.finish()
             finally:
                 cpu["write"] += writer.finish()
             return BlockResult(stage.index, task.block.index, 0, task.owned, time.perf_counter() - t0, 0.0, 0.0,
-                               self.name, dict(cpu))
+                               self.name, dict(cpu), RETRY_LOG.take())
         x_lo = grid.window(0, min(ix for ixs in rows.values() for ix in ixs)).x0
         x_hi = grid.window(0, max(ix for ixs in rows.values() for ix in ixs)).x1
         weights = self._blend_weights(task)
-        blend = BlockBlend(stage.num_classes, region, grid.tile, self.model.device)
+        blend = BlockBlend(stage.num_classes, blend_region, grid.tile, self.model.device)
         reads = self._read_rows(task, order, rows, x_lo, x_hi)
         try:
             for k, (iy, row, inputs, read_cpu) in enumerate(reads):
@@ -261,14 +274,18 @@ class BlockWorker:
                     c = _tick(cpu, "sink", c)
                     tiles = self._tiles(row, [w.x0 - x_lo for w in windows], grid.tile)
                     c = _tick(cpu, "h2d", c)
+                    # the tiles' other inputs made on the device from what the reader brought (MagNet's ×2
+                    # upsampling of the previous map, FCtL's context windows), their uploads included
+                    extra = [source.to_device(host, windows, self.model.runner) for source, host in inputs]
+                    c = _tick(cpu, "inputs", c)
                     for b in range(0, len(windows), task.batch):
                         probs = self.model(stage.index, tiles[b : b + task.batch],
-                                           [inp[b : b + task.batch] for inp in inputs])
+                                           [inp[b : b + task.batch] for inp in extra])
                         c = _tick(cpu, "model", c)
                         for j in range(probs.shape[0]):
                             blend.add(windows[b + j], probs[j].float(), weights)
                         c = _tick(cpu, "blend", c)
-                    next_top = grid.window(order[k + 1], 0).y0 if k + 1 < len(order) else region.y1
+                    next_top = grid.window(order[k + 1], 0).y0 if k + 1 < len(order) else blend_region.y1
                     for band in blend.ready(next_top):
                         writes += assembled.add(sink.write(band))
                     _tick(cpu, "sink", c)
@@ -281,7 +298,8 @@ class BlockWorker:
             reads.close()
             cpu["write"] += writer.finish()
         return BlockResult(stage.index, task.block.index, len(task.tiles), task.owned, time.perf_counter() - t0,
-                           model_seconds, len(task.tiles) * grid.tile * grid.tile / 1e6, self.name, dict(cpu))
+                           model_seconds, len(task.tiles) * grid.tile * grid.tile / 1e6, self.name, dict(cpu),
+                           RETRY_LOG.take())
 
     def _tiles(self, row: np.ndarray, offsets: list[int], tile: int) -> torch.Tensor:
         """The row's tiles ``(n, 3, T, T)`` uint8 on the device: the row window copied once, tiles cut there."""
@@ -299,7 +317,8 @@ class BlockWorker:
 
         def produce() -> None:
             try:
-                reader = RowReader(self.open(ref), ref.axes, ref.shape_yx, x_lo, x_hi, ref.value_range)
+                reader = image_rows(self.open(ref), ref.axes, ref.shape_yx, x_lo, x_hi, ref.value_range)
+                sources = [source.open_rows(self.open, ref, grid.tile, x_lo, x_hi) for source in stage.inputs]
                 for iy in order:
                     if stop.is_set():
                         return
@@ -313,7 +332,7 @@ class BlockWorker:
                             f"{x_lo}:{x_hi} (tile row {iy}, {len(rows[iy])} tile(s)): {type(err).__name__}: {err}"
                         ) from err
                     windows = [grid.window(iy, ix) for ix in rows[iy]]
-                    inputs = [source.read(self.open, ref, windows) for source in stage.inputs]
+                    inputs = [(source, source.read(windows)) for source in sources]
                     item = (iy, row, inputs, time.thread_time() - c0)
                     while not stop.is_set():
                         try:

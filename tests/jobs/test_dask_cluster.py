@@ -1,5 +1,7 @@
-"""The blend, MagNet's merge and the mosaic on a dask.distributed cluster: an existing scheduler named in the
-spec, or one gigaseg starts on the Ray cluster's nodes. Same masks as Dask's threads in the driver."""
+"""What crosses blocks (the label pyramid above the levels a block makes) on a dask.distributed cluster: an
+existing scheduler named in the spec, or one gigaseg starts on the Ray cluster's nodes. Same masks as Dask's
+threads in the driver. The blocks here are one chunk a side (``tiles_per_call: 1``), so every pyramid level above
+0 crosses blocks and is Dask's."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from tests.archive import spec_dict
 pytestmark = pytest.mark.integration
 
 MAGNET = {"model__framework": "magnet", "model__magnet": {"scales": 2, "median": 3}}
+SMALL_BLOCKS = {"tiling__tiles_per_call": 1}
 
 
 def _archive(root):
@@ -50,10 +53,10 @@ def test_existing_scheduler_runs_the_blend(tmp_path, ray_cluster):
     from distributed import LocalCluster
 
     _archive(tmp_path / "in")
-    run_spec(parse_spec(spec_dict(str(tmp_path / "in"), str(tmp_path / "threads"), **MAGNET)))
+    run_spec(parse_spec(spec_dict(str(tmp_path / "in"), str(tmp_path / "threads"), **MAGNET, **SMALL_BLOCKS)))
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None) as cluster:
         spec = parse_spec(spec_dict(str(tmp_path / "in"), str(tmp_path / "dask"), cluster__dask=cluster.scheduler_address,
-                                    **MAGNET))
+                                    **MAGNET, **SMALL_BLOCKS))
         [result] = run_spec(spec)
     assert result.status == "ok", result.error
     report = json.loads((tmp_path / "dask" / "report.json").read_text())
@@ -64,8 +67,9 @@ def test_existing_scheduler_runs_the_blend(tmp_path, ray_cluster):
 
 def test_dask_started_on_the_ray_nodes(tmp_path, ray_cluster):
     _archive(tmp_path / "in")
-    run_spec(parse_spec(spec_dict(str(tmp_path / "in"), str(tmp_path / "threads"))))
-    [result] = run_spec(parse_spec(spec_dict(str(tmp_path / "in"), str(tmp_path / "dask"), cluster__dask="ray")))
+    run_spec(parse_spec(spec_dict(str(tmp_path / "in"), str(tmp_path / "threads"), **SMALL_BLOCKS)))
+    [result] = run_spec(parse_spec(spec_dict(str(tmp_path / "in"), str(tmp_path / "dask"), cluster__dask="ray",
+                                              **SMALL_BLOCKS)))
     assert result.status == "ok", result.error
     report = json.loads((tmp_path / "dask" / "report.json").read_text())
     assert report["dask"]["started_by_gigaseg"] is True

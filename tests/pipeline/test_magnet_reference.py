@@ -42,6 +42,42 @@ def test_median_view_is_the_references_smoothing():
     np.testing.assert_array_equal(edge, mg.median_filter(e.numpy(), 3))  # a view of its own size: the plain median
 
 
+def _blocks(h: int, w: int, side: int, halo: int):
+    for y in range(0, h, side):
+        for x in range(0, w, side):
+            own = Window(y, x, min(side, h - y), min(side, w - x))
+            yield own, Window(y - halo, x - halo, own.h + 2 * halo, own.w + 2 * halo).clip(h, w)
+
+
+def _stream(median_rows, e: torch.Tensor, blend: Window, own: Window, rng) -> np.ndarray:
+    """Feed ``blend``'s rows of ``e`` in bands of random heights; the own rows' medians, assembled."""
+    out = np.full((own.h, own.w), np.nan, np.float32)
+    y = blend.y0
+    while y < blend.y1:
+        n = min(int(rng.integers(1, 9)), blend.y1 - y)
+        for y0, med in median_rows.add(y, e[y : y + n, blend.x0 : blend.x1]):
+            out[y0 - own.y0 : y0 - own.y0 + med.shape[0]] = med.float().numpy()
+        y += n
+    median_rows.finish()
+    return out
+
+
+@pytest.mark.parametrize(("view", "padding"), [((20, 26), "zero"), ((37, 41), "zero"), ((20, 26), "edge"),
+                                               (None, "zero")])
+def test_block_medians_equal_the_whole_map_median(view, padding):
+    """The reference's medians on a block's streamed rows (a halo of ``view_halo``) equal the whole map's."""
+    rng = np.random.default_rng(3)
+    e = torch.from_numpy(rng.random((61, 77)).astype(np.float16))
+    k = 5
+    whole = (ref.median_view(e.float().numpy(), view, k, padding) if view else
+             mg.median_filter(e.float().numpy(), k, padding))
+    halo = ref.view_halo((61, 77), view, k) if view else k // 2
+    factory = ref.MedianFactory(view, padding)
+    for own, blend in _blocks(61, 77, 24, halo):
+        got = _stream(factory(k, blend, own, torch.device("cpu"), (61, 77)), e, blend, own, rng)
+        np.testing.assert_array_equal(got, whole[own.y0 : own.y1, own.x0 : own.x1], err_msg=str(own))
+
+
 def test_roi_align_crop_is_a_half_pixel_shifted_window():
     """roi_align(aligned=False), one sample per pixel at (i + ½, j + ½): the mean of each 2×2 block of Y_up, the
     last row and column clamped to the image, 0 past it."""
@@ -99,41 +135,6 @@ def test_one_refiner_per_stage():
     fine = predictor.probabilities(tiles)
     for stage, i in ((1, 0), (2, 1), (3, 1)):  # stage s runs refiners[min(s, n) − 1], as the reference
         torch.testing.assert_close(model(stage, tiles, [up]), torch.softmax(fine + i, 1))
-
-
-@pytest.mark.parametrize(("src", "dst"), [((20, 24), (40, 48)), ((20, 24), (39, 47)), ((16, 16), (48, 40)),
-                                          ((30, 30), (30, 30))])
-def test_resize_window_is_torch_bilinear_by_size(src, dst):
-    prev = np.random.default_rng(1).random((2, *src)).astype(np.float32)
-    whole = ref.resize_window(prev, src, dst, Window(0, 0, *dst))
-    if dst[0] in (2 * src[0], 2 * src[0] - 1):  # ×2: gigaseg's pyramid rule (scale 0.5, as scale_factor=2)
-        expected = F.interpolate(torch.from_numpy(prev)[None], scale_factor=2, mode="bilinear", align_corners=False)
-        expected = expected[0, :, : dst[0], : dst[1]]
-    else:
-        expected = F.interpolate(torch.from_numpy(prev)[None], size=dst, mode="bilinear", align_corners=False)[0]
-    np.testing.assert_allclose(whole, expected.numpy(), atol=1e-6)
-    part = ref.resize_window(prev, src, dst, Window(5, 7, 11, 13))
-    np.testing.assert_array_equal(part, whole[:, 5:16, 7:20])
-
-
-def test_stage_images_resize_the_nearest_finer_level(tmp_path):
-    from pipeline.pyramid import Pyramid
-    from tests.pipeline.fixtures_images import write_ome_zarr
-
-    image = np.random.default_rng(2).integers(0, 256, (3, 96, 80), dtype=np.uint8)
-    half = image.reshape(3, 48, 2, 40, 2).mean((2, 4)).round().astype(np.uint8)
-    write_ome_zarr(tmp_path / "p.ome.zarr", [image, half], chunk=32)
-    pyramid = Pyramid(str(tmp_path / "p.ome.zarr"), ("0", "1"), ((96, 80), (48, 40)), "cyx", True)
-    assert [ref.level_of(f, 2) for f in (0.25, 0.375, 0.5, 0.75, 1)] == [1, 1, 1, 0, 0]
-    (a, sa), (b, sb), (c, sc) = ref.stage_images((0.375, 0.5, 1.0), pyramid, [str(tmp_path / f"s{i}") for i in range(3)],
-                                                 16, {})
-    assert (sa, sb, sc) == ((36, 30), (48, 40), (96, 80)) and b.path == "1" and c.path == "0"
-    resized = a.open()[:]
-    expected = F.interpolate(torch.from_numpy(half)[None].float(), size=(36, 30), mode="bilinear",
-                             align_corners=False)[0].round().numpy()
-    assert np.abs(resized.astype(int) - expected).max() <= 1  # float32 index arithmetic: off by one at .5 ties only
-    again, _ = ref.stage_images((0.375,), pyramid, [str(tmp_path / "s0")], 16, {})[0]  # complete: reused
-    assert again == a
 
 
 def test_procedure_reference_sets_every_option_and_each_can_be_overridden():
@@ -198,18 +199,11 @@ def _sensitive_models() -> tuple[bytes, bytes, bytes]:
     return save_checkpoint(None, segmenter, config, names), *refiners
 
 
-def _torch_resize(level: np.ndarray, size: int) -> np.ndarray:
-    x = torch.from_numpy(level)[None].float()
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)[0].round().to(torch.uint8).numpy()
-
-
 @pytest.mark.integration
-@pytest.mark.parametrize("scales", [3, [0.25, 0.75, 1]])
-def test_tiled_reference_procedure_matches_the_references_algorithm(tmp_path, ray_cluster, scales):
+def test_tiled_reference_procedure_matches_the_references_algorithm(tmp_path, ray_cluster):
     """``procedure: reference`` through ``gigaseg run`` (3 scales, stage 0 one tile, non-overlapping tiles as the
     reference's patches, two refiners) against ``_reference_magnet``. They differ only where the tiled run's
-    float16 maps round the error score across the threshold. With a list of scales the ×0.75 stage is level 0
-    resized, and its map the ×3 upsampling of stage 0's."""
+    float16 maps round the error score across the threshold."""
     from jobs.runner import run_spec
     from jobs.spec import parse_spec
     from models.checkpoint import load_checkpoint
@@ -229,7 +223,7 @@ def test_tiled_reference_procedure_matches_the_references_algorithm(tmp_path, ra
     spec = parse_spec(spec_dict(
         str(tmp_path / "in"), str(tmp_path / "out"), model__framework="magnet", model__name="fpn_resnet10",
         model__classes=None, model__checkpoint=str(tmp_path / "model.safetensors"),
-        model__magnet={"scales": scales, "median": 3, "procedure": "reference",
+        model__magnet={"scales": 3, "median": 3, "procedure": "reference",
                        "refiner": [str(tmp_path / "r1.safetensors"), str(tmp_path / "r2.safetensors")]},
         tiling__tile=64, tiling__overlap=0, tiling__margin=0, tiling__chunk=128,
     ))
@@ -237,8 +231,6 @@ def test_tiled_reference_procedure_matches_the_references_algorithm(tmp_path, ra
     assert result.status == "ok", result.error
     tiled = zarr.open_array(str(tmp_path / "out" / "scene.zarr" / "labels" / "segmentation" / "0"), mode="r")[:]
     segmenter, info = load_checkpoint(ckpt)
-    if scales != 3:
-        levels = [levels[0], _torch_resize(levels[0], 192), levels[2]]
     with torch.no_grad():
         expected = _reference_magnet(levels, segmenter, [mg.load_refiner(d, 4) for d in (refiner_bytes, second)],
                                      info.normalization, 64, 3).argmax(0).numpy()
