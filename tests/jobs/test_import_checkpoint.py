@@ -30,7 +30,7 @@ def test_magnet_import_writes_a_folder_a_job_spec_reads(tmp_path, capsys):
     assert "344 tensors converted" in printed and "1 set aside: the training loss's own tensors" in printed
     assert f"refiner: {out / 'refiner.safetensors'}" in printed and "procedure: reference" in printed
     data = (out / "segmenter.safetensors").read_bytes()
-    model, info = load_checkpoint(data)
+    _, info = load_checkpoint(data)
     assert info.class_names[1] == "urban" and info.class_colors[1] == (0, 255, 255)  # 7 classes: DeepGlobe
     metadata = _read_header(data)["__metadata__"]
     assert json.loads(metadata[CARD_KEY])["normalization"]["mean"] == [0.485, 0.456, 0.406]
