@@ -1,5 +1,5 @@
-"""``gigaseg`` command line: validate, run, status, inspect, demo, synth, train, import-pairs, eval, export-masks,
-submit, logs, job-status.
+"""``gigaseg`` command line: validate, run, status, inspect, demo, synth, train, import-pairs, import-checkpoint,
+eval, export-masks, submit, logs, job-status.
 
 Exit codes (``jobs.console``, the same for every command): 0 every image succeeded (or was already done), 1 some
 image failed, 2 the spec or the command line is wrong. Problems print one line each; ``--debug`` adds tracebacks.
@@ -222,11 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from jobs.eval_cli import add_eval_parser
     from jobs.export_cli import add_export_parser
+    from jobs.import_checkpoint import add_parser as add_import_checkpoint_parser
     from jobs.submit import add_submit_parsers
     from jobs.train.cli import add_import_parser, add_train_parser
 
     add_train_parser(sub)
     add_import_parser(sub)
+    add_import_checkpoint_parser(sub)
     add_eval_parser(sub)
     add_export_parser(sub)
     add_submit_parsers(sub)

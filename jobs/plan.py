@@ -80,6 +80,11 @@ def resolve_model(spec: JobSpec) -> ResolvedModel:
                          factory=m.factory, card=card)
     resolution = FRAMEWORKS[m.framework].resolve(m.framework_options, source)
     info = resolution.info
+    if info is not None and spec.tiling.tile % info.config.size_multiple:
+        k = info.config.size_multiple
+        raise SpecError("tiling.tile", [
+            f"tiling.tile: {spec.tiling.tile} is not a multiple of {k}, the stride of {info.config.name}; use "
+            f"{max(k, spec.tiling.tile // k * k)}"])
     if data is None:
         colors = tuple(c.color for c in m.classes) if all(c.color for c in m.classes) else None
         return ResolvedModel(resolution, seeded, tuple(colors or default_colors(len(seeded))))

@@ -88,15 +88,55 @@ class MagnetSpec(Strict):
     patches: float | None = Field(
         default=None, gt=0, description="MagNet-Fast: ≤ 1 a fraction, > 1 a count of tiles each refinement stage "
                                         "runs (the most uncertain); absent → every tile (MagNet)")
-    refiner: str | None = Field(default=None, description="refiner checkpoint URL; absent → seeded weights")
+    refiner: str | list[str] | None = Field(
+        default=None, description="refiner checkpoint URL, or one per refinement stage (scales − 1, in order: "
+                                  "MagNet's Cityscapes model has three); absent → seeded weights")
     refiner_seed: int = Field(default=0, ge=0)
     refiner_width: int = Field(default=64, ge=4, le=256, description="width of a seeded refiner (no checkpoint)")
+    procedure: Literal["gigaseg", "reference"] = Field(
+        default="gigaseg", description="reference: the reference's test procedure, every option below at its "
+                                       "reference value unless given")
+    median_view: int | tuple[int, int] | Literal["stage", "tile"] | None = Field(
+        default=None, description="where the error score is median-filtered: stage (at the stage's resolution; "
+                                  "gigaseg) | tile (on a nearest-neighbour view the size of a tile, then back; the "
+                                  "reference, whose view is its network input) | N or [H, W] (that view)")
+    median_padding: Literal["edge", "zero"] | None = Field(
+        default=None, description="the median's padding past the image: edge (gigaseg) | zero (reference)")
+    crop: Literal["exact", "roi_align"] | None = Field(
+        default=None, description="the coarse map a tile's refiner reads: exact (the upsampled map's window; "
+                                  "gigaseg) | roi_align (torchvision roi_align, aligned=False: half a pixel down "
+                                  "and right, edge clamped; reference)")
+    stage0: Literal["tiled", "whole"] | None = Field(
+        default=None, description="stage 0: tiled (gigaseg) | whole (one pass over the image at that scale, when "
+                                  "it fits one tile; reference)")
+    patch_choice: Literal["most_uncertain", "least_uncertain"] | None = Field(
+        default=None, description="MagNet-Fast's tiles: most_uncertain (gigaseg, what the method means) | "
+                                  "least_uncertain (what the reference's code does: torch.sort ascending)")
 
     @field_validator("median")
     @classmethod
     def _odd(cls, v):
         if v % 2 == 0:
             raise ValueError(f"must be odd, got {v}")
+        return v
+
+    @field_validator("refiner")
+    @classmethod
+    def _refiners(cls, v, info):
+        if isinstance(v, list):
+            scales = info.data.get("scales", 3)
+            if len(v) not in (1, scales - 1):
+                raise ValueError(f"{len(v)} refiners for {scales - 1} refinement stages (scales: {scales}): give one "
+                                 "for all stages or one per stage")
+            return v[0] if len(v) == 1 else v
+        return v
+
+    @field_validator("median_view")
+    @classmethod
+    def _view(cls, v):
+        sides = (v,) if isinstance(v, int) else v if isinstance(v, tuple) else ()
+        if any(side < 1 for side in sides):
+            raise ValueError(f"a view of at least 1 px a side, got {v}")
         return v
 
 
@@ -107,6 +147,18 @@ class FctlSpec(Strict):
                     "default: the checkpoint's, else [2, 4]",
     )
     gamma: float = Field(default=0.0, description="initial γ of a seeded FCtL (no checkpoint); 0 = the local model")
+    procedure: Literal["gigaseg", "reference"] = Field(
+        default="gigaseg", description="reference: the reference's test procedure (flips and rotations) and, for a "
+                                       "seeded FCtL, its architecture and ToTensor inputs; each option below overrides")
+    tta: bool | None = Field(default=None, description="average the logits of the 8 flips/rotations of each tile "
+                                                       "and its contexts (reference: on)")
+    key_channels: int | None = Field(default=None, ge=1, le=1024,
+                                     description="seeded FCtL: correlation key width (gigaseg C/8, reference C)")
+    fusion: Literal["gated", "none"] | None = Field(
+        default=None, description="seeded FCtL with one context: gated (self branch + fusion) or none (the "
+                                  "reference's stage 2: x + γ·correlation)")
+    shared_encoder: bool | None = Field(default=None, description="seeded FCtL: contexts through the local encoder "
+                                                                  "(the reference's stage 2)")
 
     @field_validator("contexts")
     @classmethod
@@ -217,7 +269,8 @@ class ModelSpec(Strict):
 
 
 class TilingSpec(Strict):
-    tile: int = Field(default=512, ge=32, le=8192)
+    tile: int = Field(default=512, ge=32, le=8192, description="a multiple of the model's size multiple (32 for "
+                                                                "gigaseg's networks)")
     overlap: int = Field(default=128, ge=0)
     batch: int = Field(default=8, ge=1, le=1024)
     tiles_per_call: int | Literal["auto"] = Field(
@@ -242,8 +295,8 @@ class TilingSpec(Strict):
             raise ValueError(f"margin ({self.margin}) must not exceed overlap ({self.overlap})")
         if self.tiles_per_call != "auto" and not 1 <= self.tiles_per_call <= 65536:
             raise ValueError(f"tiles_per_call must be 'auto' or 1..65536, got {self.tiles_per_call}")
-        if self.tile % 32:
-            raise ValueError(f"tile ({self.tile}) must be a multiple of 32, the network's stride")
+        # tile vs the network's stride: checked against the model (``jobs.plan.resolve_model``): 32 for gigaseg's
+        # ResNet heads, any size for the reference architectures that resample by size (MagNet's 612 px patches)
         return self
 
 

@@ -19,9 +19,11 @@ from models.heads import (
     DeepLabV3Head,
     DUpsamplingHead,
     EncoderSpec,
+    FCN8sHead,
     FCNHead,
     FPNDecoder,
     Head,
+    MagnetFPNHead,
     OCRHead,
     SegNetDecoder,
     UNetDecoder,
@@ -29,12 +31,14 @@ from models.heads import (
 from models.pointrend import PointRend
 from models.resnet import ResNet10Encoder, ResNet18Encoder, ResNet34Encoder, ResNet50Encoder
 from models.segmenter import Segmenter
+from models.vgg import VGG16Encoder
 
 ENCODERS: dict[str, type[nn.Module]] = {
     "resnet10": ResNet10Encoder,
     "resnet18": ResNet18Encoder,
     "resnet34": ResNet34Encoder,
     "resnet50": ResNet50Encoder,
+    "vgg16": VGG16Encoder,
 }
 
 # Head name -> class; every class is built as cls(EncoderSpec, num_classes=..., width=...) and
@@ -43,13 +47,17 @@ DECODERS: dict[str, type[Head]] = {
     "deeplabv3": DeepLabV3Head,
     "dupsampling": DUpsamplingHead,
     "fcn": FCNHead,
+    "fcn8s": FCN8sHead,
     "fpn": FPNDecoder,
+    "magnet_fpn": MagnetFPNHead,
     "ocrnet": OCRHead,
     "segnet": SegNetDecoder,
     "unet": UNetDecoder,
 }
 
-# Architecture name -> (encoder name, decoder name).
+# Architecture name -> (encoder name, decoder name): every ResNet head on every ResNet, and FCN-8s as published
+# on its VGG-16. ``magnet_fpn_resnet50`` (MagNet's DeepGlobe segmenter) and ``fcn8s_vgg16`` (FCtL's local
+# model) are the reference architectures whose published weights ``models.reference`` converts.
 ARCHITECTURES: dict[str, tuple[str, str]] = {
     "deeplabv3_resnet10": ("resnet10", "deeplabv3"),
     "deeplabv3_resnet18": ("resnet18", "deeplabv3"),
@@ -63,10 +71,15 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "fcn_resnet18": ("resnet18", "fcn"),
     "fcn_resnet34": ("resnet34", "fcn"),
     "fcn_resnet50": ("resnet50", "fcn"),
+    "fcn8s_vgg16": ("vgg16", "fcn8s"),
     "fpn_resnet10": ("resnet10", "fpn"),
     "fpn_resnet18": ("resnet18", "fpn"),
     "fpn_resnet34": ("resnet34", "fpn"),
     "fpn_resnet50": ("resnet50", "fpn"),
+    "magnet_fpn_resnet10": ("resnet10", "magnet_fpn"),
+    "magnet_fpn_resnet18": ("resnet18", "magnet_fpn"),
+    "magnet_fpn_resnet34": ("resnet34", "magnet_fpn"),
+    "magnet_fpn_resnet50": ("resnet50", "magnet_fpn"),
     "ocrnet_resnet10": ("resnet10", "ocrnet"),
     "ocrnet_resnet18": ("resnet18", "ocrnet"),
     "ocrnet_resnet34": ("resnet34", "ocrnet"),
@@ -180,6 +193,12 @@ class ModelConfig:
         _check_int("subdivision_points", self.subdivision_points, 1)
         if self.subdivision_steps is not None:  # its upper bound is the head's stride: PointRend checks
             _check_int("subdivision_steps", self.subdivision_steps, 0, 8)
+
+    @property
+    def size_multiple(self) -> int:
+        """The multiple the input's height and width must be: 1 for heads that resample by size
+        (``any_input_size``), else 32, the encoders' coarsest stride."""
+        return 1 if DECODERS[ARCHITECTURES[self.name][1]].any_input_size else 32
 
     def same_architecture(self, other: ModelConfig) -> bool:
         """Whether ``other`` has this encoder and head (name, width, output stride, input channels): its

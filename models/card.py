@@ -67,9 +67,10 @@ class ModelCard:
 
     @classmethod
     def from_info(cls, info: CheckpointInfo) -> ModelCard:
-        """The card of a gigaseg checkpoint (its networks return logits, at a stride of 32)."""
+        """The card of a gigaseg checkpoint (its networks return logits; inputs a multiple of 32, or of any size for
+        the reference architectures whose heads resample by size)."""
         return cls(tuple(info.class_names), info.class_colors, RGB[: info.config.in_channels], info.normalization,
-                   32, "logits")
+                   info.config.size_multiple, "logits")
 
     def to_dict(self) -> dict[str, Any]:
         classes = [{"name": n} if self.class_colors is None else {"name": n, "color": list(c)}

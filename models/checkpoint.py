@@ -37,8 +37,10 @@ def save_checkpoint(
     class_names: Sequence[str],
     class_colors: Sequence[Sequence[int]] | None = None,
     normalization: Normalization | Mapping[str, Sequence[float]] | None = None,
+    extra: Mapping[str, str] | None = None,
 ) -> bytes:
-    """Serialise ``model`` with its metadata; write it to ``path`` (atomically) when given.
+    """Serialise ``model`` with its metadata (and ``extra`` strings, e.g. the model card or where imported
+    weights came from); write it to ``path`` (atomically) when given.
 
     ``normalization`` defaults to ImageNet's. Raises CheckpointError when ``model`` is not the
     architecture ``config`` describes, ValueError for bad metadata.
@@ -46,7 +48,7 @@ def save_checkpoint(
     return serialise(path, model, _expected_state(config), gigaseg_format=FORMAT_VERSION, config=config,
                      what=f"the architecture its config describes ({_describe_config(config)})",
                      fix="pass the ModelConfig the model was built from.", class_names=class_names,
-                     class_colors=class_colors, normalization=normalization)
+                     class_colors=class_colors, normalization=normalization, extra=extra)
 
 
 def serialise(

@@ -111,32 +111,50 @@ class FCtL(nn.Module):
     Holds ``local`` (the Segmenter, used as is), ``context_encoders[i]`` (copies of its encoder, one
     per context), ``correlations[0]`` (self) and ``correlations[i + 1]`` (context i: 1 medium,
     2 large), and ``fusion``. With one context there are two branches (self, medium), no large one.
+
+    Two variants of the reference's second training stage (github liqiokkk/FCtL, ``models/fcn.py`` mode 2):
+
+    - ``fusion="none"`` (one context only): no self branch and no fusion, ``d + Correlation(d, ctx)``; then
+      ``correlations[0]`` is the context's.
+    - ``shared_encoder=True``: the contexts go through the local encoder itself (no ``context_encoders``), as
+      the reference's stage 2 shares its VGG layers between the tile and the context.
     """
 
     def __init__(
-        self, local: Segmenter | PointRend, num_contexts: int = 2, key_channels: int | None = None
+        self, local: Segmenter | PointRend, num_contexts: int = 2, key_channels: int | None = None,
+        fusion: str = "gated", shared_encoder: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(local, (Segmenter, PointRend)):
             raise ValueError(f"FCtL wraps a Segmenter or a PointRend, got {type(local).__name__}")
         if not 1 <= num_contexts <= MAX_CONTEXTS:
             raise ValueError(f"FCtL takes 1 or {MAX_CONTEXTS} contexts, got {num_contexts}")
+        _check_fusion(fusion, num_contexts)
         seg = local.segmenter if isinstance(local, PointRend) else local
         channels = seg.encoder.out_channels[-1]
         key_channels = max(1, channels // 8) if key_channels is None else key_channels
         self.local = local
-        self.context_encoders = nn.ModuleList(
-            copy.deepcopy(seg.encoder) for _ in range(num_contexts)
-        )
+        self.shared_encoder = shared_encoder
+        if not shared_encoder:
+            self.context_encoders = nn.ModuleList(
+                copy.deepcopy(seg.encoder) for _ in range(num_contexts)
+            )
+        self.self_branch = fusion == "gated"
+        branches = num_contexts + self.self_branch
         self.correlations = nn.ModuleList(
-            Correlation(channels, key_channels) for _ in range(1 + num_contexts)
+            Correlation(channels, key_channels) for _ in range(branches)
         )
-        self.fusion = Fusion(channels, 1 + num_contexts)
+        if self.self_branch:
+            self.fusion = Fusion(channels, branches)
         self.num_contexts = num_contexts
         self.num_classes = local.num_classes
         self.in_channels = local.in_channels
         self.input_multiple = local.input_multiple
         self.context_frozen = False
+
+    def context_encoder(self, index: int) -> nn.Module:
+        """The encoder context ``index`` goes through: its own, or the local encoder when shared."""
+        return self.segmenter.encoder if self.shared_encoder else self.context_encoders[index]
 
     @property
     def segmenter(self) -> Segmenter:
@@ -158,6 +176,9 @@ class FCtL(nn.Module):
                 f"context index {index} is out of range: this FCtL has {self.num_contexts} "
                 f"contexts (0 = medium{', 1 = large' if self.num_contexts > 1 else ''})"
             )
+        if self.shared_encoder:
+            raise ValueError("this FCtL shares the local encoder with its contexts (shared_encoder): it has no "
+                             "context encoder of its own to load")
         encoder = (segmenter.segmenter if isinstance(segmenter, PointRend) else segmenter).encoder
         try:
             self.context_encoders[index].load_state_dict(encoder.state_dict())
@@ -170,6 +191,9 @@ class FCtL(nn.Module):
     def freeze_context_encoders(self) -> None:
         """No gradients for the context encoders, and their BatchNorm stays in eval mode through
         ``train()`` (the reference's last stage trains the fusion on frozen context features)."""
+        if self.shared_encoder:
+            raise ValueError("this FCtL shares the local encoder with its contexts (shared_encoder); freezing "
+                             "the context encoder would freeze the local one")
         self.context_encoders.requires_grad_(False)
         self.context_frozen = True
         self.context_encoders.eval()
@@ -195,10 +219,13 @@ class FCtL(nn.Module):
     def correlate(self, deep: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
         """deep (B, C, h, w), contexts (B, n, C_in, H, W) -> deep + fused correlations (B, C, h, w).
 
-        The correlation branches are self (deep, deep) and one per context view (deep, ctx_i).
+        The correlation branches are self (deep, deep) and one per context view (deep, ctx_i); without the
+        self branch (``fusion="none"``) the one context's correlation is added as it is.
         """
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.context_frozen):
-            ctx = [enc(contexts[:, i])[-1] for i, enc in enumerate(self.context_encoders)]
+            ctx = [self.context_encoder(i)(contexts[:, i])[-1] for i in range(self.num_contexts)]
+        if not self.self_branch:
+            return deep + self.correlations[0](deep, ctx[0])
         sources = [deep, *ctx]
         outs = [corr(deep, src) for corr, src in zip(self.correlations, sources)]
         # exact when every γ is 0: the fused sum is then 0.0 and deep + 0.0 == deep
@@ -242,12 +269,17 @@ class FctlConfig:
 
     ``contexts``: one or two factors, each > 1, increasing: medium then large (the reference uses
     (2, 3) on Inria; DeepGlobe's "whole image" context is a large factor here). With one factor
-    the large branch is absent. ``key_channels`` None: C/8 of the deepest map (C = its channels).
+    the large branch is absent. ``key_channels`` None: C/8 of the deepest map (C = its channels; the
+    reference's is C). ``fusion`` "gated" (self branch and gated fusion) or "none" (one context, its
+    correlation added as is: the reference's stage 2); ``shared_encoder``: contexts go through the local
+    encoder (the reference's stage 2).
     """
 
     local: ModelConfig
     contexts: tuple[float, ...] = (2.0, 4.0)
     key_channels: int | None = None
+    fusion: str = "gated"
+    shared_encoder: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.local, ModelConfig):
@@ -275,13 +307,20 @@ class FctlConfig:
         k = self.key_channels
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 1024):
             raise ValueError(f"FctlConfig.key_channels={k!r} must be None or an int in [1, 1024]")
+        _check_fusion(self.fusion, len(factors))
+        if not isinstance(self.shared_encoder, bool):
+            raise ValueError(f"FctlConfig.shared_encoder={self.shared_encoder!r} must be true or false")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "local": self.local.to_dict(),
             "contexts": list(self.contexts),
             "key_channels": self.key_channels,
         }
+        # the reference variants only when set: configs (and checkpoints) of gigaseg's own FCtL stay as they were
+        data.update({k: v for k, v in (("fusion", self.fusion), ("shared_encoder", self.shared_encoder))
+                     if v != FctlConfig.__dataclass_fields__[k].default})
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FctlConfig:
@@ -301,12 +340,24 @@ def build_fctl(config: FctlConfig, seed: int | None = None) -> FCtL:
     """A train-mode FCtL: the local model as ``build_model(config.local, seed)`` builds it, context
     encoders copied from its encoder, every γ at 0. With ``seed`` deterministic, and the caller's
     RNG state is kept."""
+    variant = {"fusion": config.fusion, "shared_encoder": config.shared_encoder}
     if seed is None:
-        return FCtL(build_model(config.local), len(config.contexts), config.key_channels)
+        return FCtL(build_model(config.local), len(config.contexts), config.key_channels, **variant)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # for the correlation and fusion convs, after the local model
         local = build_model(config.local, seed=seed)
-        return FCtL(local, len(config.contexts), config.key_channels)
+        return FCtL(local, len(config.contexts), config.key_channels, **variant)
+
+
+FUSIONS = ("gated", "none")
+
+
+def _check_fusion(fusion: str, num_contexts: int) -> None:
+    if fusion not in FUSIONS:
+        raise ValueError(f"FCtL fusion {fusion!r} is not one of {', '.join(FUSIONS)}")
+    if fusion == "none" and num_contexts != 1:
+        raise ValueError(f"FCtL fusion 'none' (the context's correlation added as is) takes one context, got "
+                         f"{num_contexts}; with two contexts the branches are fused ('gated')")
 
 
 __all__ = ["Correlation", "FCtL", "FctlConfig", "Fusion", "build_fctl"]

@@ -1,9 +1,11 @@
 """FCtL checkpoints: safetensors with the local model's config, the context factors and the classes.
 
 ``__metadata__`` = {"gigaseg_format": "gigaseg-fctl-1", "config" (the local ModelConfig),
-"contexts", "key_channels", "class_names", "class_colors", "normalization"}, each value JSON. The
-keys are a plain checkpoint's plus two, and the format differs, so ``load_checkpoint`` refuses an
-FCtL file by its format and ``load_fctl`` refuses a plain one with a message saying which it is.
+"contexts", "key_channels", "class_names", "class_colors", "normalization"}, each value JSON, plus
+"fusion" and "shared_encoder" for the reference's variants (``FctlConfig``; absent: gated fusion, own
+context encoders). The keys are a plain checkpoint's plus two, and the format differs, so
+``load_checkpoint`` refuses an FCtL file by its format and ``load_fctl`` refuses a plain one with a
+message saying which it is.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ FCTL_METADATA_KEYS = (
     "gigaseg_format", "config", "contexts", "key_channels",
     "class_names", "class_colors", "normalization",
 )
+#: ``FctlConfig`` fields written only when not their defaults (the reference's variants), read when present.
+VARIANT_KEYS = ("fusion", "shared_encoder")
 
 
 def save_fctl(
@@ -37,8 +41,10 @@ def save_fctl(
     class_names: Sequence[str],
     class_colors: Sequence[Sequence[int]] | None = None,
     normalization: Normalization | Mapping[str, Sequence[float]] | None = None,
+    extra: Mapping[str, str] | None = None,
 ) -> bytes:
-    """Serialise an FCtL with its metadata; write it to ``path`` (atomically) when given.
+    """Serialise an FCtL with its metadata (and ``extra`` JSON strings); write it to ``path`` (atomically) when
+    given.
 
     ``normalization`` defaults to ImageNet's (contexts are normalised the same way). Raises
     CheckpointError when ``model`` is not the FCtL ``config`` describes, ValueError for bad
@@ -51,7 +57,9 @@ def save_fctl(
                      fix="pass the FctlConfig the model was built from.", class_names=class_names,
                      class_colors=class_colors, normalization=normalization,
                      extra={"contexts": json.dumps(list(config.contexts)),
-                            "key_channels": json.dumps(config.key_channels)})
+                            "key_channels": json.dumps(config.key_channels),
+                            **{k: json.dumps(v) for k, v in config.to_dict().items() if k in VARIANT_KEYS},
+                            **(extra or {})})
 
 
 def is_fctl_checkpoint(data: bytes) -> bool:
@@ -92,7 +100,8 @@ def read_fctl_info(data: bytes) -> tuple[CheckpointInfo, FctlConfig]:
     try:
         fields = {k: json.loads(metadata[k]) for k in FCTL_METADATA_KEYS[1:]}
         local = ModelConfig.from_dict(fields["config"])
-        config = FctlConfig(local, tuple(fields["contexts"]), fields["key_channels"])
+        variant = {k: json.loads(metadata[k]) for k in VARIANT_KEYS if k in metadata}
+        config = FctlConfig(local, tuple(fields["contexts"]), fields["key_channels"], **variant)
         colors = fields["class_colors"]
         info = CheckpointInfo(
             config=local,
@@ -125,19 +134,26 @@ def seeded_fctl(
     width: int = 64,
     gamma: float | None = None,
     refine: str | None = None,
+    key_channels: int | None = None,
+    fusion: str = "gated",
+    shared_encoder: bool = False,
+    normalization: Normalization | None = None,
 ) -> bytes:
     """FCtL checkpoint bytes with seeded random weights; same arguments -> same bytes.
 
     ``gamma`` sets every correlation's γ (None keeps 0, where the model equals its local segmenter),
     so tests can make the contexts matter; ``refine="pointrend"`` gives the local model a point head.
+    ``key_channels``, ``fusion`` and ``shared_encoder`` as ``FctlConfig``; ``normalization`` defaults to
+    ImageNet's.
     """
-    config = FctlConfig(ModelConfig(name, num_classes, width=width, refine=refine), tuple(contexts))
+    config = FctlConfig(ModelConfig(name, num_classes, width=width, refine=refine), tuple(contexts), key_channels,
+                        fusion, shared_encoder)
     model = build_fctl(config, seed=seed).eval()
     if gamma is not None:
         with torch.no_grad():
             for corr in model.correlations:
                 corr.gamma.fill_(gamma)
-    return save_fctl(None, model, config, class_names)
+    return save_fctl(None, model, config, class_names, normalization=normalization)
 
 
 def _describe(config: FctlConfig) -> str:
@@ -145,6 +161,8 @@ def _describe(config: FctlConfig) -> str:
     return (
         f"local model {local.name!r}, {local.num_classes} classes, width {local.width}, "
         f"contexts {list(config.contexts)}"
+        + (f", fusion {config.fusion}" if config.fusion != "gated" else "")
+        + (", shared encoder" if config.shared_encoder else "")
     )
 
 

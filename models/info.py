@@ -40,6 +40,8 @@ class Normalization:
 
 
 IMAGENET_NORMALIZATION = Normalization(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+#: torchvision's ``ToTensor`` alone (pixel / 255): FCtL's reference feeds its networks so.
+TO_TENSOR_NORMALIZATION = Normalization(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
 
 @dataclass(frozen=True)

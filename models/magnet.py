@@ -41,8 +41,10 @@ def error_score(refined: torch.Tensor, previous: torch.Tensor, dim: int = 1) -> 
     return certainty(refined, dim) * uncertainty(previous, dim)
 
 
-def median_filter(x: np.ndarray, k: int) -> np.ndarray:
-    """Median over a ``k × k`` window (odd k) of a 2-D map, edges replicated: ``(H, W) → (H, W)``.
+def median_filter(x: np.ndarray, k: int, padding: str = "edge") -> np.ndarray:
+    """Median over a ``k × k`` window (odd k) of a 2-D map, edges replicated (``padding="edge"``) or zeros past
+    them (``"zero"``, the reference's ``MedianBlur``: a conv with zero padding, then ``torch.median``):
+    ``(H, W) → (H, W)``.
 
     Computed in row strips so memory is ``O(strip · W · k²)``, not ``O(H · W · k²)``.
     """
@@ -51,7 +53,7 @@ def median_filter(x: np.ndarray, k: int) -> np.ndarray:
     if k % 2 == 0:
         raise ValueError(f"median filter size must be odd, got {k}")
     r = k // 2
-    padded = np.pad(x, r, mode="edge")
+    padded = np.pad(x, r, mode="edge") if padding == "edge" else np.pad(x, r, mode="constant")
     h, w = x.shape
     out = np.empty_like(x)
     strip = max(1, (1 << 22) // max(1, w * k * k))

@@ -42,8 +42,9 @@ class Segmenter(nn.Module):
         self.num_classes = num_classes
         self.in_channels: int = encoder.in_channels
         # H and W must be multiples of the coarsest stride so every stage halves exactly and the
-        # decoder's x2 upsamplings (and unpoolings) land back on the finer grids.
-        self.input_multiple: int = max(encoder.strides)
+        # decoder's x2 upsamplings (and unpoolings) land back on the finer grids; a head that resamples
+        # by size (``any_input_size``) takes any size.
+        self.input_multiple: int = 1 if getattr(decoder, "any_input_size", False) else max(encoder.strides)
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ValueError unless x is (B, in_channels, H, W), H, W multiples of input_multiple."""

@@ -27,7 +27,7 @@ class TrainPlan:
     """What the driver resolved from the spec and the dataset, sent to every worker (``to_dict``/``from_dict``).
 
     ``model`` is the task's ``ModelPlan``; ``normalization`` is the dataset's, or the frozen segmenter's (the
-    refiner), or the local checkpoint's (FCtL)."""
+    refiner), or the local checkpoint's (FCtL), or the ImageNet encoder's that ``model.init`` starts from."""
 
     model: ModelPlan
     class_names: list[str]

@@ -67,7 +67,9 @@ class TrainModelSpec(Strict):
     init: str | None = Field(
         default=None,
         description="checkpoint URL to fine-tune from; its head is re-initialised when its classes differ. With "
-                    "refine: pointrend, a plain segmenter of the same architecture too (the point head starts fresh)",
+                    "refine: pointrend, a plain segmenter of the same architecture too (the point head starts fresh). "
+                    "Or ImageNet encoder weights: a torchvision ResNet file (.pth) or an encoder checkpoint of "
+                    "`gigaseg import-checkpoint --from torchvision-resnet` (the encoder only; the head starts fresh)",
     )
     refine: Literal["pointrend"] | None = Field(
         default=None, description="pointrend: a PointRend point head around the segmenter (a head that emits features)"

@@ -13,6 +13,9 @@ A head is built as ``Head(encoder: EncoderSpec, num_classes, width)`` and called
 - ``forward_aux`` also returns auxiliary logits for training losses (OCRNet's soft object
   regions), by name; heads without any return an empty dict.
 - ``output_strides`` lists the encoder output strides the head supports, its default first.
+- ``any_input_size``: the head resamples by size, so the model takes inputs of any height and width (the
+  reference architectures MagNet-FPN and FCN-8s on VGG do); otherwise inputs are multiples of the
+  encoder's coarsest stride.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ class Head(nn.Module):
     uses_stem: ClassVar[bool] = False
     aux_outputs: ClassVar[tuple[str, ...]] = ()  # names forward_aux returns, for training losses
     output_strides: ClassVar[tuple[int, ...]] = (32, 16, 8)
+    any_input_size: ClassVar[bool] = False
     out_channels: int
     stride: int
 

@@ -3,7 +3,9 @@
 One stage at full resolution, as ``segment``; each tile also reads its context windows, for each context factor
 ``c`` the ``c·T`` window centred on it, from the coarsest pyramid level that still holds it at ``T`` pixels
 (``Contexts``; the geometry is ``pipeline.frameworks.fctl_contexts``). The model is an FCtL checkpoint
-(``gigaseg train`` task fctl, stage fused), or a seeded one; its output is blended like any tile's.
+(``gigaseg train`` task fctl, stage fused; or the reference's, ``gigaseg import-checkpoint --from fctl``), or a
+seeded one; its output is blended like any tile's. ``procedure: reference`` runs the reference's test: each tile
+and its contexts in the 8 flips and rotations, their logits averaged (``tta``).
 """
 
 from __future__ import annotations
@@ -15,8 +17,12 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from models import ModelConfig, build_model
 from models.errors import CheckpointError
+from models.fctl import FctlConfig
 from models.fctl_checkpoint import is_fctl_checkpoint, read_fctl_info, seeded_fctl
+from models.info import TO_TENSOR_NORMALIZATION
+from models.tta import dihedral_mean
 from pipeline.errors import ImageReadError, SpecError
 from pipeline.frameworks.base import Framework, ModelSource, OpenArray, Resolution, StagePlan
 from pipeline.frameworks.fctl_contexts import check_power_of_two, context_level, context_levels, context_window
@@ -32,6 +38,8 @@ from pipeline.tiling import Window
 from pipeline.workers.predictor import DeviceConfig, TilePredictor
 
 DEFAULT_CONTEXTS = (2.0, 4.0)
+#: A seeded FCtL's contexts with ``procedure: reference``: the reference scripts' (main branch: ×2 and ×3).
+REFERENCE_CONTEXTS = (2.0, 3.0)
 
 
 @dataclass(frozen=True)
@@ -113,26 +121,37 @@ class ContextRows:
 
 
 class FctlModel:
-    """``TileModel``: the FCtL network on each tile and its contexts."""
+    """``TileModel``: the FCtL network on each tile and its contexts; with ``tta`` the softmax of the mean logits
+    of the 8 flips and rotations of the tile and its contexts (``models.tta``, the reference's test)."""
 
-    def __init__(self, predictor: TilePredictor) -> None:
+    def __init__(self, predictor: TilePredictor, tta: bool = False) -> None:
         self.predictor, self.runner, self.device = predictor, predictor.runner, predictor.device
+        self.tta = tta
 
+    @torch.inference_mode()
     def __call__(self, stage: int, tiles: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         (contexts,) = inputs
-        return self.predictor.probabilities(tiles, contexts)
+        if not self.tta:
+            return self.predictor.probabilities(tiles, contexts)
+        b, n = contexts.shape[:2]
+        ctx = self.runner.input(contexts.reshape(b * n, *contexts.shape[2:]))  # normalised as TilePredictor does
+        ctx = ctx.reshape(b, n, *ctx.shape[1:])
+        return torch.softmax(dihedral_mean(self.predictor.logits, self.runner.input(tiles), ctx), dim=1)
 
 
 @dataclass(frozen=True)
 class Fctl(Framework):
     model: WeightsRef
     contexts: tuple[float, ...]
+    tta: bool = False
 
     name: ClassVar[str] = "fctl"
 
     @classmethod
     def resolve(cls, options: Mapping[str, Any], source: ModelSource) -> Resolution:
         wanted = options.get("contexts")
+        reference = options.get("procedure") == "reference"
+        tta = reference if options.get("tta") is None else options["tta"]
         kind = kind_of(source)
         if kind != "gigaseg":
             raise SpecError("model.framework", [
@@ -140,10 +159,11 @@ class Fctl(Framework):
                 "runs on the encoder features of gigaseg's own networks, which such a model does not expose; use "
                 "model.framework: segment or magnet, or train an FCtL model with gigaseg train (task fctl)"])
         if source.checkpoint is None:
-            contexts = tuple(wanted or DEFAULT_CONTEXTS)
+            contexts = tuple(wanted or (REFERENCE_CONTEXTS if reference else DEFAULT_CONTEXTS))
             data = seeded_fctl(source.architecture, len(source.class_names), list(source.class_names),
-                               contexts=contexts, seed=source.seed, width=source.width, gamma=options["gamma"])
-            return Resolution(read_fctl_info(data)[0], {"model": data}, {"contexts": contexts})
+                               contexts=contexts, seed=source.seed, width=source.width, gamma=options["gamma"],
+                               **_seeded_variant(options, source, contexts, reference))
+            return Resolution(read_fctl_info(data)[0], {"model": data}, {"contexts": contexts, "tta": tta})
         if not is_fctl_checkpoint(source.checkpoint):
             raise SpecError("model.framework", [
                 f"model.framework: fctl but {source.checkpoint_url} holds a plain segmenter; point model.checkpoint "
@@ -156,14 +176,20 @@ class Fctl(Framework):
             raise SpecError("model.fctl.contexts", [
                 f"model.fctl.contexts: {list(wanted)} but {source.checkpoint_url} was trained with contexts "
                 f"{list(config.contexts)}; omit model.fctl.contexts or use those"])
-        return Resolution(info, {"model": source.checkpoint}, {"contexts": config.contexts})
+        for field in ARCHITECTURE_OPTIONS:
+            if options.get(field) is not None and options[field] != getattr(config, field):
+                raise SpecError(f"model.fctl.{field}", [
+                    f"model.fctl.{field}: {options[field]} but {source.checkpoint_url} has {getattr(config, field)} "
+                    f"(it shapes a seeded FCtL only); omit model.fctl.{field}"])
+        return Resolution(info, {"model": source.checkpoint}, {"contexts": config.contexts, "tta": tta})
 
     @classmethod
     def build(cls, options: Mapping[str, Any], weights: Mapping[str, WeightsRef], resolution: Resolution) -> Fctl:
-        return cls(weights["model"], resolution.details["contexts"])
+        return cls(weights["model"], resolution.details["contexts"], resolution.details.get("tta", False))
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"framework": self.name, "checkpoint": self.model.sha256, "contexts": list(self.contexts)}
+        tta = {"tta": True} if self.tta else {}  # absent when off: outputs of earlier versions still resume
+        return {"framework": self.name, "checkpoint": self.model.sha256, "contexts": list(self.contexts), **tta}
 
     def levels(self, n_levels: int) -> set[int]:
         return {0, *range(max(context_levels(self.contexts, n_levels)) + 1)}
@@ -175,7 +201,35 @@ class Fctl(Framework):
         return [image_stage(0, pyramid, 0, out, tiling, num_classes, (Contexts(self.contexts, levels),))]
 
     def load(self, read: Callable[[str], bytes], device: DeviceConfig) -> FctlModel:
-        return FctlModel(TilePredictor(read(self.model.url), device))
+        return FctlModel(TilePredictor(read(self.model.url), device), self.tta)
 
 
-__all__ = ["DEFAULT_CONTEXTS", "ContextRows", "Contexts", "Fctl", "FctlModel"]
+#: ``model.fctl`` options that shape a seeded FCtL (a checkpoint has its own).
+ARCHITECTURE_OPTIONS = ("key_channels", "fusion", "shared_encoder")
+
+
+def _seeded_variant(options: Mapping[str, Any], source: ModelSource, contexts: tuple[float, ...],
+                    reference: bool) -> dict[str, Any]:
+    """A seeded FCtL's architecture and inputs: gigaseg's (key width C/8, gated fusion, own context encoders,
+    ImageNet normalisation) or, with ``procedure: reference``, the reference's (key width C; with one context its
+    stage-2 model: no fusion, the local encoder shared; ToTensor inputs); each ``model.fctl`` option overrides."""
+    one = len(contexts) == 1
+    fusion = options.get("fusion") or ("none" if reference and one else "gated")
+    shared = options.get("shared_encoder")
+    key = options.get("key_channels")
+    if key is None and reference:
+        with torch.device("meta"):  # C: the deepest encoder map's channels
+            key = build_model(ModelConfig(source.architecture, len(source.class_names), width=source.width)
+                              ).encoder.out_channels[-1]
+    variant = {"key_channels": key, "fusion": fusion, "shared_encoder": reference and one if shared is None else shared,
+               "normalization": TO_TENSOR_NORMALIZATION if reference else None}
+    try:
+        FctlConfig(ModelConfig(source.architecture, len(source.class_names), width=source.width), contexts, key,
+                   fusion, variant["shared_encoder"])
+    except ValueError as err:
+        raise SpecError("model.fctl", [f"model.fctl: {err}"]) from None
+    return variant
+
+
+__all__ = ["ARCHITECTURE_OPTIONS", "DEFAULT_CONTEXTS", "REFERENCE_CONTEXTS", "ContextRows", "Contexts", "Fctl",
+           "FctlModel"]

@@ -24,10 +24,12 @@ import numpy as np
 import torch
 import zarr
 
+from models.checkpoint import read_info
 from models.errors import CheckpointError
 from models.magnet import load_refiner, seeded_refiner
 from pipeline.errors import SpecError, UnsupportedImageError
 from pipeline.frameworks import magnet_maps as maps
+from pipeline.frameworks import magnet_reference as reference
 from pipeline.frameworks.base import Framework, ModelSource, Resolution, StagePlan, output_sink
 from pipeline.frameworks.magnet_blocks import THRESHOLD, MergeSink, PreviousMap, RefineSink, StageMap
 from pipeline.frameworks.magnet_maps import MagnetConfig
@@ -45,21 +47,44 @@ from pipeline.workers.sinks import BlockSink, MapSink
 
 
 class MagnetModel:
-    """``TileModel``: the segmenter alone at stage 0, segmenter and refiner after."""
+    """``TileModel``: the segmenter alone at stage 0 (on the image alone when its input is ``WholeImage``),
+    segmenter and refiner after: stage ``s`` runs ``refiners[min(s, n) − 1]`` (one for all stages, or one each)."""
 
-    def __init__(self, predictor, refiner: torch.nn.Module) -> None:
+    def __init__(self, predictor, refiner: torch.nn.Module | Sequence[torch.nn.Module], size_multiple: int = 32) -> None:
         self.predictor, self.runner = predictor, predictor.runner
-        self.refiner = self.runner.prepare(refiner)
+        refiners = [refiner] if isinstance(refiner, torch.nn.Module) else list(refiner)
+        self.refiners = [self.runner.prepare(r) for r in refiners]
+        self.refiner = self.refiners[0]
         self.device = predictor.device
+        self.size_multiple = size_multiple
 
     @torch.inference_mode()
     def __call__(self, stage: int, tiles: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-        if not inputs:
-            return self.predictor.probabilities(tiles)
+        if not stage:
+            return whole_pass(self.predictor, tiles, inputs[0], self.size_multiple) if inputs else \
+                self.predictor.probabilities(tiles)
         (previous_up,) = inputs
+        refiner = self.refiners[min(stage, len(self.refiners)) - 1]
         fine = self.predictor.probabilities(tiles)  # softmax(segmenter(x)), whatever runs the segmenter
         with self.runner.autocast():
-            return torch.softmax(self.refiner(fine, self.runner.tensor(previous_up)).float(), dim=1)
+            return torch.softmax(refiner(fine, self.runner.tensor(previous_up)).float(), dim=1)
+
+
+def whole_pass(predictor, tiles: torch.Tensor, extents, multiple: int) -> torch.Tensor:
+    """Stage 0 in one pass (``stage0: whole``): for each tile, the segmenter on the image inside it alone (rows
+    ``y:y+h``, columns ``x:x+w`` of ``extents``), extended to a multiple of the model's size multiple with the
+    tile's own mirrored margin; its probabilities fill the tile, edges replicated past the image (those pixels are
+    not kept). A tile without room for that runs whole. ``(B, 3, T, T) → (B, C, T, T)``."""
+    out = []
+    for tile, (y, x, h, w) in zip(tiles, np.asarray(extents).tolist(), strict=True):
+        hh, ww = -(-h // multiple) * multiple, -(-w // multiple) * multiple
+        t = tile.shape[-1]
+        if y < 0 or x < 0 or y + hh > t or x + ww > t:
+            out.append(predictor.probabilities(tile[None]))
+            continue
+        p = predictor.probabilities(tile[None, :, y : y + hh, x : x + ww])[..., :h, :w]
+        out.append(torch.nn.functional.pad(p, (x, t - x - w, y, t - y - h), mode="replicate"))
+    return torch.cat(out)
 
 
 @dataclass(frozen=True)
@@ -68,6 +93,7 @@ class Magnet(Framework):
     refiner: WeightsRef
     config: MagnetConfig
     runtime: SegmenterRuntime | None = None  # the segmenter's, for a model you bring; None: a gigaseg checkpoint
+    more_refiners: tuple[WeightsRef, ...] = ()  # one refiner per stage: stages 2, 3, … (``refiner`` refines stage 1)
 
     name: ClassVar[str] = "magnet"
 
@@ -75,32 +101,40 @@ class Magnet(Framework):
     def resolve(cls, options: Mapping[str, Any], source: ModelSource) -> Resolution:
         resolution = resolve_segmenter(source, cls.name)
         num_classes = resolution.num_classes
-        url = options.get("refiner")
-        if url is None:
-            refiner = seeded_refiner(num_classes, seed=options["refiner_seed"], width=options["refiner_width"])
+        urls = options.get("refiner")
+        urls = [urls] if isinstance(urls, str) else urls
+        if urls is None:
+            refiners = [seeded_refiner(num_classes, seed=options["refiner_seed"], width=options["refiner_width"])]
         else:
-            try:
-                refiner = read_bytes(url, source.storage_options)
-                load_refiner(refiner, num_classes)  # fail now, naming the field, not in every worker
-            except FileNotFoundError:
-                raise SpecError("model.magnet.refiner", [f"model.magnet.refiner: {url} does not exist"]) from None
-            except CheckpointError as err:
-                raise SpecError("model.magnet.refiner", [f"model.magnet.refiner: {url}: {err}"]) from None
-        return Resolution(resolution.info, {**resolution.weights, "refiner": refiner}, resolution.details,
-                          resolution.card)
+            refiners = []
+            for url in urls:
+                try:
+                    refiners.append(read_bytes(url, source.storage_options))
+                    load_refiner(refiners[-1], num_classes)  # fail now, naming the field, not in every worker
+                except FileNotFoundError:
+                    raise SpecError("model.magnet.refiner", [f"model.magnet.refiner: {url} does not exist"]) from None
+                except CheckpointError as err:
+                    raise SpecError("model.magnet.refiner", [f"model.magnet.refiner: {url}: {err}"]) from None
+        weights = {"refiner": refiners[0], **{f"refiner-{i + 1}": r for i, r in enumerate(refiners) if i}}
+        return Resolution(resolution.info, {**resolution.weights, **weights}, resolution.details, resolution.card)
 
     @classmethod
     def build(cls, options: Mapping[str, Any], weights: Mapping[str, WeightsRef], resolution: Resolution) -> Magnet:
         config = MagnetConfig(scales=options["scales"], replace=options["replace"], median=options["median"],
-                              patches=options["patches"])
-        return cls(weights["model"], weights["refiner"], config, runtime_of(resolution))
+                              patches=options["patches"], **reference.options_of(dict(options)))
+        more = tuple(weights[k] for k in sorted((k for k in weights if k.startswith("refiner-")),
+                                                key=lambda k: int(k.split("-")[1])))
+        return cls(weights["model"], weights["refiner"], config, runtime_of(resolution), more)
 
     def fingerprint(self) -> dict[str, Any]:
         c = self.config
+        procedure = {k: getattr(c, k) for k in reference.OPTIONS  # only where not gigaseg's: old outputs resume
+                     if getattr(c, k) != MagnetConfig.__dataclass_fields__[k].default}
+        more = {"refiners": [r.sha256 for r in self.more_refiners]} if self.more_refiners else {}
         # maps 2: the median and the merge on the workers, confidence as the maps store it (float16)
         return {"framework": self.name, "maps": 2, "checkpoint": self.model.sha256, "refiner": self.refiner.sha256,
                 "scales": c.scales, "replace": c.replace, "median": c.median, "patches": c.patches,
-                **(self.runtime.fingerprint() if self.runtime else {})}
+                **(self.runtime.fingerprint() if self.runtime else {}), **procedure, **more}
 
     def levels(self, n_levels: int) -> set[int]:
         return {lv for lv in self.config.levels() if lv < n_levels}  # too few: ``stages`` says so
@@ -114,10 +148,20 @@ class Magnet(Framework):
                 f"{pyramid.url}: MagNet with {len(levels)} scales needs {len(levels)} pyramid levels but the image "
                 f"({pyramid.shapes[0][0]}×{pyramid.shapes[0][1]}) has {pyramid.n_levels}; lower model.magnet.scales")
         plans: list[StagePlan] = []
+        crop = reference.RoiPreviousMap if self.config.crop == "roi_align" else PreviousMap
+        fixed = self.runtime is not None and self.runtime.fixed_size is not None  # an ONNX model of one size
         for s, level in enumerate(levels):
-            inputs = (PreviousMap(stage_map(plans[-1])),) if s else ()
+            inputs = (crop(stage_map(plans[-1])),) if s else ()
             stage = image_stage(s, pyramid, level, out, tiling, num_classes, inputs)
-            plans.append(replace(stage, halo=self.config.median // 2) if s else stage)
+            if s:
+                view = reference.view_of(self.config, tiling.tile)
+                halo = self.config.median // 2 if view is None else \
+                    reference.view_halo(tuple(pyramid.shapes[level]), view, self.config.median)
+                stage = replace(stage, halo=halo)
+            elif self.config.stage0 == "whole" and not fixed and reference.fits_one_tile(stage.grid,
+                                                                                        pyramid.shapes[level]):
+                stage = replace(stage, inputs=(reference.WholeImage(),))
+            plans.append(stage)
         n = len(plans)
         plans.append(replace(plans[-1], index=n, maps_url=out.maps_url(n), inputs=(), halo=0, tiles=False))
         return plans
@@ -132,7 +176,9 @@ class Magnet(Framework):
         if n >= len(stage.grid):
             return None
         previous = MapWindows(stage_map(stages[s - 1]))
-        return maps.select_tiles(maps.tile_uncertainty(previous, stage.grid, scheduler), n)
+        scores = maps.tile_uncertainty(previous, stage.grid, scheduler)
+        # the reference's code sorts ascending and takes the first: the least uncertain tiles
+        return maps.select_tiles(-scores if self.config.patch_choice == "least_uncertain" else scores, n)
 
     def stage_sink(self, stages: list[StagePlan], s: int, out: ImageOutput, outputs: OutputArrays | None,
                    chunk: int, fresh: bool, extras: tuple[str, ...] = (), side: int = 0) -> BlockSink:
@@ -159,9 +205,12 @@ class Magnet(Framework):
         shape = (1 + max(b.index[0] for b in blocks), 1 + max(b.index[1] for b in blocks))
         hist = create_map(stage.maps_url, "hist", (*shape, maps.F16_BINS), chunk, so, fresh, dtype="int64",
                           chunks=(1, 1, maps.F16_BINS))
+        view = reference.view_of(self.config, stage.grid.tile)
+        median = None if view is None and self.config.median_padding == "edge" else \
+            reference.MedianFactory(view, self.config.median_padding)
         return RefineSink(stage_map(stages[s - 1]), this, self.config.median,
                           ArrayRef(stage.maps_url, hist.path, "bbv", shape, dict(so)), maps=keep_maps, pairs=last,
-                          labels_dtype=labels_dtype)
+                          labels_dtype=labels_dtype, median_rows=median)
 
     def finish_stage(self, stages: list[StagePlan], s: int, out: ImageOutput, outputs: OutputArrays | None,
                      tiles: tuple[tuple[int, int], ...] | None, chunk: int, scheduler: Any) -> None:
@@ -178,8 +227,11 @@ class Magnet(Framework):
         group.attrs[THRESHOLD] = maps.threshold_from_histogram(counts, self.config.count(h, w, share))
 
     def load(self, read: Callable[[str], bytes], device: DeviceConfig) -> MagnetModel:
-        predictor = load_segmenter(read(self.model.url), self.runtime or GIGASEG, device)
-        return MagnetModel(predictor, load_refiner(read(self.refiner.url), predictor.num_classes))
+        data = read(self.model.url)
+        predictor = load_segmenter(data, self.runtime or GIGASEG, device)
+        refiners = [load_refiner(read(r.url), predictor.num_classes) for r in (self.refiner, *self.more_refiners)]
+        multiple = self.runtime.card.size_multiple if self.runtime else read_info(data).config.size_multiple
+        return MagnetModel(predictor, refiners, multiple)
 
 
 def stage_map(stage: StagePlan) -> StageMap:

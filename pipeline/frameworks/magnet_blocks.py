@@ -186,6 +186,9 @@ class RefineSink:
     maps: bool
     pairs: bool
     labels_dtype: str = "uint8"
+    # ``(k, blend, own, device, level shape) → rows filter`` for the reference's median (``magnet_reference``);
+    # None: ``MedianRows``
+    median_rows: Any = None
 
     def start(self, block: BlockContext) -> RefineWriter:
         return RefineWriter(self, block)
@@ -197,7 +200,8 @@ class RefineWriter:
         blend, own = block.blend_region, block.region
         self.fine = sink.out.shape_yx
         self.rows = None  # read only for rows no tile row's upsampled map holds (MagNet-Fast's gaps)
-        self.median = MedianRows(sink.median, blend, own, block.device)
+        self.median = (MedianRows(sink.median, blend, own, block.device) if sink.median_rows is None
+                       else sink.median_rows(sink.median, blend, own, block.device, self.fine))
         self.counts = torch.zeros(_F16_BINS, dtype=torch.int64, device=block.device)
         self.cols = slice(own.x0 - blend.x0, own.x1 - blend.x0)
 

@@ -45,6 +45,14 @@ class MagnetConfig:
     replace: float = 0.75  # ≤ 1: fraction of each stage's pixels; > 1: a pixel count per stage
     median: int = 5  # median filter side, in pixels of the stage's level
     patches: float | None = None  # MagNet-Fast: ≤ 1 a fraction, > 1 a count of tiles refined per stage
+    # the reference's procedure where it is a choice (``pipeline.frameworks.magnet_reference``); these defaults are
+    # gigaseg's: the median at the stage's resolution, edges replicated; the coarse map's exact window; stage 0
+    # tiled; MagNet-Fast's most uncertain tiles
+    median_view: str | tuple[int, int] = "stage"  # "stage", "tile" or a (h, w) view
+    median_padding: str = "edge"  # "edge" or "zero"
+    crop: str = "exact"  # "exact" or "roi_align"
+    stage0: str = "tiled"  # "tiled" or "whole"
+    patch_choice: str = "most_uncertain"  # or "least_uncertain"
 
     def __post_init__(self) -> None:
         if self.scales < 2:

@@ -33,7 +33,7 @@ def test_unknown_key_is_rejected_with_its_full_path():
     "patch, field",
     [
         (dict(tiling__overlap=600), "tiling"),
-        (dict(tiling__tile=500), "tiling"),
+        (dict(tiling__tile=16), "tiling.tile"),
         (dict(tiling__blend="box"), "tiling.blend"),
         (dict(model__name="unet9000"), "model.name"),
         (dict(resources__workers=0), "resources.workers"),
@@ -100,6 +100,17 @@ def test_model_name_defaults_to_the_checkpoint(tmp_path):
     with pytest.raises(SpecError, match="set model.name: unet_resnet10"):
         resolve_model(wrong)
     assert parse_spec(BASE).model.architecture == "fpn_resnet18"
+
+
+def test_the_tile_is_checked_against_the_network_stride():
+    """A tile must be a multiple of the model's size multiple: 32 for gigaseg's ResNet heads; any size for the
+    reference architectures, which resample by size (MagNet's 612 px patches)."""
+    from jobs.plan import resolve_model
+
+    with pytest.raises(SpecError, match=r"tiling.tile: 500 is not a multiple of 32, the stride of fpn_resnet18; use 480"):
+        resolve_model(parse_spec(_with(tiling__tile=500)))
+    model = resolve_model(parse_spec(_with(tiling__tile=612, model__name="magnet_fpn_resnet10", model__width=8)))
+    assert model.info.config.size_multiple == 1
 
 
 def test_the_readme_spec_example_is_valid():

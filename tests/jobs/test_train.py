@@ -151,6 +151,36 @@ def test_fine_tuning_reinitialises_the_head_when_classes_differ(tmp_path, datase
         make_plan(parse_train_spec(spec_dict(dataset, "out", model={"width": 16, "init": str(tmp_path / "init.safetensors")})))
 
 
+def test_init_from_torchvision_resnet_weights(tmp_path, dataset):
+    """``model.init`` takes ImageNet encoder weights in torchvision's layout: the file itself (torch.save) or the
+    encoder checkpoint import-checkpoint makes of it. They seed the encoder only; crops are then normalised as
+    the encoder was trained (ImageNet's statistics)."""
+    import io
+
+    from models.reference.imports import import_torchvision_resnet
+    from tests.models.reference_layouts import RESNETS, materialise, resnet_shapes
+
+    state = materialise(resnet_shapes(*RESNETS["resnet18"], width=8), seed=4)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    (tmp_path / "resnet18.pth").write_bytes(buf.getvalue())
+    encoder_file = import_torchvision_resnet([("resnet18.pth", buf.getvalue())]).files["encoder.safetensors"]
+    (tmp_path / "encoder.safetensors").write_bytes(encoder_file)
+    target = ModelConfig("fpn_resnet18", num_classes=3, width=8)
+    for data in (buf.getvalue(), encoder_file):
+        model = build_model(target, seed=0)
+        head = model.decoder.lateral[0].weight.detach().clone()
+        assert "the encoder (resnet18 of width 8" in init_weights(model, data, target, CLASSES)
+        assert all(torch.equal(v, state[k]) for k, v in model.encoder.state_dict().items())
+        assert torch.equal(model.decoder.lateral[0].weight, head)
+    plan = make_plan(parse_train_spec(spec_dict(dataset, "out", model={"width": 8,
+                                                                       "init": str(tmp_path / "resnet18.pth")})))
+    assert plan.normalization["mean"] == [0.485, 0.456, 0.406]
+    with pytest.raises(SpecError, match=r"model.init: .*resnet18 of width 8.*fpn_resnet34"):
+        make_plan(parse_train_spec(spec_dict(dataset, "out", model={"name": "fpn_resnet34", "width": 8,
+                                                                    "init": str(tmp_path / "encoder.safetensors")})))
+
+
 def test_lr_schedules():
     assert lr_factor(0, 100, "constant") == 1.0
     assert lr_factor(50, 100, "poly", power=1.0) == pytest.approx(0.5)

@@ -200,9 +200,18 @@ def test_seeded_checkpoint_is_deterministic() -> None:
 # ---------------------------------------------------------------- every head
 
 HEADS = sorted(DECODERS)
+
+
+def arch(head: str) -> str:
+    """``head`` on resnet18; FCN-8s as published exists only on its VGG-16."""
+    return "fcn8s_vgg16" if head == "fcn8s" else f"{head}_resnet18"
 # Tensors whose shape depends on the class count: what fine-tuning on new classes re-initialises.
 CLASS_TENSORS = {
     "deeplabv3": {"classifier.weight", "classifier.bias"},
+    "fcn8s": {"decoder.output.6.weight", "decoder.output.6.bias", "decoder.adj_pool3.weight",
+              "decoder.adj_pool3.bias", "decoder.adj_pool4.weight", "decoder.adj_pool4.bias",
+              "decoder.up_output.weight", "decoder.up_pool4_out.weight", "decoder.up_final.weight"},
+    "magnet_fpn": {"decoder.classify.weight", "decoder.classify.bias"},
     "dupsampling": {"decoder.basis", "decoder.mean"},
     "fcn": {f"decoder.score.{i}.{p}" for i in range(3) for p in ("weight", "bias")}
     | {"decoder.up.0.weight", "decoder.up.1.weight"},
@@ -234,7 +243,7 @@ def _trained_like(name: str, num_classes: int = 3, seed: int = 3):
 
 @pytest.mark.parametrize("head", HEADS)
 def test_every_head_round_trips_with_identical_outputs(head: str) -> None:
-    config, model = _trained_like(f"{head}_resnet18")
+    config, model = _trained_like(arch(head))
     loaded, info = load_checkpoint(save_checkpoint(None, model, config, NAMES))
     assert info.config == config
     x = torch.randn(1, 3, 64, 64)
@@ -246,9 +255,9 @@ def test_every_head_round_trips_with_identical_outputs(head: str) -> None:
 
 @pytest.mark.parametrize("head", HEADS)
 def test_every_head_refuses_another_class_count_naming_the_tensors(head: str) -> None:
-    model = build_model(_config(f"{head}_resnet18", num_classes=4))
+    model = build_model(_config(arch(head), num_classes=4))
     with pytest.raises(CheckpointError) as info:
-        load_state_into(model, _checkpoint(f"{head}_resnet18", num_classes=3))
+        load_state_into(model, _checkpoint(arch(head), num_classes=3))
     msg = str(info.value)
     assert f"{len(CLASS_TENSORS[head])} shape mismatches" in msg
     assert sorted(CLASS_TENSORS[head])[0] in msg
@@ -258,14 +267,14 @@ def test_every_head_refuses_another_class_count_naming_the_tensors(head: str) ->
 @pytest.mark.parametrize("head", HEADS)
 def test_every_head_refuses_another_architecture_naming_the_tensors(head: str) -> None:
     other = HEADS[(HEADS.index(head) + 1) % len(HEADS)]
-    model = build_model(_config(f"{other}_resnet18"))
+    model = build_model(_config(arch(other)))
     with pytest.raises(CheckpointError, match=r"(missing from|unexpected in) checkpoint: decoder"):
-        load_state_into(model, _checkpoint(f"{head}_resnet18"))
+        load_state_into(model, _checkpoint(arch(head)))
 
 
 @pytest.mark.parametrize("head", HEADS)
 def test_fine_tuning_on_new_classes_keeps_only_the_class_tensors_fresh(head: str) -> None:
-    name = f"{head}_resnet18"
+    name = arch(head)
     model = build_model(_config(name, num_classes=5), seed=1)
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
     data = _checkpoint(name, num_classes=3)

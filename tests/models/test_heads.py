@@ -14,22 +14,29 @@ WIDTH = 8
 K = 3
 HEADS = sorted(DECODERS)
 HEAD_STRIDES = [(h, s) for h in HEADS for s in DECODERS[h].output_strides]
+RESNETS = sorted(e for e in ENCODERS if e.startswith("resnet"))
+
+
+def arch(head: str, encoder: str = "resnet18") -> str:
+    """The architecture of ``head`` on ``encoder``; FCN-8s as published exists only on its VGG-16."""
+    return "fcn8s_vgg16" if head == "fcn8s" else f"{head}_{encoder}"
 
 
 def _model(head: str, output_stride: int | None = None, encoder: str = "resnet18"):
-    config = ModelConfig(f"{head}_{encoder}", K, width=WIDTH, output_stride=output_stride)
+    config = ModelConfig(arch(head, encoder), K, width=WIDTH, output_stride=output_stride)
     return build_model(config, seed=0)
 
 
 def test_registry_names_every_head_with_every_encoder() -> None:
-    expected = {f"{h}_{e}": (e, h) for h in DECODERS for e in ENCODERS}
-    assert ARCHITECTURES == expected
+    expected = {f"{h}_{e}": (e, h) for h in DECODERS if h != "fcn8s" for e in RESNETS}
+    assert ARCHITECTURES == {**expected, "fcn8s_vgg16": ("vgg16", "fcn8s")}
 
 
 @pytest.mark.parametrize(("head", "output_stride"), HEAD_STRIDES)
 def test_head_shapes_strides_and_gradients(head: str, output_stride: int) -> None:
     model = _model(head, output_stride)
-    assert model.input_multiple == output_stride == max(model.encoder.strides)
+    any_size = DECODERS[head].any_input_size
+    assert model.input_multiple == (1 if any_size else output_stride) and output_stride == max(model.encoder.strides)
     x = torch.randn(2, 3, 64, 96)
     logits, aux = model.forward_aux(x)
     assert logits.shape == (2, K, 64, 96) and logits.dtype == torch.float32
@@ -42,8 +49,12 @@ def test_head_shapes_strides_and_gradients(head: str, output_stride: int) -> Non
     loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    odd = torch.randn(1, 3, 64 + output_stride // 2, 64)
+    if any_size:  # resamples by size: any input runs
+        assert model(odd).shape == (1, K, *odd.shape[-2:])
+        return
     with pytest.raises(ValueError, match=f"multiples of {output_stride}"):
-        model(torch.randn(1, 3, 64 + output_stride // 2, 64))
+        model(odd)
 
 
 @pytest.mark.parametrize("head", HEADS)
@@ -131,9 +142,10 @@ def test_ocr_main_output_depends_on_the_soft_regions() -> None:
 def test_global_context_only_where_documented(head: str) -> None:
     # Local heads: a change in one corner cannot reach the opposite corner beyond the receptive
     # field. On a 256-px input the resnet10 receptive field (~ 200 px) does not span the diagonal.
-    model = ModelConfig(f"{head}_resnet10", K, width=WIDTH)
+    model = ModelConfig(arch(head, "resnet10"), K, width=WIDTH)
     net = build_model(model, seed=0).eval()
-    x = torch.randn(1, 3, 256, 256)
+    side = 512 if head == "fcn8s" else 256  # VGG-16's fc6 (7×7 at stride 32) reaches ~400 px
+    x = torch.randn(1, 3, side, side)
     y = x.clone()
     y[..., :16, :16] += 5
     with torch.no_grad():

@@ -27,7 +27,11 @@ PointRend (Kirillov et al., CVPR 2020; facebookresearch/detectron2, ``projects/P
   and ``train_point_loss``. Auxiliary-head losses (``loss.aux_weight``, OCRNet) are not added.
 - **Init.** ``model.init`` may be a plain segmenter checkpoint of the same architecture: its tensors seed the
   segmenter part (the point head starts fresh), so PointRend can be added to a trained segmenter; a PointRend
-  checkpoint seeds both parts.
+  checkpoint seeds both parts. It may also be ImageNet encoder weights: a torchvision ResNet file
+  (``resnet50-*.pth``, read with ``torch.load(weights_only=True)``) or the encoder checkpoint
+  ``gigaseg import-checkpoint --from torchvision-resnet`` makes of one; they seed the encoder (of the same
+  ResNet and width 64), the head starts fresh, and crops are normalised as the encoder was trained (ImageNet's
+  mean and std) instead of with the dataset's statistics.
 - **Validation** scores the model as ``gigaseg run`` runs it: eval ``forward``, subdivision up to the crop's
   resolution. The checkpoint is a gigaseg checkpoint whose config has ``refine: pointrend``: ``model.checkpoint``
   of ``gigaseg run``, nothing else to set.
@@ -53,8 +57,9 @@ from safetensors.torch import load as st_load
 from jobs.train.common import normalizer, shard_batches, spec_loss
 from jobs.train.contract import Task, Trainee, TrainPlan
 from jobs.train.spec import POINTREND_DEFAULTS, POINTREND_OPTIONS, TrainModelSpec, TrainSpec
-from models import POINT_HEAD_FIELDS, ModelConfig, build_model
+from models import ARCHITECTURES, POINT_HEAD_FIELDS, ModelConfig, build_model
 from models.checkpoint import load_state_into, read_info, save_checkpoint
+from models.encoder_checkpoint import EncoderWeights, describe, encoder_weights
 from models.errors import CheckpointError
 from models.heads.dupsampling import DUpsamplingHead, fit_dupsampling
 from models.pointrend import point_ce
@@ -89,12 +94,19 @@ def plan(spec: TrainSpec, info, problems: list[str]) -> tuple[SegmenterModel, di
         config = model_config(spec.model, info.num_classes)
     except ValueError as err:
         raise SpecError("spec", [*problems, str(err)]) from None
+    normalization = info.normalization
     if spec.model.init:
         try:
-            init_weights(None, read_bytes(spec.model.init, spec.dataset.storage_options), config, info.class_names)
+            data = read_bytes(spec.model.init, spec.dataset.storage_options)
+            encoder = encoder_weights(data, spec.model.init)
+            if encoder is None:
+                init_weights(None, data, config, info.class_names)
+            else:  # features learnt on inputs normalised so: keep feeding them so
+                _init_encoder(None, encoder, config)
+                normalization = encoder.normalization.to_dict()
         except (CheckpointError, FileNotFoundError) as err:
             problems.append(f"model.init: {spec.model.init}: {err}")
-    return SegmenterModel(config), info.normalization
+    return SegmenterModel(config), normalization
 
 
 def model_config(m: TrainModelSpec, num_classes: int) -> ModelConfig:
@@ -126,7 +138,12 @@ def init_weights(model, data: bytes, config: ModelConfig, class_names) -> str:
     """Check (and with ``model``, load) a fine-tuning checkpoint. With another class table, the tensors
     whose shape depends on the class count (the classifier, heads that emit logits, a point head) keep their
     fresh initialisation. A plain segmenter seeds the segmenter part of a PointRend (whose point head starts
-    fresh), and a PointRend's segmenter part seeds a plain segmenter. Returns what was done, for the log."""
+    fresh), and a PointRend's segmenter part seeds a plain segmenter. Encoder weights (an encoder checkpoint of
+    ``gigaseg import-checkpoint --from torchvision-resnet``, or a torchvision ResNet file itself) seed the encoder
+    only. Returns what was done, for the log."""
+    encoder = encoder_weights(data, "model.init")
+    if encoder is not None:
+        return _init_encoder(model, encoder, config)
     info = read_info(data)
     theirs, ours = info.config, config
     if not theirs.same_architecture(ours):
@@ -151,6 +168,19 @@ def init_weights(model, data: bytes, config: ModelConfig, class_names) -> str:
     elif theirs.refine and not ours.refine:
         left.append("the checkpoint's point head (this model has none)")
     return "all weights" if not left else "all but " + " and ".join(left)
+
+
+def _init_encoder(model, encoder: EncoderWeights, config: ModelConfig) -> str:
+    """Check (and with ``model``, load strictly) encoder weights into the model's encoder; the head starts fresh."""
+    ours = ARCHITECTURES[config.name][0]
+    if (encoder.encoder, encoder.width) != (ours, config.width):
+        raise CheckpointError(
+            f"holds the encoder of a {encoder.encoder} of width {encoder.width}, but {config.name!r} of width "
+            f"{config.width} has a {ours}: set model.name to a {encoder.encoder} architecture (e.g. "
+            f"fpn_{encoder.encoder}) and model.width to {encoder.width}")
+    if model is not None:
+        load_state_into(getattr(model, "segmenter", model).encoder, encoder.state)
+    return f"the encoder ({describe(encoder)}); the head starts fresh"
 
 
 def _rekey(state: dict, theirs: str | None, ours: str | None) -> dict:
