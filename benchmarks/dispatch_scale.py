@@ -130,7 +130,7 @@ def main() -> None:
                 ms_call = 1000 * r["cpu"] / r["calls"]
                 tiles_per_call = r["tiles"] / r["calls"]
                 tiles_per_core_s = 1000 / ms_call * tiles_per_call
-                rows.append([f"{per_call}" if per_call else "default", f"{side}", f"{len(calls)}",
+                rows.append([f"{per_call}" if per_call else "default", f"{side[0]}×{side[1]}", f"{len(calls)}",
                              f"{tiles_per_call:.0f}", f"{r['calls']}", f"{r['calls'] / r['seconds']:.0f}",
                              f"{ms_call:.2f}", f"{tiles_per_core_s:.0f}",
                              f"**{tiles_per_core_s * gpu_ms / 1000:.0f}**"])

@@ -44,8 +44,14 @@ def _spec(inputs: Path, output: Path, *, args, framework: str):
 class _Discard:
     """A sink that computes the labels of each band and stores nothing: only the reads are counted."""
 
-    def write(self, open_array, band) -> list:
+    def start(self, block) -> _Discard:
+        return self
+
+    def write(self, band) -> list:
         band.labels("uint8")
+        return []
+
+    def finish(self) -> list:
         return []
 
 

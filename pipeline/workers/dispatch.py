@@ -151,6 +151,15 @@ class _Health:
                 )
 
 
+#: glibc malloc settings of the worker processes. A worker allocates and frees buffers of a chunk row (8–32 MiB:
+#: rows read, labels, confidence) in several threads; by default glibc raises its mmap threshold to the largest
+#: block freed, after which such buffers come from per-thread arenas that keep what is freed, and a worker's
+#: memory grows with the number of chunk rows it has handled (measured: +700 MiB over two workers from a 16384²
+#: to a 32768² image, with blocks of the same width). A fixed threshold returns every buffer of 1 MiB or more to
+#: the system when freed; fewer arenas keep the small allocations together.
+WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_ARENA_MAX": "4"}
+
+
 class WorkerPool:
     """``workers`` actors, each requesting ``gpus_per_worker`` GPUs, each holding the framework's model once
     (its weights read from ``storage_options``' store)."""
@@ -165,6 +174,7 @@ class WorkerPool:
             max_restarts=-1,  # Ray restarts a dead actor (on another node if its node is gone) ...
             max_task_retries=0,  # ... and run() re-queues its lost calls to the other actors at once
             scheduling_strategy=scheduling_strategy(config.placement),
+            runtime_env={"env_vars": dict(WORKER_MALLOC)},
         )
         device = DeviceConfig(precision=config.precision, torch_threads=config.torch_threads)
         self.actors = [remote.remote(framework, storage_options, device, config.audit_dir)

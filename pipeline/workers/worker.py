@@ -21,6 +21,7 @@ worker. A call is idempotent: a retried block rewrites its own chunks with the s
 
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
 import threading
@@ -129,6 +130,24 @@ class ChunkRows:
             raise RuntimeError(f"chunk rows left incomplete: {sorted(self._open)}")
 
 
+def _libc_trim():
+    """``malloc_trim(0)`` of glibc (None elsewhere): hands the heap's free pages back to the system."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_TRIM = _libc_trim()
+
+
+def release_memory() -> None:
+    """After a block: give back what the block's buffers left free in glibc's arenas (chunk rows decoded, encoded
+    and freed by several threads fragment them), so a worker's memory does not creep up block after block."""
+    if _TRIM is not None:
+        _TRIM(0)
+
+
 def _tick(cpu: dict[str, float], phase: str, since: float) -> float:
     """Add this thread's CPU-seconds since ``since`` to ``cpu[phase]``; the new mark."""
     now = time.thread_time()
@@ -232,8 +251,14 @@ class BlockWorker:
             self._weights[key] = torch.from_numpy(np.array(w)).to(self.model.device)
         return self._weights[key]
 
-    @torch.inference_mode()
     def run(self, task: BlockTask) -> BlockResult:
+        try:
+            return self._run(task)
+        finally:
+            release_memory()
+
+    @torch.inference_mode()
+    def _run(self, task: BlockTask) -> BlockResult:
         t0 = time.perf_counter()
         stage, grid, region = task.stage, task.stage.grid, task.block.region
         rows: dict[int, list[int]] = defaultdict(list)
@@ -262,7 +287,7 @@ class BlockWorker:
         x_lo = grid.window(0, min(ix for ixs in rows.values() for ix in ixs)).x0
         x_hi = grid.window(0, max(ix for ixs in rows.values() for ix in ixs)).x1
         weights = self._blend_weights(task)
-        blend = BlockBlend(stage.num_classes, blend_region, grid.tile, self.model.device)
+        blend = None  # made once this call holds the model: a call waiting behind another holds no sums yet
         reads = self._read_rows(task, order, rows, x_lo, x_hi, shared)
         try:
             for k, (iy, row, inputs, read_cpu) in enumerate(reads):
@@ -271,6 +296,8 @@ class BlockWorker:
                 writes = []
                 with self._model_lock:
                     t1, c = time.perf_counter(), time.thread_time()
+                    if blend is None:
+                        blend = BlockBlend(stage.num_classes, blend_region, grid.tile, self.model.device)
                     for band in blend.ready(windows[0].y0):  # rows above: final (MagNet-Fast: rows no tile reaches)
                         writes += assembled.add(sink.write(band))
                     c = _tick(cpu, "sink", c)
