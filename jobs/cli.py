@@ -94,7 +94,8 @@ def cmd_inspect(args) -> int:
     except FileNotFoundError:
         error(f"{args.model}: no such file")
         return EXIT_USAGE
-    source = ModelSource(data, args.model, "fpn_resnet18", (), storage_options=options, factory=args.factory)
+    source = ModelSource(data, args.model, "fpn_resnet18", (), storage_options=options, factory=args.factory,
+                         any_bands=True)
     try:
         resolution = resolve_segmenter(source, "segment")
         check_segmenter(resolution, args.tile)

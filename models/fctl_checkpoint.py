@@ -21,7 +21,7 @@ from models import ModelConfig
 from models.checkpoint import FORMAT_VERSION, _load_tensors, _read_header, rebuild, serialise
 from models.errors import CheckpointError
 from models.fctl import FCtL, FctlConfig, build_fctl
-from models.info import CheckpointInfo, Normalization
+from models.info import CheckpointInfo, Normalization, default_normalization
 
 FCTL_FORMAT = "gigaseg-fctl-1"
 FCTL_METADATA_KEYS = (
@@ -125,19 +125,21 @@ def seeded_fctl(
     width: int = 64,
     gamma: float | None = None,
     refine: str | None = None,
+    in_channels: int = 3,
 ) -> bytes:
     """FCtL checkpoint bytes with seeded random weights; same arguments -> same bytes.
 
     ``gamma`` sets every correlation's γ (None keeps 0, where the model equals its local segmenter),
     so tests can make the contexts matter; ``refine="pointrend"`` gives the local model a point head.
     """
-    config = FctlConfig(ModelConfig(name, num_classes, width=width, refine=refine), tuple(contexts))
+    config = FctlConfig(ModelConfig(name, num_classes, width=width, refine=refine, in_channels=in_channels),
+                        tuple(contexts))
     model = build_fctl(config, seed=seed).eval()
     if gamma is not None:
         with torch.no_grad():
             for corr in model.correlations:
                 corr.gamma.fill_(gamma)
-    return save_fctl(None, model, config, class_names)
+    return save_fctl(None, model, config, class_names, normalization=default_normalization(in_channels))
 
 
 def _describe(config: FctlConfig) -> str:

@@ -1,7 +1,7 @@
 """Models users bring, run on a worker's device: an ONNX model (ONNX Runtime), a torch.export program, or their
 own ``nn.Module`` with safetensors weights. Each is a tile predictor like ``predictor.TilePredictor``:
-``probabilities(tiles uint8 (B, 3, T, T))`` → ``(B, C, T, T)`` float32 on the device, fed as its model card says
-(``models.card``: normalisation, logits or probabilities).
+``probabilities(tiles uint8 (B, K, T, T))`` (K: the card's bands) → ``(B, C, T, T)`` float32 on the device, fed as
+its model card says (``models.card``: normalisation, logits or probabilities).
 
 How each is read, and what is never done: nothing is unpickled. ONNX is a protobuf graph; safetensors is raw
 tensors; a torch.export archive is checked first (``check_export_archive``) for every way

@@ -302,12 +302,12 @@ class BlockWorker:
                            RETRY_LOG.take())
 
     def _tiles(self, row: np.ndarray, offsets: list[int], tile: int) -> torch.Tensor:
-        """The row's tiles ``(n, 3, T, T)`` uint8 on the device: the row window copied once, tiles cut there."""
+        """The row's tiles ``(n, C, T, T)`` uint8 on the device: the row window copied once, tiles cut there."""
         dev = self.model.runner.upload(row)
         return torch.stack([dev[:, :, o : o + tile] for o in offsets])
 
     def _read_rows(self, task: BlockTask, order: list[int], rows: dict[int, list[int]], x_lo: int, x_hi: int):
-        """``(iy, row window (3, T, x_hi − x_lo), inputs, CPU-seconds)`` per tile row, read one row ahead in a
+        """``(iy, row window (C, T, x_hi − x_lo), inputs, CPU-seconds)`` per tile row, read one row ahead in a
         thread of its own (a generator; ``close()`` stops it)."""
         stage, grid = task.stage, task.stage.grid
         ref = stage.image
@@ -317,7 +317,7 @@ class BlockWorker:
 
         def produce() -> None:
             try:
-                reader = image_rows(self.open(ref), ref.axes, ref.shape_yx, x_lo, x_hi, ref.value_range)
+                reader = image_rows(self.open(ref), ref.axes, ref.shape_yx, x_lo, x_hi, ref.value_range, ref.bands)
                 sources = [source.open_rows(self.open, ref, grid.tile, x_lo, x_hi) for source in stage.inputs]
                 for iy in order:
                     if stop.is_set():
