@@ -59,7 +59,7 @@ class InputsSpec(Strict):
         default=None, min_length=1,
         description="source channels (0-based) the model sees, in its order, e.g. [3, 2, 1, 7]; absent → RGB "
                     "(1–4 channel images converted to red, green, blue)")
-    value_range: tuple[float, float] | list[tuple[float, float]] | None = Field(
+    value_range: tuple[float, float] | tuple[tuple[float, float], ...] | None = Field(
         default=None, description="input values mapped linearly to 0..255 (needed for int16/int32 inputs): one "
                                   "[low, high] for every band, or with inputs.bands one pair per selected band"
     )
@@ -72,14 +72,14 @@ class InputsSpec(Strict):
     @field_validator("value_range")
     @classmethod
     def _range_ordered(cls, v):
-        for pair in v if isinstance(v, list) else [v]:
+        for pair in v if v and isinstance(v[0], tuple) else [v]:
             if pair is not None and not pair[0] < pair[1]:
                 raise ValueError(f"must be [low, high] with low < high, got {list(pair)}")
-        return tuple(v) if isinstance(v, list) else v
+        return v
 
     @model_validator(mode="after")
     def _ranges_per_band(self):
-        if isinstance(self.value_range, tuple) and self.value_range and isinstance(self.value_range[0], tuple):
+        if self.value_range and isinstance(self.value_range[0], tuple):
             if self.bands is None:
                 raise ValueError(f"value_range gives {len(self.value_range)} [low, high] pairs, one per band, but "
                                  "inputs.bands is not set; list the bands they belong to, or give one pair")
