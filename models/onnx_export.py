@@ -7,8 +7,9 @@ normalised as the card says (``(v/255 − mean) / std`` per band), output ``logi
 normalisation, size multiple, logits) is stored in the model's ``metadata_props`` under ``CARD_KEY`` as JSON,
 where ``gigaseg inspect`` / ``gigaseg run`` and other tools (QGIS Deepness reads ``metadata_props`` too) find it.
 
-Traced with ``torch.onnx.export(dynamo=True)`` (``torch.export`` then onnxscript's translation). PointRend's
-inference (subdivision with data-dependent top-k point selection) and FCtL (two inputs) are not exported.
+Traced with ``torch.onnx.export(dynamo=True)`` (``torch.export`` then onnxscript's translation). Not exported:
+FCtL (a second input, its context windows) and PointRend (tried with torch 2.13: ``torch.export`` traces its
+subdivision, but the ONNX translation fails on ``aten.remainder`` of its top-k point indices by a dynamic size).
 """
 
 from __future__ import annotations
@@ -69,9 +70,9 @@ def _segmenter_info(checkpoint: bytes) -> CheckpointInfo:
                               "do not feed; export its local segmenter (gigaseg train task segmenter) instead")
     info = read_info(checkpoint)
     if info.config.refine is not None:
-        raise CheckpointError(f"the checkpoint's {info.config.refine} refinement picks its points by data-dependent "
-                              "top-k at inference, which does not export to a fixed ONNX graph; export the plain "
-                              "segmenter (model.refine unset) instead")
+        raise CheckpointError(f"the checkpoint's {info.config.refine} refinement does not export: torch.onnx.export "
+                              f"(torch {torch.__version__.split('+')[0]}) fails to translate the index arithmetic on "
+                              "its top-k points at dynamic sizes; export a plain segmenter (model.refine unset)")
     return info
 
 

@@ -315,6 +315,15 @@ class BlockWorker:
         stop = threading.Event()
         done = object()
 
+        def hand_over(item) -> None:
+            """``item`` into the queue, unless the consumer stopped (it raised: the queue may stay full)."""
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
+
         def produce() -> None:
             try:
                 reader = image_rows(self.open(ref), ref.axes, ref.shape_yx, x_lo, x_hi, ref.value_range, ref.bands)
@@ -333,16 +342,10 @@ class BlockWorker:
                         ) from err
                     windows = [grid.window(iy, ix) for ix in rows[iy]]
                     inputs = [(source, source.read(windows)) for source in sources]
-                    item = (iy, row, inputs, time.thread_time() - c0)
-                    while not stop.is_set():
-                        try:
-                            out.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                out.put(done)
+                    hand_over((iy, row, inputs, time.thread_time() - c0))
+                hand_over(done)
             except BaseException as err:  # noqa: BLE001 - handed to the consumer, which raises it
-                out.put(err)
+                hand_over(err)
 
         thread = threading.Thread(target=produce, name="gigaseg-read", daemon=True)
         thread.start()
