@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import zarr
 
 from pipeline.output.layout import JobLayout
-from pipeline.sources.convert import ValueRange, is_per_band, out_channels
+from pipeline.sources.convert import ValueRange, is_per_band
 from pipeline.sources.pixels import LazyLevel
 from pipeline.sources.slides import SlideLevel
 from pipeline.storage import zarr_store
@@ -85,11 +85,6 @@ class InputPlan:
                              f"{self.bands}")
         if self.bands is not None and (not self.bands or min(self.bands) < 0):
             raise ValueError(f"InputPlan.bands must be 0-based channel indices, got {self.bands}")
-
-    @property
-    def channels(self) -> int:
-        """The channels the model sees: 3 (RGB) or one per selected band."""
-        return out_channels(self.bands)
 
 
 @dataclass(frozen=True)
