@@ -1,5 +1,5 @@
-"""``gigaseg`` command line: validate, run, status, inspect, demo, synth, train, import-pairs, import-checkpoint,
-eval, export-masks, submit, logs, job-status.
+"""``gigaseg`` command line: validate, run, status, inspect, export, demo, synth, train, import-pairs,
+import-checkpoint, eval, export-masks, submit, logs, job-status.
 
 Exit codes (``jobs.console``, the same for every command): 0 every image succeeded (or was already done), 1 some
 image failed, 2 the spec or the command line is wrong. Problems print one line each; ``--debug`` adds tracebacks.
@@ -94,7 +94,8 @@ def cmd_inspect(args) -> int:
     except FileNotFoundError:
         error(f"{args.model}: no such file")
         return EXIT_USAGE
-    source = ModelSource(data, args.model, "fpn_resnet18", (), storage_options=options, factory=args.factory)
+    source = ModelSource(data, args.model, "fpn_resnet18", (), storage_options=options, factory=args.factory,
+                         any_bands=True)
     try:
         resolution = resolve_segmenter(source, "segment")
         check_segmenter(resolution, args.tile)
@@ -118,6 +119,34 @@ def cmd_inspect(args) -> int:
     print(f"  normalize    mean {list(norm.mean)}, std {list(norm.std)} (pixel values in 0..1)")
     print(f"  output       {card.output}; input size {facts['input size']}; batch {facts['batch']}")
     print(f"  checked      {facts['checked']}")
+    return EXIT_OK
+
+
+def cmd_export(args) -> int:
+    """A gigaseg segmenter checkpoint as ONNX, its card in the metadata; checked against torch on one batch."""
+    from models.errors import CheckpointError
+    from models.onnx_export import compare_outputs, export_onnx
+    from pipeline.storage import read_bytes, write_bytes
+
+    options = json.loads(args.storage_options) if args.storage_options else {}
+    try:
+        data = read_bytes(args.model, options)
+    except FileNotFoundError:
+        error(f"{args.model}: no such file")
+        return EXIT_USAGE
+    try:
+        onnx_bytes, card = export_onnx(data, opset=args.opset)
+    except CheckpointError as err:
+        error(f"{args.model}: {err}")
+        return EXIT_USAGE
+    write_bytes(args.out, onnx_bytes, options)
+    m = card.size_multiple
+    diff, scale = compare_outputs(data, onnx_bytes, (2, len(card.bands), 4 * m, 3 * m))  # not the traced shape
+    print(f"{args.out}: ONNX (opset {args.opset}), {len(onnx_bytes) / 2**20:.1f} MiB; input image (N, "
+          f"{len(card.bands)}, H, W) normalised float32, H and W multiples of {card.size_multiple}; output logits "
+          f"(N, {card.num_classes}, H, W)")
+    print(f"  card         metadata_props[{json.dumps('gigaseg.card')}]: classes {', '.join(card.class_names)}")
+    print(f"  checked      max |ONNX Runtime − torch| = {diff:.2e} on logits up to {scale:.2f} (fp32)")
     return EXIT_OK
 
 
@@ -199,6 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--storage-options", default=None, help="fsspec storage options as JSON")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_inspect)
+
+    x = sub.add_parser("export", help="write a gigaseg segmenter checkpoint as an ONNX model with its card in the "
+                       "metadata (exit 0 ok, 2 it cannot be exported)")
+    x.add_argument("model", help="a gigaseg segmenter checkpoint (.safetensors)")
+    x.add_argument("out", help="the ONNX file to write (.onnx)")
+    x.add_argument("--opset", type=int, default=18, help="ONNX operator set (default %(default)s)")
+    x.add_argument("--storage-options", default=None, help="fsspec storage options as JSON")
+    x.set_defaults(func=cmd_export)
 
     d = sub.add_parser("demo", help="generate a small archive and run the main job on it")
     d.add_argument("--output", default="demo-output", help="directory for the archive, spec and masks")

@@ -29,13 +29,14 @@ from PIL import Image
 
 from jobs.console import EXIT_FAILED, EXIT_OK, EXIT_USAGE, print_results
 from jobs.evaluate import score_pair, scores
-from jobs.preview import spatial_html
+from jobs.preview import image_preview, spatial_html
 from jobs.runner import run_spec
-from jobs.spec import parse_spec
+from jobs.spec import InputsSpec, parse_spec
 from pipeline.evaluation.masks import open_mask
 from pipeline.evaluation.metrics import BoundaryCounts
 from pipeline.optional import available
-from pipeline.sources.discover import _safe_name
+from pipeline.sources.discover import _safe_name, discover
+from pipeline.sources.formats import open_source
 from pipeline.spatial import Spatial
 from pipeline.storage import write_bytes
 from pipeline.synth import CLASSES, SynthConfig, image_and_labels, synth_dask
@@ -154,8 +155,12 @@ def score_images(root: Path, images: list[DemoImage], masks_url: str) -> dict:
     return out
 
 
-def write_preview(root: Path, images: list[DemoImage], masks_url: str, table: dict) -> Path:
-    """``root/preview/<name>.png`` (image | truth | mask, each at most ``PREVIEW_SIDE`` px) and ``index.html``."""
+def write_preview(root: Path, images: list[DemoImage], masks_url: str, table: dict,
+                  inputs: InputsSpec | None = None) -> Path:
+    """``root/preview/<name>.png`` (image | truth | mask, each at most ``PREVIEW_SIDE`` px) and ``index.html``. The
+    image is shown as the job fed it to the model (``inputs``: its bands, ``preview_bands`` of them as RGB)."""
+    inputs = inputs or InputsSpec(url=str(root / "archive"))
+    refs = {ref.name: ref for ref in discover(inputs.url, inputs.patterns, inputs.storage_options)}
     lut = np.zeros((256, 3), np.uint8)
     lut[: len(CLASSES)] = [c for _, c in CLASSES]
     preview = root / "preview"
@@ -165,10 +170,8 @@ def write_preview(root: Path, images: list[DemoImage], masks_url: str, table: di
         step = max(1, -(-max(im.height, im.width) // PREVIEW_SIDE))
         mask = np.asarray(open_mask(f"{masks_url}/{im.name}.zarr", {})[::step, ::step])
         truth = np.asarray(Image.open(root / "truth" / f"{im.name}.png"))[::step, ::step]
-        if im.path.suffix == ".zarr":
-            rgb = np.moveaxis(np.asarray(zarr.open_array(str(im.path), mode="r")[:, ::step, ::step]), 0, -1)
-        else:
-            rgb = np.asarray(Image.open(im.path).convert("RGB"))[::step, ::step]
+        source = open_source(refs[im.name], inputs.storage_options, inputs.value_range, inputs.bands)
+        rgb = image_preview(source, step, inputs.preview_bands)  # as the model saw it
         panels = [rgb, lut[truth], lut[mask]]
         sheet = np.concatenate([np.pad(p, ((0, 0), (0, 6), (0, 0)), constant_values=255) for p in panels], 1)
         Image.fromarray(sheet).save(preview / f"{im.name}.png")
@@ -216,7 +219,8 @@ def run_demo(output: str, large: int = 8192) -> int:
         s = table["all"]
         print(f"  {'all, pooled':16} {'':22} mIoU {100 * (s['miou'] or 0):5.1f} %   "
               f"boundary F1 {100 * (s['boundary_f1']['f1'] or 0):5.1f} %")
-        print(f"\npreview: {write_preview(root, images, spec.output.url, table)}   scores: {root / 'scores.json'}")
+        preview = write_preview(root, images, spec.output.url, table, spec.inputs)
+        print(f"\npreview: {preview}   scores: {root / 'scores.json'}")
     print(f"masks:   {spec.output.url}/<name>.zarr/labels/segmentation/0   report: {spec.output.url}/report.json")
     print(f"total {time.perf_counter() - t0:.0f} s")
     return EXIT_FAILED if failed else EXIT_OK

@@ -77,7 +77,7 @@ def resolve_model(spec: JobSpec) -> ResolvedModel:
     except CardError as err:
         raise SpecError("model.card", [str(err)]) from None
     source = ModelSource(data, m.checkpoint, m.architecture, seeded, m.width, m.seed, dict(spec.inputs.storage_options),
-                         factory=m.factory, card=card)
+                         factory=m.factory, card=card, bands=None if spec.inputs.bands is None else tuple(spec.inputs.bands))
     resolution = FRAMEWORKS[m.framework].resolve(m.framework_options, source)
     info = resolution.info
     if info is not None and spec.tiling.tile % info.config.size_multiple:
@@ -129,7 +129,8 @@ def job_plan(spec: JobSpec, model: ResolvedModel, audit_dir: str | None = None) 
     """The plan of ``spec`` with ``model``'s weights staged in its output. ``resources.workers: auto`` is planned
     as one worker; the runner counts the cluster's GPUs once Ray is up and replaces it."""
     i, t, o, r, f = spec.inputs, spec.tiling, spec.output, spec.resources, spec.failure
-    inputs = InputPlan(i.url, tuple(i.patterns), dict(i.storage_options), i.value_range)
+    inputs = InputPlan(i.url, tuple(i.patterns), dict(i.storage_options), i.value_range,
+                       None if i.bands is None else tuple(i.bands))
     output = OutputPlan(o.url, dict(o.storage_options), tuple(o.extras), o.if_exists, o.label_name)
     tiling = TilingPlan(tile=t.tile, overlap=t.overlap, margin=t.margin, offset=tuple(t.offset), batch=t.batch,
                         tiles_per_call=None if t.tiles_per_call == "auto" else t.tiles_per_call, blend=t.blend,
@@ -150,12 +151,14 @@ def job_plan(spec: JobSpec, model: ResolvedModel, audit_dir: str | None = None) 
 
 def _fingerprint(spec: JobSpec, classes: ClassTable, framework: dict[str, Any]) -> str:
     """What fixes an image's output: the framework (weights by content, options), classes, tiling (not how
-    many tiles a call or batch holds), value range, extras and the label name."""
+    many tiles a call or batch holds), value range, the bands selected (only when selected: an RGB job's
+    fingerprint is what it was before bands existed), extras and the label name."""
     t = spec.tiling
+    bands = {} if spec.inputs.bands is None else {"bands": list(spec.inputs.bands)}
     return fingerprint(
         framework=framework, classes=classes.names, value_range=spec.inputs.value_range,
         tiling=t.model_dump(mode="json", exclude={"batch", "tiles_per_call"}), extras=sorted(spec.output.extras),
-        label_name=spec.output.label_name,
+        label_name=spec.output.label_name, **bands,
     )
 
 

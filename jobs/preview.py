@@ -1,12 +1,38 @@
-"""What the HTML preview says about where an image's pixels are: a scale bar sized for the picture as shown, and the
-CRS of a georeferenced image (``pipeline.spatial.Spatial``, as the mask group records it)."""
+"""The HTML preview's picture of an image and what it says about where its pixels are: the image as the model
+saw it (RGB, or three of the bands ``inputs.bands`` selects, ``inputs.preview_bands``), a scale bar sized for the
+picture as shown, and the CRS of a georeferenced image (``pipeline.spatial.Spatial``, as the mask group records
+it)."""
 
 from __future__ import annotations
 
 import html
 import math
+from collections.abc import Sequence
 
+import numpy as np
+
+from pipeline.sources.formats import ImageSource
+from pipeline.sources.pixels import source_to_dask
 from pipeline.spatial import Spatial, short_unit
+
+
+def preview_rgb(image: np.ndarray, preview_bands: Sequence[int] | None = None) -> np.ndarray:
+    """``(C, h, w)`` uint8 as the model sees it → ``(h, w, 3)`` uint8 to show: channels ``preview_bands`` as red,
+    green, blue (positions among the channels; default ``0, 1, 2``); an image of fewer than 3 channels and no
+    ``preview_bands`` shows its first as gray."""
+    c = image.shape[0]
+    if preview_bands is None:
+        preview_bands = (0, 1, 2) if c >= 3 else (0, 0, 0)
+    if len(preview_bands) != 3 or not all(0 <= b < c for b in preview_bands):
+        raise ValueError(f"preview bands {list(preview_bands)}: three positions among the image's {c} channels")
+    return np.ascontiguousarray(np.moveaxis(image[list(preview_bands)], 0, -1))
+
+
+def image_preview(source: ImageSource, step: int, preview_bands: Sequence[int] | None = None) -> np.ndarray:
+    """Every ``step``-th pixel of ``source`` as the model sees it (``source_to_dask``: RGB or the selected bands),
+    as ``preview_rgb`` shows it: ``(⌈H/step⌉, ⌈W/step⌉, 3)`` uint8, read chunk by chunk."""
+    pixels = source_to_dask(source, chunk=2048)[:, ::step, ::step].compute()
+    return preview_rgb(pixels, preview_bands)
 
 _BIGGER = {"meter": ("kilometer", 1000.0), "micrometer": ("millimeter", 1000.0), "millimeter": ("meter", 1000.0)}
 

@@ -55,18 +55,47 @@ class InputsSpec(Strict):
     url: str = Field(description="local path, file://, s3://bucket/prefix or any fsspec URL")
     patterns: list[str] = Field(default_factory=lambda: ["**/*"], min_length=1)
     storage_options: dict[str, Any] = Field(default_factory=dict)
-    value_range: tuple[float, float] | None = Field(
-        default=None, description="input values mapped linearly to 0..255 (needed for int16/int32 inputs)"
+    bands: list[Annotated[int, Field(ge=0)]] | None = Field(
+        default=None, min_length=1,
+        description="source channels (0-based) the model sees, in its order, e.g. [3, 2, 1, 7]; absent → RGB "
+                    "(1–4 channel images converted to red, green, blue)")
+    value_range: tuple[float, float] | tuple[tuple[float, float], ...] | None = Field(
+        default=None, description="input values mapped linearly to 0..255 (needed for int16/int32 inputs): one "
+                                  "[low, high] for every band, or with inputs.bands one pair per selected band"
     )
+    preview_bands: tuple[int, int, int] | None = Field(
+        default=None, description="the preview's red, green, blue: positions in inputs.bands (0-based); "
+                                  "default the first three")
 
     _storage = field_validator("storage_options")(check_storage_options)
 
     @field_validator("value_range")
     @classmethod
     def _range_ordered(cls, v):
-        if v is not None and not v[0] < v[1]:
-            raise ValueError(f"must be [low, high] with low < high, got {list(v)}")
+        for pair in v if v and isinstance(v[0], tuple) else [v]:
+            if pair is not None and not pair[0] < pair[1]:
+                raise ValueError(f"must be [low, high] with low < high, got {list(pair)}")
         return v
+
+    @model_validator(mode="after")
+    def _ranges_per_band(self):
+        if self.value_range and isinstance(self.value_range[0], tuple):
+            if self.bands is None:
+                raise ValueError(f"value_range gives {len(self.value_range)} [low, high] pairs, one per band, but "
+                                 "inputs.bands is not set; list the bands they belong to, or give one pair")
+            if len(self.value_range) != len(self.bands):
+                raise ValueError(f"value_range gives {len(self.value_range)} [low, high] pairs for "
+                                 f"{len(self.bands)} bands {self.bands}; give one pair per band, or one for all")
+        n = 3 if self.bands is None else len(self.bands)
+        if self.preview_bands is not None and not all(0 <= b < n for b in self.preview_bands):
+            raise ValueError(f"preview_bands {list(self.preview_bands)} must be positions 0..{n - 1} of the "
+                             f"{'selected bands ' + str(self.bands) if self.bands else 'RGB channels'}")
+        return self
+
+    @property
+    def channels(self) -> int:
+        """The channels the model sees: 3 (RGB) or one per selected band."""
+        return 3 if self.bands is None else len(self.bands)
 
 
 class ClassSpec(Strict):

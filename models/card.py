@@ -4,7 +4,8 @@ Whatever format the weights come in (a gigaseg safetensors checkpoint, ONNX, a t
 own module with safetensors weights), the pipeline needs the same few facts about the model, and only these:
 
 - ``classes``: the output channels in order, with a name and an optional colour each;
-- ``bands``: the input channels in order (gigaseg feeds red, green, blue);
+- ``bands``: the input channels in order (gigaseg feeds red, green, blue, or the channels ``inputs.bands``
+  selects: their count must be the card's);
 - ``normalization``: per band, ``mean`` and ``std`` on a stated ``value_scale``: the model sees
   ``(v − mean) / std`` with ``v`` the pixel on that scale (``value_scale: 1`` → ``v`` in 0..1, ImageNet's
   convention; ``255`` → ``v`` in 0..255);
@@ -32,6 +33,12 @@ SIDECAR_SUFFIX = ".model.yaml"
 RGB = ("red", "green", "blue")
 OUTPUTS = ("logits", "probabilities")
 _KEYS = {"classes", "bands", "normalization", "size_multiple", "output"}
+
+
+def band_names(channels: int) -> tuple[str, ...]:
+    """The bands of a gigaseg network of ``channels`` inputs: red, green, blue for 3, else ``band_0 …``
+    (a gigaseg checkpoint records the count, not the names)."""
+    return RGB if channels == 3 else tuple(f"band_{i}" for i in range(channels))
 
 
 class CardError(ValueError):
@@ -69,8 +76,8 @@ class ModelCard:
     def from_info(cls, info: CheckpointInfo) -> ModelCard:
         """The card of a gigaseg checkpoint (its networks return logits; inputs a multiple of 32, or of any size for
         the reference architectures whose heads resample by size)."""
-        return cls(tuple(info.class_names), info.class_colors, RGB[: info.config.in_channels], info.normalization,
-                   info.config.size_multiple, "logits")
+        return cls(tuple(info.class_names), info.class_colors, band_names(info.config.in_channels),
+                   info.normalization, info.config.size_multiple, "logits")
 
     def to_dict(self) -> dict[str, Any]:
         classes = [{"name": n} if self.class_colors is None else {"name": n, "color": list(c)}
@@ -153,4 +160,4 @@ def merge(card: Mapping[str, Any], spec: Mapping[str, Any], card_where: str, spe
     return ModelCard(**fields)
 
 
-__all__ = ["CARD_KEY", "OUTPUTS", "RGB", "SIDECAR_SUFFIX", "CardError", "ModelCard", "merge", "parse_card"]
+__all__ = ["CARD_KEY", "OUTPUTS", "RGB", "SIDECAR_SUFFIX", "CardError", "ModelCard", "band_names", "merge", "parse_card"]

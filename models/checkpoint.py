@@ -21,7 +21,7 @@ from torch import nn
 
 from models import ModelConfig, build_model
 from models.errors import CheckpointError
-from models.info import IMAGENET_NORMALIZATION, CheckpointInfo, Normalization
+from models.info import IMAGENET_NORMALIZATION, CheckpointInfo, Normalization, default_normalization
 from models.segmenter import Segmenter
 from models.state import StateDiff, diff_state
 
@@ -152,15 +152,16 @@ def load_state_into(
 
 
 def seeded_checkpoint(
-    name: str, num_classes: int, class_names: Sequence[str], seed: int = 0, width: int = 64
+    name: str, num_classes: int, class_names: Sequence[str], seed: int = 0, width: int = 64, in_channels: int = 3
 ) -> bytes:
-    """Checkpoint bytes of a registry model with seeded random init (runs without trained weights).
+    """Checkpoint bytes of a registry model with seeded random init (runs without trained weights), taking
+    ``in_channels`` input bands (normalised by ``models.info.default_normalization``).
 
     Same arguments -> same bytes, in any process.
     """
-    config = ModelConfig(name=name, num_classes=num_classes, width=width)
+    config = ModelConfig(name=name, num_classes=num_classes, width=width, in_channels=in_channels)
     model = build_model(config, seed=seed).eval()
-    return save_checkpoint(None, model, config, class_names)
+    return save_checkpoint(None, model, config, class_names, normalization=default_normalization(in_channels))
 
 
 def read_info(data: bytes) -> CheckpointInfo:

@@ -23,7 +23,7 @@ from models import ModelConfig
 from models.checkpoint import FORMAT_VERSION, _load_tensors, _read_header, rebuild, serialise
 from models.errors import CheckpointError
 from models.fctl import FCtL, FctlConfig, build_fctl
-from models.info import CheckpointInfo, Normalization
+from models.info import CheckpointInfo, Normalization, default_normalization
 
 FCTL_FORMAT = "gigaseg-fctl-1"
 FCTL_METADATA_KEYS = (
@@ -138,6 +138,7 @@ def seeded_fctl(
     fusion: str = "gated",
     shared_encoder: bool = False,
     normalization: Normalization | None = None,
+    in_channels: int = 3,
 ) -> bytes:
     """FCtL checkpoint bytes with seeded random weights; same arguments -> same bytes.
 
@@ -146,14 +147,15 @@ def seeded_fctl(
     ``key_channels``, ``fusion`` and ``shared_encoder`` as ``FctlConfig``; ``normalization`` defaults to
     ImageNet's.
     """
-    config = FctlConfig(ModelConfig(name, num_classes, width=width, refine=refine), tuple(contexts), key_channels,
-                        fusion, shared_encoder)
+    config = FctlConfig(ModelConfig(name, num_classes, width=width, refine=refine, in_channels=in_channels),
+                        tuple(contexts), key_channels, fusion, shared_encoder)
     model = build_fctl(config, seed=seed).eval()
     if gamma is not None:
         with torch.no_grad():
             for corr in model.correlations:
                 corr.gamma.fill_(gamma)
-    return save_fctl(None, model, config, class_names, normalization=normalization)
+    return save_fctl(None, model, config, class_names,
+                     normalization=normalization or default_normalization(in_channels))
 
 
 def _describe(config: FctlConfig) -> str:

@@ -44,6 +44,14 @@ IMAGENET_NORMALIZATION = Normalization(mean=(0.485, 0.456, 0.406), std=(0.229, 0
 TO_TENSOR_NORMALIZATION = Normalization(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
 
+def default_normalization(channels: int) -> Normalization:
+    """ImageNet's statistics for 3 (RGB) channels; for any other count, mean 0.5 and std 0.25 per band (0..1
+    units): a neutral choice for a seeded model, which has no training data to take statistics from."""
+    if channels == 3:
+        return IMAGENET_NORMALIZATION
+    return Normalization(mean=(0.5,) * channels, std=(0.25,) * channels)
+
+
 @dataclass(frozen=True)
 class CheckpointInfo:
     """What a checkpoint says about itself, besides the weights."""

@@ -437,7 +437,7 @@ class JobSteps:
 
     def _source(self, ref: ImageRef) -> ImageSource:
         inputs = self.plan.inputs
-        return open_source(ref, inputs.storage_options, inputs.value_range)
+        return open_source(ref, inputs.storage_options, inputs.value_range, inputs.bands)
 
     def _pyramid(self, source: ImageSource, out: ImageOutput) -> Pyramid:
         """Level 0 read in place where it can be; the coarser levels the framework reads built (``prepare_pyramid``)."""

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import zarr
 
 from pipeline.output.layout import JobLayout
+from pipeline.sources.convert import ValueRange, is_per_band
 from pipeline.sources.pixels import LazyLevel
 from pipeline.sources.slides import SlideLevel
 from pipeline.storage import zarr_store
@@ -40,8 +41,9 @@ Extra = Literal["confidence", "probabilities"]
 
 @dataclass(frozen=True)
 class ArrayRef:
-    """One array a worker reads or writes: ``<group_url>/<path>`` with named axes and its y/x shape; values
-    mapped from ``value_range`` to 0..255 on read where it is an image read in place. ``tiff_level``: the array
+    """One array a worker reads or writes: ``<group_url>/<path>`` with named axes and its y/x shape; an image level
+    is read as uint8 by ``convert.to_uint8`` with its ``value_range`` and ``bands`` (RGB without ``bands``, else
+    those channels: ``pipeline.sources.convert``). ``tiff_level``: the array
     is that level of the TIFF at ``group_url`` (read through tifffile's Zarr store), not a Zarr array; with
     ``slide`` that level of the whole-slide image at ``group_url``, read through OpenSlide (``SlideLevel``)."""
 
@@ -50,9 +52,10 @@ class ArrayRef:
     axes: str
     shape_yx: tuple[int, int]
     storage_options: dict[str, Any] = field(default_factory=dict)
-    value_range: tuple[float, float] | None = None
+    value_range: ValueRange | None = None
     tiff_level: int | None = None
     slide: bool = False
+    bands: tuple[int, ...] | None = None
 
     def open(self):
         """The array, read-only (array-like for a TIFF or slide level: ``shape``, ``chunks``, slicing)."""
@@ -69,13 +72,20 @@ class InputPlan:
     url: str
     patterns: tuple[str, ...] = ("**/*",)
     storage_options: dict[str, Any] = field(default_factory=dict)
-    value_range: tuple[float, float] | None = None  # mapped linearly to 0..255
+    value_range: ValueRange | None = None  # mapped linearly to 0..255: one pair, or one per band
+    bands: tuple[int, ...] | None = None  # the source channels the model sees, in order; None: RGB
 
     def __post_init__(self) -> None:
         if not self.patterns:
             raise ValueError("InputPlan.patterns: at least one glob, e.g. '**/*'")
-        if self.value_range is not None and not self.value_range[0] < self.value_range[1]:
+        ranges = self.value_range if is_per_band(self.value_range) else [self.value_range]
+        if any(r is not None and not r[0] < r[1] for r in ranges):
             raise ValueError(f"InputPlan.value_range must be (low, high) with low < high, got {self.value_range}")
+        if is_per_band(self.value_range) and (self.bands is None or len(self.bands) != len(self.value_range)):
+            raise ValueError(f"InputPlan.value_range: {len(self.value_range)} ranges need as many bands, got "
+                             f"{self.bands}")
+        if self.bands is not None and (not self.bands or min(self.bands) < 0):
+            raise ValueError(f"InputPlan.bands must be 0-based channel indices, got {self.bands}")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Image pyramids the workers read: ingested to Zarr v3 chunk by chunk, or an OME-Zarr pyramid used in place.
 
-An ingested pyramid is an OME-NGFF 0.5 group: arrays ``"0".."n-1"`` of shape ``(3, H_l, W_l)`` uint8, axes
-``cyx``, chunks ``(3, chunk, chunk)``, zstd level 3. Level sizes (``level_shapes``)::
+An ingested pyramid is an OME-NGFF 0.5 group: arrays ``"0".."n-1"`` of shape ``(C, H_l, W_l)`` uint8, axes
+``cyx``, chunks ``(C, chunk, chunk)``, zstd level 3; ``C`` is 3 (RGB) or the number of bands the job selects
+(``inputs.bands``: the pyramid keeps those, in their order, each already mapped to uint8). Level sizes (``level_shapes``)::
 
     H_0, W_0 = source size;  H_l = ceil(H_{l-1} / 2), W_l = ceil(W_{l-1} / 2);  stop once max(H_l, W_l) ≤ min_size
 
@@ -32,6 +33,7 @@ from pipeline import ome
 from pipeline.errors import ImageReadError, InputNotFoundError, OutputConflictError, UnsupportedImageError
 from pipeline.output.spatial import write_grid_mappings
 from pipeline.plan import ArrayRef
+from pipeline.sources.convert import ValueRange
 from pipeline.sources.formats import ImageSource
 from pipeline.sources.pixels import source_to_dask
 from pipeline.storage import exists, join, zarr_store
@@ -45,9 +47,10 @@ _MARKER = "gigaseg"
 class Pyramid:
     """A pyramid the workers read: level ``l`` is the array at ``join(url, paths[l])`` of (H, W) ``shapes[l]``.
 
-    Ingested pyramids are ``(3, H, W)`` uint8, axes ``"cyx"``. In-place OME-Zarr pyramids keep the source's
-    ``axes``, ``dtype`` and ``channels``: readers must drop ``t``/``z`` (index 0), move axes to ``cyx`` and
-    pass each window through ``convert.to_rgb8(window, value_range)`` (``needs_conversion``).
+    Ingested pyramids are ``(C, H, W)`` uint8, axes ``"cyx"``; ``bands`` None (RGB) or ``0 … C−1`` (the selected
+    bands, kept as they are). In-place OME-Zarr pyramids keep the source's ``axes``, ``dtype`` and ``channels``:
+    readers must drop ``t``/``z`` (index 0), move axes to ``cyx`` and pass each window through
+    ``convert.to_uint8(window, value_range, bands)`` (``needs_conversion``), ``bands`` then the source's selection.
 
     ``base``: level 0 read where the source is (a Zarr array or a TIFF, no copy); the group at ``url`` then
     holds only the coarser levels built for the framework, and a level not built has path None. ``shapes``
@@ -62,8 +65,9 @@ class Pyramid:
     storage_options: dict = field(default_factory=dict, hash=False)
     dtype: str = "uint8"
     channels: int = 3
-    value_range: tuple[float, float] | None = None
+    value_range: ValueRange | None = None
     base: ArrayRef | None = None
+    bands: tuple[int, ...] | None = None  # the channels of its arrays a reader picks (None: the RGB rule)
 
     def __post_init__(self) -> None:
         if not self.paths or len(self.paths) != len(self.shapes):
@@ -76,7 +80,8 @@ class Pyramid:
 
     @property
     def needs_conversion(self) -> bool:
-        return not (self.axes == "cyx" and self.dtype == "uint8" and self.channels == 3 and self.value_range is None)
+        return not (self.axes == "cyx" and self.dtype == "uint8" and self.channels == 3 and self.value_range is None
+                    and self.bands is None)
 
     def level_url(self, level: int) -> str:
         return join(self.url, self.paths[level])
@@ -92,7 +97,7 @@ class Pyramid:
                 f"{[i for i, p in enumerate(self.paths) if p is not None]}); the framework asked for fewer levels")
         in_place = self.in_place and self.base is None  # an OME-Zarr pyramid read as it is
         return ArrayRef(self.url, self.paths[level], self.axes, tuple(self.shapes[level]), dict(self.storage_options),
-                        self.value_range if in_place else None)
+                        self.value_range if in_place else None, bands=self.bands)
 
 
 def level_shapes(shape_yx: tuple[int, int], min_size: int = 256) -> list[tuple[int, int]]:
@@ -142,7 +147,7 @@ def source_level_ref(source: ImageSource, level: int = 0) -> ArrayRef | None:
     in_file = fmt in ("tiff", "slide")  # a level of one file, not a Zarr array
     ref = ArrayRef(url if in_file else (source.group_url or url), "" if in_file else path, source.axes,
                    tuple(source.levels[level].shape_yx), dict(so), source.value_range,
-                   int(path) if in_file else None, slide=fmt == "slide")
+                   int(path) if in_file else None, slide=fmt == "slide", bands=source.bands)
     array = ref.open()
     iy, ix = source.axes.index("y"), source.axes.index("x")
     cy, cx = array.chunks[iy], array.chunks[ix]
@@ -187,7 +192,8 @@ def ingest(
     levels: int | None = None,
     write_level0: bool = True,
 ) -> Pyramid:
-    """Write ``source`` as an RGB uint8 pyramid at ``group_url`` (see the module docstring) and describe it.
+    """Write ``source`` as a uint8 pyramid (RGB, or its selected bands) at ``group_url`` (see the module
+    docstring) and describe it.
 
     A complete earlier ingest of the same size is reused unless ``overwrite``; an interrupted one is redone.
     ``scheduler`` goes to ``dask.array.store`` (``"threads"``, ``"sync"``, a ``distributed.Client``...).
@@ -202,7 +208,7 @@ def ingest(
     if not write_level0 or n_built < len(shapes):
         return _ingest_some(source, group_url, shapes, n_built, write_level0, chunk, so, scheduler, overwrite)
     if not overwrite:
-        done = _existing(group_url, so)
+        done = _existing(group_url, so, source)
         if done is not None:
             if done.shapes[0] != source.shape_yx:
                 raise OutputConflictError(
@@ -210,19 +216,21 @@ def ingest(
                     f"{source.shape_yx} px; remove it, choose another output, or ingest with overwrite=True."
                 )
             log.info("%s: complete ingest found, reused", group_url)
-            return done
+            return replace(done, bands=_ingested_bands(source))
     shapes = level_shapes(source.shape_yx, min_size)
     group = zarr.open_group(store=zarr_store(group_url, so), mode="a")
-    marker = {**group.attrs.get(_MARKER, {}), "ingest_complete": False, "source": source.ref.url, "chunk": chunk}
+    marker = {**_without_bands(group.attrs.get(_MARKER, {})), "ingest_complete": False, "source": source.ref.url,
+              "chunk": chunk, **_bands_marker(source)}
     group.attrs.update({_MARKER: marker})
+    n = source.out_channels
     for name in group.array_keys():  # levels of an earlier ingest that this one will not rewrite
         if name.isdigit() and int(name) >= len(shapes):
             del group[name]
     arrays = [
         group.create_array(
             str(level),
-            shape=(3, h, w),
-            chunks=(3, chunk, chunk),
+            shape=(n, h, w),
+            chunks=(n, chunk, chunk),
             dtype="uint8",
             compressors=ZstdCodec(level=3),
             fill_value=0,
@@ -238,7 +246,7 @@ def ingest(
     first = [level0, _mean2(level0)][: len(arrays)]
     _store(first, arrays[: len(first)], chunk, scheduler)
     for level in range(len(first), len(arrays)):
-        _store([_mean2(da.from_zarr(arrays[level - 1], chunks=(3, 2 * chunk, 2 * chunk)))], [arrays[level]],
+        _store([_mean2(da.from_zarr(arrays[level - 1], chunks=(n, 2 * chunk, 2 * chunk)))], [arrays[level]],
                chunk, scheduler)
     log.debug("%s: %d levels written, %d×%d to %d×%d", group_url, len(arrays), *shapes[0], *shapes[-1])
     size, unit = source.spatial.ngff_scale(0)
@@ -246,7 +254,8 @@ def ingest(
     state = {**group.attrs.get(_MARKER, {}), "ingest_complete": True}
     group.attrs.update({"ome": ome.image_multiscales(source.ref.name, len(shapes), pixel_size=size, unit=unit),
                         _MARKER: state})
-    return Pyramid(group_url, tuple(str(i) for i in range(len(shapes))), tuple(shapes), "cyx", False, dict(so))
+    return Pyramid(group_url, tuple(str(i) for i in range(len(shapes))), tuple(shapes), "cyx", False, dict(so),
+                   channels=n, bands=_ingested_bands(source))
 
 
 def _ingest_some(source: ImageSource, group_url: str, shapes: list[tuple[int, int]], n_built: int,
@@ -258,13 +267,16 @@ def _ingest_some(source: ImageSource, group_url: str, shapes: list[tuple[int, in
     group = zarr.open_group(store=zarr_store(group_url, so), mode="a")
     marker = dict(group.attrs.get(_MARKER, {}))
     paths = tuple(str(i) if first <= i < n_built else None for i in range(len(shapes)))
-    done = Pyramid(group_url, paths, tuple(shapes), "cyx", False, dict(so))
+    n = source.out_channels
+    done = Pyramid(group_url, paths, tuple(shapes), "cyx", False, dict(so), channels=n, bands=_ingested_bands(source))
     if (not overwrite and marker.get("ingest_complete") is True and marker.get("levels_built") == built
-            and marker.get("source") == source.ref.url and marker.get("shape") == list(source.shape_yx)):
+            and marker.get("source") == source.ref.url and marker.get("shape") == list(source.shape_yx)
+            and marker.get("bands") == _bands_marker(source).get("bands")):
         log.info("%s: complete ingest of levels %s found, reused", group_url, built)
         return done
-    group.attrs.update({_MARKER: {**marker, "ingest_complete": False, "source": source.ref.url, "chunk": chunk}})
-    arrays = {level: group.create_array(str(level), shape=(3, *shapes[level]), chunks=(3, chunk, chunk),
+    group.attrs.update({_MARKER: {**_without_bands(marker), "ingest_complete": False, "source": source.ref.url,
+                                  "chunk": chunk, **_bands_marker(source)}})
+    arrays = {level: group.create_array(str(level), shape=(n, *shapes[level]), chunks=(n, chunk, chunk),
                                         dtype="uint8", compressors=ZstdCodec(level=3), fill_value=0,
                                         dimension_names=("c", "y", "x"), overwrite=True)
               for level in built}
@@ -275,7 +287,7 @@ def _ingest_some(source: ImageSource, group_url: str, shapes: list[tuple[int, in
         _store([_mean2(level0)], [arrays[1]], chunk, scheduler)
     for level in built:
         if level >= 2:
-            _store([_mean2(da.from_zarr(arrays[level - 1], chunks=(3, 2 * chunk, 2 * chunk)))], [arrays[level]],
+            _store([_mean2(da.from_zarr(arrays[level - 1], chunks=(n, 2 * chunk, 2 * chunk)))], [arrays[level]],
                    chunk, scheduler)
     write_grid_mappings(group, source.spatial, {str(level): level for level in built})
     state = {**group.attrs.get(_MARKER, {}), "ingest_complete": True, "levels_built": built,
@@ -284,9 +296,24 @@ def _ingest_some(source: ImageSource, group_url: str, shapes: list[tuple[int, in
     return done
 
 
+def _bands_marker(source: ImageSource) -> dict[str, Any]:
+    """What an ingest records of the band selection (nothing for RGB, so earlier ingests stay reusable)."""
+    return {} if source.bands is None else {"bands": list(source.bands)}
+
+
+def _without_bands(marker: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in marker.items() if k != "bands"}
+
+
+def _ingested_bands(source: ImageSource) -> tuple[int, ...] | None:
+    """The ``bands`` a reader of an ingested pyramid picks: all its channels as they are (already selected and
+    mapped to uint8), or None for RGB."""
+    return None if source.bands is None else tuple(range(len(source.bands)))
+
+
 def _mean2(data: da.Array) -> da.Array:
-    """``downsample_mean2`` of each ``(3, y, x)`` block of ``data``."""
-    halved = ((3,), *(tuple((c + 1) // 2 for c in cs) for cs in data.chunks[1:]))
+    """``downsample_mean2`` of each ``(C, y, x)`` block of ``data``."""
+    halved = (data.chunks[0], *(tuple((c + 1) // 2 for c in cs) for cs in data.chunks[1:]))
     return data.map_blocks(downsample_mean2, chunks=halved, dtype=np.uint8)
 
 
@@ -316,6 +343,7 @@ def pyramid_in_place(source: ImageSource) -> Pyramid:
         dtype=source.dtype,
         channels=source.channels,
         value_range=source.value_range,
+        bands=source.bands,
     )
 
 
@@ -347,8 +375,9 @@ def open_pyramid(group_url: str, storage_options: Mapping[str, Any] | None = Non
     )
 
 
-def _existing(group_url: str, so: dict) -> Pyramid | None:
-    """The complete ingest at ``group_url``, ``None`` if absent or interrupted; refuse foreign data."""
+def _existing(group_url: str, so: dict, source: ImageSource) -> Pyramid | None:
+    """The complete ingest at ``group_url`` of ``source``'s band selection, ``None`` if absent, interrupted or of
+    other bands; refuse foreign data."""
     if not exists(join(group_url, "zarr.json"), so):
         return None
     try:
@@ -365,5 +394,8 @@ def _existing(group_url: str, so: dict) -> Pyramid | None:
     if marker.get("ingest_complete") is not True:
         if "ingest_complete" in marker:
             log.info("%s: interrupted ingest found, redoing it", group_url)
+        return None
+    if marker.get("bands") != _bands_marker(source).get("bands"):
+        log.info("%s: an ingest of other bands found, redoing it", group_url)
         return None
     return open_pyramid(group_url, so)

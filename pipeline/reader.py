@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from pipeline.sources.convert import to_rgb8
+from pipeline.sources.convert import ValueRange, out_channels, to_uint8
 from pipeline.tiling import Window
 
 PadMode = Literal["reflect", "constant"]
@@ -125,9 +125,10 @@ def read_windows(
     windows: list[Window],
     *,
     pad: PadMode = "reflect",
-    value_range: tuple[float, float] | None = None,
+    value_range: ValueRange | None = None,
+    bands: tuple[int, ...] | None = None,
 ) -> np.ndarray:
-    """``read_window`` of each window, stacked ``(N, 3, h, w)`` (all windows one size), reading each run of
+    """``read_window`` of each window, stacked ``(N, C, h, w)`` (all windows one size), reading each run of
     side-by-side windows (``row_runs``) as one union window.
 
     Neighbouring tiles overlap and share chunks; read one by one, a chunk is fetched and decoded once per
@@ -145,16 +146,20 @@ def read_windows(
         x1 = max(windows[k].x1 for k in run)
         first = windows[run[0]]
         block = read_window(array, axes, shape_yx, Window(first.y0, x0, first.h, x1 - x0), pad=pad,
-                            value_range=value_range)
+                            value_range=value_range, bands=bands)
         for k in run:
             out[k] = block[:, :, windows[k].x0 - x0 : windows[k].x1 - x0]
     return np.stack(out)
 
 
 def resize_image(image: np.ndarray, out: int) -> np.ndarray:
-    """``(3, r, r)`` uint8 → ``(3, out, out)`` uint8, bilinear (PIL; its support widens when shrinking)."""
+    """``(C, r, r)`` uint8 → ``(C, out, out)`` uint8, bilinear (PIL; its support widens when shrinking). Three
+    channels are resized as one RGB image, any other count band by band (PIL resamples each band alike)."""
     if image.shape[1:] == (out, out):
         return image
+    if image.shape[0] != 3:
+        return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(band)).resize(
+            (out, out), Image.Resampling.BILINEAR)) for band in image])
     hwc = Image.fromarray(np.ascontiguousarray(np.moveaxis(image, 0, -1)))
     return np.moveaxis(np.asarray(hwc.resize((out, out), Image.Resampling.BILINEAR)), -1, 0)
 
@@ -200,22 +205,24 @@ def read_window(
     window: Window,
     *,
     pad: PadMode = "reflect",
-    value_range: tuple[float, float] | None = None,
+    value_range: ValueRange | None = None,
+    bands: tuple[int, ...] | None = None,
 ) -> np.ndarray:
-    """RGB uint8 ``(3, window.h, window.w)`` of an image level, padded outside ``shape_yx``.
+    """uint8 ``(C, window.h, window.w)`` of an image level (RGB, or the ``bands`` selected:
+    ``convert.to_uint8``), padded outside ``shape_yx``.
 
     Only the chunks under the part of the image the window (or its mirror image) covers are read.
     """
     inner = window.clip(*shape_yx)
     if inner == window:
-        return to_rgb8(read_region(array, axes, window), value_range)
+        return to_uint8(read_region(array, axes, window), value_range, bands)
     if pad == "constant":
         if inner.empty:
-            return np.zeros((3, window.h, window.w), np.uint8)
-        return pad_to_window(to_rgb8(read_region(array, axes, inner), value_range), inner, window, pad)
+            return np.zeros((out_channels(bands), window.h, window.w), np.uint8)
+        return pad_to_window(to_uint8(read_region(array, axes, inner), value_range, bands), inner, window, pad)
     iy = reflect_index(window.y0, window.h, shape_yx[0])
     ix = reflect_index(window.x0, window.w, shape_yx[1])
     region = Window(int(iy.min()), int(ix.min()), int(iy.max() - iy.min()) + 1, int(ix.max() - ix.min()) + 1)
-    block = to_rgb8(read_region(array, axes, region), value_range)
+    block = to_uint8(read_region(array, axes, region), value_range, bands)
     rows = take_slices(block, index_slices(iy - region.y0), 1)
     return take_slices(rows, index_slices(ix - region.x0), 2)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from pipeline.reader import PadMode, index_slices, read_region, reflect_index, take_slices, upsample_index
-from pipeline.sources.convert import to_rgb8
+from pipeline.sources.convert import ValueRange, out_channels, to_uint8
 from pipeline.tiling import Window
 
 #: Reads ``(C, h, w)`` of a window inside the level (never past its edges).
@@ -100,10 +100,12 @@ def chunk_rows(array, axes: str) -> int:
 
 
 def image_rows(array, axes: str, shape_yx: tuple[int, int], x0: int, x1: int,
-               value_range: tuple[float, float] | None = None) -> LevelRows:
-    """``LevelRows`` of an image level as RGB uint8, mirrored past its edges (what tiles see)."""
-    return LevelRows(lambda w: to_rgb8(read_region(array, axes, w), value_range), shape_yx, chunk_rows(array, axes),
-                     x0, x1, "reflect")
+               value_range: ValueRange | None = None, bands: tuple[int, ...] | None = None,
+               pad: PadMode = "reflect") -> LevelRows:
+    """``LevelRows`` of an image level as uint8 (RGB, or the ``bands`` selected: ``convert.to_uint8``), mirrored
+    past its edges (what tiles see) or zeros there (``pad="constant"``: FCtL's contexts)."""
+    return LevelRows(lambda w: to_uint8(read_region(array, axes, w), value_range, bands), shape_yx,
+                     chunk_rows(array, axes), x0, x1, pad, channels=out_channels(bands))
 
 
 def upsample_source(window_rows: tuple[int, int], fine_size: int, coarse_size: int) -> tuple[int, int]:

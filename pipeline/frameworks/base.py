@@ -92,7 +92,7 @@ class StagePlan:
 
 
 class TileModel(Protocol):
-    """A framework's model on one worker, loaded once: ``(stage, tiles (B, 3, T, T) uint8 on the device, [input
+    """A framework's model on one worker, loaded once: ``(stage, tiles (B, C, T, T) uint8 on the device, [input
     (B, …) on the device]) → probabilities (B, C, T, T) float32 on the device``; ``runner`` is its device
     (uploads, autocast)."""
 
@@ -116,6 +116,19 @@ class ModelSource:
     storage_options: dict[str, Any] = field(default_factory=dict)
     factory: str | None = None  # "package.module:function" building the module the checkpoint's weights fit
     card: dict[str, Any] = field(default_factory=dict)  # model-card fields the spec gives (``models.card.parse_card``)
+    bands: tuple[int, ...] | None = None  # the source channels the job feeds (``inputs.bands``); None: RGB
+    any_bands: bool = False  # no job (``gigaseg inspect``): the model's own band count is not checked against one
+
+    @property
+    def in_channels(self) -> int:
+        """The channels the job feeds the model: 3 (RGB) or one per selected band."""
+        return 3 if self.bands is None else len(self.bands)
+
+    def feeds(self) -> str:
+        """The job's input bands in words, for errors: ``3 (RGB: inputs.bands is not set)``."""
+        if self.bands is None:
+            return "3 bands (red, green, blue: inputs.bands is not set)"
+        return f"{len(self.bands)} band(s) (inputs.bands: {list(self.bands)})"
 
 
 @dataclass(frozen=True)

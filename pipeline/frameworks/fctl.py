@@ -26,11 +26,10 @@ from models.tta import dihedral_mean
 from pipeline.errors import ImageReadError, SpecError
 from pipeline.frameworks.base import Framework, ModelSource, OpenArray, Resolution, StagePlan
 from pipeline.frameworks.fctl_contexts import check_power_of_two, context_level, context_levels, context_window
-from pipeline.reader import read_region, resize_image
-from pipeline.row_reader import LevelRows, chunk_rows
-from pipeline.sources.convert import to_rgb8
+from pipeline.reader import resize_image
+from pipeline.row_reader import LevelRows, image_rows
 from pipeline.frameworks.segment import image_stage
-from pipeline.frameworks.segmenters import kind_of
+from pipeline.frameworks.segmenters import check_in_channels, kind_of
 from pipeline.output.layout import ImageOutput
 from pipeline.plan import ArrayRef, TilingPlan, WeightsRef
 from pipeline.pyramid import Pyramid
@@ -44,7 +43,8 @@ REFERENCE_CONTEXTS = (2.0, 3.0)
 
 @dataclass(frozen=True)
 class Contexts:
-    """A tile input: FCtL's context windows ``(B, n, 3, T, T)`` uint8 of each tile, at ``factors``.
+    """A tile input: FCtL's context windows ``(B, n, C, T, T)`` uint8 of each tile, at ``factors`` (``C``: the
+    image's channels as the tiles see them, RGB or the selected bands).
 
     ``levels[l]`` is level ``l`` of the image pyramid, for every level up to the coarsest a context reads; only
     those ``context_levels`` are opened. A block reads each context level a row window at a time over the columns
@@ -75,10 +75,9 @@ class ContextRows:
         for level in sorted({lv for _, lv in self.factors}):
             spans = [context_window(w, c, level) for c, lv in self.factors if lv == level for w in ends]
             x0, x1 = min(s.x0 for s in spans), max(s.x1 for s in spans)
-            ref, array = contexts.levels[level], open_array(contexts.levels[level])
-            self.rows[level] = LevelRows(
-                lambda win, a=array, r=ref: to_rgb8(read_region(a, r.axes, win), r.value_range), ref.shape_yx,
-                chunk_rows(array, ref.axes), x0, x1, "constant")
+            ref = contexts.levels[level]
+            self.rows[level] = image_rows(open_array(ref), ref.axes, ref.shape_yx, x0, x1, ref.value_range, ref.bands,
+                                          pad="constant")
             self.x0[level] = x0
 
     def read(self, windows: list[Window]) -> tuple[dict[int, np.ndarray], list]:
@@ -162,7 +161,8 @@ class Fctl(Framework):
             contexts = tuple(wanted or (REFERENCE_CONTEXTS if reference else DEFAULT_CONTEXTS))
             data = seeded_fctl(source.architecture, len(source.class_names), list(source.class_names),
                                contexts=contexts, seed=source.seed, width=source.width, gamma=options["gamma"],
-                               **_seeded_variant(options, source, contexts, reference))
+                               **_seeded_variant(options, source, contexts, reference),
+                               in_channels=source.in_channels)
             return Resolution(read_fctl_info(data)[0], {"model": data}, {"contexts": contexts, "tta": tta})
         if not is_fctl_checkpoint(source.checkpoint):
             raise SpecError("model.framework", [
@@ -172,6 +172,7 @@ class Fctl(Framework):
             info, config = read_fctl_info(source.checkpoint)
         except CheckpointError as err:
             raise SpecError("model.checkpoint", [f"model.checkpoint: {source.checkpoint_url}: {err}"]) from None
+        check_in_channels(info.config.in_channels, source)
         if wanted is not None and tuple(wanted) != config.contexts:
             raise SpecError("model.fctl.contexts", [
                 f"model.fctl.contexts: {list(wanted)} but {source.checkpoint_url} was trained with contexts "

@@ -30,6 +30,7 @@ import numpy as np
 
 from pipeline.errors import UnsupportedImageError
 from pipeline.reader import read_window, resize_image
+from pipeline.sources.convert import ValueRange, out_channels
 from pipeline.tiling import Window
 
 
@@ -97,16 +98,17 @@ def read_context(
     shape_yx: tuple[int, int],
     window: Window,
     out_size: int,
-    value_range: tuple[float, float] | None = None,
+    value_range: ValueRange | None = None,
+    bands: tuple[int, ...] | None = None,
 ) -> np.ndarray:
-    """RGB uint8 ``(3, out_size, out_size)``: ``window`` of one level (``shape_yx``), zeros past the image,
+    """uint8 ``(C, out_size, out_size)`` (RGB, or the ``bands`` selected): ``window`` of one level (``shape_yx``), zeros past the image,
     resized bilinearly (``reader.resize_image``) from ``r × r`` to ``out_size²`` only when ``r ≠ out_size``.
 
     Only the chunks under ``window.clip(*shape_yx)`` are read; an empty clip reads nothing.
     """
     if window.h != window.w:
         raise ValueError(f"context windows are square; got {window.h}×{window.w} at ({window.y0}, {window.x0})")
-    block = read_window(array, axes, shape_yx, window, pad="constant", value_range=value_range)
+    block = read_window(array, axes, shape_yx, window, pad="constant", value_range=value_range, bands=bands)
     return resize_image(block, out_size)
 
 
@@ -132,9 +134,11 @@ def read_contexts(
     window: Window,
     factors: Sequence[float],
     tile: int,
-    value_range: tuple[float, float] | None = None,
+    value_range: ValueRange | None = None,
+    bands: tuple[int, ...] | None = None,
 ) -> np.ndarray:
-    """The FCtL contexts of the level-0 tile ``window``: ``(len(factors), 3, tile, tile)`` uint8.
+    """The FCtL contexts of the level-0 tile ``window``: ``(len(factors), C, tile, tile)`` uint8 (``C``: 3, or one
+    per selected band).
 
     Context ``i`` is ``read_context`` of level ``l = context_level(factors[i], len(shapes))`` at
     ``context_window(window, factors[i], l)``. ``arrays_by_level`` maps each of ``context_levels(factors,
@@ -144,7 +148,7 @@ def read_contexts(
         raise ValueError(f"FCtL tiles are square; got a {window.h}×{window.w} window at ({window.y0}, {window.x0})")
     levels = [context_level(c, len(shapes)) for c in factors]
     check_power_of_two(shapes, sorted(set(levels)))
-    out = np.empty((len(factors), 3, tile, tile), np.uint8)
+    out = np.empty((len(factors), out_channels(bands), tile, tile), np.uint8)
     for i, (factor, level) in enumerate(zip(factors, levels, strict=True)):
         if level not in arrays_by_level:
             raise KeyError(
@@ -153,7 +157,7 @@ def read_contexts(
                 f"{context_levels(factors, len(shapes))}"
             )
         out[i] = read_context(arrays_by_level[level], axes, shapes[level], context_window(window, factor, level),
-                              tile, value_range)
+                              tile, value_range, bands)
     return out
 
 

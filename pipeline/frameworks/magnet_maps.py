@@ -167,8 +167,8 @@ def whole_image(
 
     MagNet-Fast (``cfg.patches``) needs ``grids`` (the tile grid of each stage): a stage's ``R`` then counts
     only inside the chosen tiles' windows (elsewhere ``Y_up`` stays, ``E = 0``)."""
-    mean = torch.tensor(normalization.mean).view(1, 3, 1, 1) * 255
-    std = torch.tensor(normalization.std).view(1, 3, 1, 1) * 255
+    mean = torch.tensor(normalization.mean).view(1, -1, 1, 1) * 255
+    std = torch.tensor(normalization.std).view(1, -1, 1, 1) * 255
     mult = segmenter.input_multiple
     y = None
     for s, level in enumerate(cfg.levels()):

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import yaml
 
-from models.card import CARD_KEY, RGB, SIDECAR_SUFFIX, CardError, ModelCard, merge, parse_card
+from models.card import CARD_KEY, SIDECAR_SUFFIX, CardError, ModelCard, merge, parse_card
 from models.checkpoint import read_info, seeded_checkpoint
 from models.errors import CheckpointError
 from models.fctl_checkpoint import is_fctl_checkpoint
@@ -111,13 +111,14 @@ def resolve_segmenter(source: ModelSource, framework: str) -> Resolution:
         raise SpecError("model.card", [f"model: {err}"]) from None
     except CheckpointError as err:
         raise SpecError("model.checkpoint", [f"{where}: {err}"]) from None
-    if tuple(card.bands) != RGB[: len(card.bands)] or len(card.bands) != 3:
+    if channels is not None and channels != len(card.bands):
         raise SpecError("model.card", [
-            f"model: the card lists {len(card.bands)} input bands ({', '.join(card.bands)}); gigaseg feeds its models "
-            "red, green, blue (inputs are converted to RGB uint8), so a model of other bands cannot run yet"])
-    if channels is not None and channels != 3:
-        raise SpecError("model.checkpoint", [f"{where}: the model takes {channels} input channels; gigaseg feeds 3 "
-                                             "(red, green, blue)"])
+            f"model: {where}: the model takes {channels} input channels but {card_where} lists "
+            f"{len(card.bands)} input bands ({', '.join(card.bands)}); give the card {channels} bands"])
+    if len(card.bands) != source.in_channels and not source.any_bands:
+        raise SpecError("inputs.bands", [
+            f"inputs.bands: {card_where} lists {len(card.bands)} input bands ({', '.join(card.bands)}) but the job "
+            f"feeds {source.feeds()}; set inputs.bands to {len(card.bands)} source channels in the model's order"])
     if classes is not None and classes != card.num_classes:
         raise SpecError("model.classes", [
             f"{where}: the model returns {classes} channels but its card lists {card.num_classes} classes "
@@ -131,7 +132,7 @@ def _gigaseg(source: ModelSource, framework: str) -> Resolution:
     refused here (it needs its context windows: ``model.framework: fctl``)."""
     if source.checkpoint is None:
         data = seeded_checkpoint(source.architecture, len(source.class_names), list(source.class_names),
-                                 seed=source.seed, width=source.width)
+                                 seed=source.seed, width=source.width, in_channels=source.in_channels)
     else:
         data = source.checkpoint
         if is_fctl_checkpoint(data):
@@ -142,8 +143,17 @@ def _gigaseg(source: ModelSource, framework: str) -> Resolution:
         info = read_info(data)
     except CheckpointError as err:
         raise SpecError("model.checkpoint", [f"model.checkpoint: {source.checkpoint_url}: {err}"]) from None
+    check_in_channels(info.config.in_channels, source)
     card = ModelCard.from_info(info)
     return Resolution(info, {"model": data}, {"segmenter": SegmenterRuntime("gigaseg", card)}, card)
+
+
+def check_in_channels(in_channels: int, source: ModelSource) -> None:
+    """A gigaseg network's input channels against the bands the job feeds (``SpecError`` naming both)."""
+    if in_channels != source.in_channels and not source.any_bands:
+        raise SpecError("inputs.bands", [
+            f"inputs.bands: model.checkpoint {source.checkpoint_url} is a network of {in_channels} input "
+            f"band(s) but the job feeds {source.feeds()}; set inputs.bands to {in_channels} source channels"])
 
 
 def _card_json(text: str | None, where: str) -> dict[str, Any] | None:
@@ -215,7 +225,7 @@ def check_segmenter(resolution: Resolution, tile: int) -> None:
         return
     try:
         predictor = load_segmenter(resolution.weights["model"], runtime, DeviceConfig("fp32", 1, device="cpu"))
-        predictor.probabilities(torch.from_numpy(np.zeros((1, 3, tile, tile), np.uint8)))
+        predictor.probabilities(torch.from_numpy(np.zeros((1, len(card.bands), tile, tile), np.uint8)))
     except CheckpointError as err:
         raise SpecError("model.checkpoint", [f"model.checkpoint: {err}"]) from None
     except Exception as err:  # the user's own model failed on a tile: say so, before any worker starts

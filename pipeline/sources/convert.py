@@ -1,14 +1,23 @@
-"""The one rule that turns any supported image block into RGB uint8, channel-first ``(3, h, w)``.
+"""The rules that turn an image block into what a model sees: uint8, channel-first ``(C, h, w)``.
 
-Channels (the ``C`` axis of a ``(C, h, w)`` block):
+Two paths, chosen by ``bands`` (``inputs.bands``):
+
+- ``bands`` None (the default): RGB, ``(3, h, w)``, by the channel rule below (``to_rgb8``);
+- ``bands`` a tuple of 0-based source channel indices: those channels in that order, ``(len(bands), h, w)``,
+  each mapped to uint8 by the value rule below with its own ``value_range`` when one pair per band is given
+  (``to_bands8``). No channel is combined, replicated or dropped but by the selection.
+
+uint8 per band keeps the pyramid, the upload and the model input one byte per band on both paths.
+
+Channels of the RGB path (the ``C`` axis of a ``(C, h, w)`` block):
 
 - 1 channel (gray) → replicated to R, G and B.
 - 2 channels (gray + alpha) → gray replicated to R, G and B; alpha dropped.
 - 3 channels (RGB) → as is.
 - 4 channels (RGBA) → alpha dropped, **not** composited over a background.
-- any other count → ``UnsupportedImageError`` (multi-spectral images need a channel selection first).
+- any other count → ``UnsupportedImageError`` (multi-spectral images need ``inputs.bands``).
 
-Values:
+Values (each band alike; on the band path ``value_range`` may also be one ``(lo, hi)`` per selected band):
 
 - ``value_range=(lo, hi)`` given, any numeric dtype → linear map ``lo → 0``, ``hi → 255``:
   ``out = floor((v − lo) / (hi − lo) · 255 + 0.5)`` clipped to [0, 255] (NaN → 0).
@@ -29,6 +38,7 @@ not in the middle of a run.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -37,24 +47,72 @@ from pipeline.errors import UnsupportedImageError
 SUPPORTED_CHANNELS = (1, 2, 3, 4)
 _RANGE_REQUIRED_KINDS = "iu"  # integer dtypes other than uint8/uint16
 
+#: One ``(lo, hi)`` for every band, or (band path only) one pair per selected band.
+ValueRange = tuple[float, float] | tuple[tuple[float, float], ...]
+
+
+def out_channels(bands: Sequence[int] | None) -> int:
+    """The channels a conversion returns: 3 (RGB) without ``bands``, else one per selected band."""
+    return 3 if bands is None else len(bands)
+
+
+def is_per_band(value_range: Any) -> bool:
+    """Whether ``value_range`` is one ``(lo, hi)`` per band rather than one pair."""
+    return value_range is not None and len(value_range) > 0 and isinstance(value_range[0], (list, tuple))
+
 
 def check_convertible(
     dtype: np.dtype | str,
     channels: int,
-    value_range: Sequence[float] | None = None,
+    value_range: ValueRange | None = None,
     *,
     where: str = "image",
+    bands: Sequence[int] | None = None,
 ) -> None:
-    """Raise ``UnsupportedImageError`` if a ``(channels, h, w)`` block of ``dtype`` has no RGB conversion.
+    """Raise ``UnsupportedImageError`` if a ``(channels, h, w)`` block of ``dtype`` has no conversion (RGB, or
+    the ``bands`` selected).
 
     ``where`` names the image (its URL) in the message.
     """
     dt = np.dtype(dtype)
+    if bands is not None:
+        _check_bands(bands, channels, value_range, where)
+        ranges = value_range if is_per_band(value_range) else [value_range] * len(bands)
+        for band, vr in zip(bands, ranges, strict=True):
+            _check_values(dt, vr, f"{where} (band {band})")
+        return
+    if is_per_band(value_range):
+        raise UnsupportedImageError(
+            f"{where}: inputs.value_range gives {len(value_range)} ranges, one per band, but inputs.bands is not "
+            f"set; list the bands they belong to in inputs.bands, or give one [low, high] pair."
+        )
     if channels not in SUPPORTED_CHANNELS:
         raise UnsupportedImageError(
             f"{where}: {channels} channels cannot be converted to RGB; accepted are 1 (gray), 2 (gray+alpha), "
-            f"3 (RGB) or 4 (RGBA). Export the 3 channels to segment (e.g. a false-colour composite) first."
+            f"3 (RGB) or 4 (RGBA). To feed other channels, pick them with inputs.bands (0-based, in the order "
+            f"the model takes them, e.g. [3, 2, 1])."
         )
+    _check_values(dt, value_range, where)
+
+
+def _check_bands(bands: Sequence[int], channels: int, value_range: ValueRange | None, where: str) -> None:
+    if not bands or any(not isinstance(b, (int, np.integer)) or b < 0 for b in bands):
+        raise UnsupportedImageError(f"{where}: inputs.bands must be 0-based channel indices, got {list(bands)}.")
+    over = [int(b) for b in bands if b >= channels]
+    if over:
+        raise UnsupportedImageError(
+            f"{where}: inputs.bands {list(bands)} asks for channel(s) {over}, but the image has {channels} "
+            f"channel(s) (0..{channels - 1}); pick bands the image has."
+        )
+    if is_per_band(value_range) and len(value_range) != len(bands):
+        raise UnsupportedImageError(
+            f"{where}: inputs.value_range gives {len(value_range)} ranges for {len(bands)} bands "
+            f"({list(bands)}); give one [low, high] per band, or one pair for all."
+        )
+
+
+def _check_values(dt: np.dtype, value_range: Sequence[float] | None, where: str) -> None:
+    """The value rule (module docstring) for one band, or every channel of the RGB path."""
     if value_range is not None:
         _check_range(value_range, where)
         if dt.kind not in "uif":
@@ -139,3 +197,40 @@ def to_rgb8(block: np.ndarray, value_range: Sequence[float] | None = None) -> np
     if out.shape[0] == 1:
         out = np.broadcast_to(out, (3, *out.shape[1:]))
     return np.ascontiguousarray(out)
+
+
+def _band_to_uint8(band: np.ndarray, value_range: Sequence[float] | None) -> np.ndarray:
+    """One ``(h, w)`` band to uint8 by the value rule (module docstring)."""
+    if value_range is not None:
+        lo, hi = _check_range(value_range, "band")
+        return _scale_to_uint8(band, lo, hi)
+    if _is_uint(band.dtype, 1):
+        return band.view(np.uint8)
+    if _is_uint(band.dtype, 2):
+        return ((band.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    return _scale_to_uint8(band, 0.0, 1.0)
+
+
+def to_bands8(block: np.ndarray, bands: Sequence[int], value_range: ValueRange | None = None) -> np.ndarray:
+    """``block`` ``(C, h, w)`` → ``(len(bands), h, w)`` uint8: channel ``bands[i]`` as output channel ``i``, mapped
+    by ``value_range`` (one pair for all, or ``value_range[i]`` for band ``i``) or its dtype's rule. C-contiguous;
+    ``block`` is never modified."""
+    if block.ndim != 3:
+        raise UnsupportedImageError(f"to_bands8 expects a (C, h, w) block, got shape {block.shape}.")
+    check_convertible(block.dtype, block.shape[0], value_range, where=f"block of shape {block.shape}", bands=bands)
+    if value_range is None and _is_uint(block.dtype, 1):
+        return np.ascontiguousarray(block.view(np.uint8)[list(bands)])
+    ranges = value_range if is_per_band(value_range) else [value_range] * len(bands)
+    out = np.empty((len(bands), *block.shape[1:]), np.uint8)
+    for i, (band, vr) in enumerate(zip(bands, ranges, strict=True)):
+        out[i] = _band_to_uint8(block[band], vr)
+    return out
+
+
+def to_uint8(block: np.ndarray, value_range: ValueRange | None = None,
+             bands: Sequence[int] | None = None) -> np.ndarray:
+    """What a model sees of ``block`` ``(C, h, w)``: ``to_rgb8`` without ``bands`` (bit for bit), else
+    ``to_bands8``."""
+    if bands is None:
+        return to_rgb8(block, value_range)
+    return to_bands8(block, bands, value_range)

@@ -24,7 +24,7 @@ from PIL import Image
 from models.errors import GigasegError
 from pipeline import ome
 from pipeline.errors import ImageReadError, InputNotFoundError, UnsupportedImageError
-from pipeline.sources.convert import check_convertible
+from pipeline.sources.convert import ValueRange, check_convertible, is_per_band, out_channels
 from pipeline.sources.discover import ImageRef, _sample
 from pipeline.sources.georef import ome_zarr_spatial, tiff_spatial
 from pipeline.sources.slides import open_slide, slide_levels, slide_spatial
@@ -77,15 +77,22 @@ class ImageSource:
     dtype: str
     has_pyramid: bool
     storage_options: dict = field(default_factory=dict, hash=False)
-    value_range: tuple[float, float] | None = None
+    value_range: ValueRange | None = None
     spatial: Spatial = Spatial()
+    bands: tuple[int, ...] | None = None  # the source channels the model sees, in order (None: RGB)
 
     def __post_init__(self) -> None:
         if not self.levels:
             raise ValueError(f"{self.ref.url}: an ImageSource needs at least one level.")
         object.__setattr__(self, "storage_options", dict(self.storage_options))
-        if self.value_range is not None:
-            object.__setattr__(self, "value_range", tuple(float(v) for v in self.value_range))
+        object.__setattr__(self, "value_range", normalise_range(self.value_range))
+        if self.bands is not None:
+            object.__setattr__(self, "bands", tuple(int(b) for b in self.bands))
+
+    @property
+    def out_channels(self) -> int:
+        """The channels the model sees: 3 (RGB) or one per selected band."""
+        return out_channels(self.bands)
 
     @property
     def shape_yx(self) -> tuple[int, int]:
@@ -99,9 +106,11 @@ _Meta = tuple["str | None", tuple[ArrayLevel, ...], str, int, str, Spatial]
 
 
 def open_source(
-    ref: ImageRef, storage_options: Mapping[str, Any] | None = None, value_range: Sequence[float] | None = None
+    ref: ImageRef, storage_options: Mapping[str, Any] | None = None, value_range: ValueRange | None = None,
+    bands: Sequence[int] | None = None,
 ) -> ImageSource:
-    """Describe ``ref`` from metadata alone (no pixels decoded) and check it converts to RGB uint8.
+    """Describe ``ref`` from metadata alone (no pixels decoded) and check it converts to uint8: RGB, or the
+    ``bands`` selected (``pipeline.sources.convert``).
 
     Raises ``InputNotFoundError`` (gone), ``UnsupportedImageError`` (layout, channel count or dtype with no
     conversion, see ``pipeline.convert``) or ``ImageReadError`` (not a readable image).
@@ -120,9 +129,19 @@ def open_source(
             f"{ref.url}: cannot read {ref.format} metadata ({type(exc).__name__}: {exc}); the file may be "
             f"corrupt, truncated or not really {ref.format}. Re-export it or exclude it with inputs.patterns."
         ) from exc
-    check_convertible(dtype, channels, value_range, where=ref.url)
+    check_convertible(dtype, channels, value_range, where=ref.url, bands=bands)
     has_pyramid = ref.format in ("zarr", "ome-zarr") and group_url is not None and len(levels) >= 2
-    return ImageSource(ref, group_url, levels, axes, channels, dtype, has_pyramid, so, value_range, spatial)
+    return ImageSource(ref, group_url, levels, axes, channels, dtype, has_pyramid, so, value_range, spatial,
+                       None if bands is None else tuple(bands))
+
+
+def normalise_range(value_range: Any) -> ValueRange | None:
+    """``value_range`` as floats: one ``(lo, hi)``, or a tuple of them (one per band)."""
+    if value_range is None:
+        return None
+    if is_per_band(value_range):
+        return tuple((float(lo), float(hi)) for lo, hi in value_range)
+    return tuple(float(v) for v in value_range)
 
 
 def native_dtype(dtype: Any) -> str:
@@ -148,17 +167,22 @@ def _check_axes(axes: str, shape: Sequence[int], where: str) -> int:
 
 
 def _infer_axes(shape: Sequence[int], where: str) -> str:
-    """Plain arrays: ``(y, x)`` → ``"yx"``; ``(y, x, c≤4)`` → ``"yxc"``; ``(c≤4, y, x)`` → ``"cyx"``."""
+    """Plain arrays: ``(y, x)`` → ``"yx"``; ``(y, x, c≤4)`` → ``"yxc"``; ``(c≤4, y, x)`` → ``"cyx"``; with more
+    channels, the end axis (first or last) that is smaller than both others: ``(y, x, c)`` or ``(c, y, x)``."""
     if len(shape) == 2:
         return "yx"
     if len(shape) == 3 and shape[-1] <= 4:
         return "yxc"
     if len(shape) == 3 and shape[0] <= 4:
         return "cyx"
+    if len(shape) == 3 and shape[-1] < min(shape[0], shape[1]):
+        return "yxc"
+    if len(shape) == 3 and shape[0] < min(shape[1], shape[2]):
+        return "cyx"
     raise UnsupportedImageError(
         f"{where}: array of shape {tuple(shape)} has no recognised layout; plain Zarr arrays must be (y, x), "
-        f"(y, x, c) or (c, y, x) with c ≤ 4 channels. Use an OME-Zarr group with axes metadata, or select ≤ 4 "
-        f"channels."
+        f"(y, x, c) or (c, y, x), the channel axis smaller than y and x. Use an OME-Zarr group with axes "
+        f"metadata."
     )
 
 
@@ -211,8 +235,8 @@ def _tiff_axes(tiff_axes: str, shape: Sequence[int], where: str) -> str:
         if letter not in mapping:
             raise UnsupportedImageError(
                 f"{where}: TIFF series 0 has axes {tiff_axes!r} with shape {tuple(shape)}; axis {letter!r} "
-                f"(size {size}) is not a channel, y or x axis. Only single 2-D images with ≤ 4 channels are "
-                f"read; split the stack into one file per image."
+                f"(size {size}) is not a channel, y or x axis. Only single 2-D images (any number of samples "
+                f"per pixel) are read; split the stack into one file per image."
             )
     return "".join(mapping[a] for a in tiff_axes)
 

@@ -1,4 +1,5 @@
-"""Lazy pixels of an ``ImageSource`` (described by ``pipeline.sources``): a ``(3, H, W)`` uint8 Dask array read
+"""Lazy pixels of an ``ImageSource`` (described by ``pipeline.sources``): a ``(C, H, W)`` uint8 Dask array (``C``: 3
+for RGB, else one per ``inputs.bands``) read
 chunk by chunk, so memory stays flat however large the image, except for PNG/JPEG, which have no random
 access and are decoded whole, once (``sources.MAX_DECODE_PIXELS``).
 """
@@ -19,7 +20,7 @@ from PIL import Image
 
 from models.errors import GigasegError
 from pipeline.errors import ImageReadError
-from pipeline.sources.convert import to_rgb8
+from pipeline.sources.convert import to_uint8
 from pipeline.sources.formats import ImageSource, native_dtype, open_tiff_file, pil_mode, spatial_shape
 from pipeline.sources.slides import SlideLevel
 from pipeline.storage import filesystem, fs_path, join, zarr_store
@@ -133,10 +134,10 @@ def level_reader(source: ImageSource, level: int = 0) -> tuple[Any, str]:
 
 
 def source_to_dask(source: ImageSource, chunk: int = 512, *, level: int = 0) -> da.Array:
-    """Lazy ``(3, H, W)`` uint8 of one level of ``source``, chunks ``(3, chunk, chunk)``.
+    """Lazy ``(C, H, W)`` uint8 of one level of ``source`` (``C = source.out_channels``), chunks ``(C, chunk, chunk)``.
 
     Zarr/TIFF blocks are read aligned to the storage chunks (``read_chunks_yx``), converted by
-    ``convert.to_rgb8`` block by block and rechunked; nothing is read until computed. PNG/JPEG are one task
+    ``convert.to_uint8`` (RGB, or the selected bands) block by block and rechunked; nothing is read until computed. PNG/JPEG are one task
     decoding the whole file (``MAX_DECODE_PIXELS``), then split.
     """
     if chunk < 1:
@@ -159,11 +160,13 @@ def source_to_dask(source: ImageSource, chunk: int = 512, *, level: int = 0) -> 
     if "c" not in kept:
         raw, kept = raw[None], ["c", *kept]
     cyx = raw.transpose([kept.index(a) for a in "cyx"]).rechunk({0: -1})
-    rgb = cyx.map_blocks(
-        to_rgb8,
+    n = source.out_channels
+    converted = cyx.map_blocks(
+        to_uint8,
         value_range=source.value_range,
+        bands=source.bands,
         dtype=np.uint8,
-        chunks=((3,), *cyx.chunks[1:]),
+        chunks=((n,), *cyx.chunks[1:]),
         meta=np.empty((0, 0, 0), np.uint8),
     )
-    return rgb.rechunk((3, chunk, chunk))
+    return converted.rechunk((n, chunk, chunk))

@@ -1,7 +1,7 @@
 """Models users bring, run on a worker's device: an ONNX model (ONNX Runtime), a torch.export program, or their
 own ``nn.Module`` with safetensors weights. Each is a tile predictor like ``predictor.TilePredictor``:
-``probabilities(tiles uint8 (B, 3, T, T))`` → ``(B, C, T, T)`` float32 on the device, fed as its model card says
-(``models.card``: normalisation, logits or probabilities).
+``probabilities(tiles uint8 (B, K, T, T))`` (K: the card's bands) → ``(B, C, T, T)`` float32 on the device, fed as
+its model card says (``models.card``: normalisation, logits or probabilities).
 
 How each is read, and what is never done: nothing is unpickled. ONNX is a protobuf graph; safetensors is raw
 tensors; a torch.export archive is checked first (``check_export_archive``) for every way
@@ -10,6 +10,7 @@ tensors; a torch.export archive is checked first (``check_export_archive``) for 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import io
 import json
@@ -70,7 +71,9 @@ class _Predictor:
 
 
 class ModulePredictor(_Predictor):
-    """An ``nn.Module`` (a user's factory with its weights, or a torch.export program's module)."""
+    """An ``nn.Module`` (a user's factory with its weights, or a torch.export program's module). A user's module
+    runs under the worker's autocast (``model.precision``); an exported program at the precision it was exported
+    in, as an ONNX model: its graph checks every tensor's dtype, so autocast's bf16 would fail it."""
 
     def __init__(self, module: torch.nn.Module, card: ModelCard, config: DeviceConfig = DeviceConfig(), device=None,
                  exported: bool = False) -> None:
@@ -78,10 +81,11 @@ class ModulePredictor(_Predictor):
         module = module.to(self.device)
         if not exported:  # an exported program is traced in its mode already (and refuses .eval())
             module = module.eval()
+        self.exported = exported
         self.model = module.to(memory_format=self.runner.memory_format)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        with self.runner.autocast():
+        with contextlib.nullcontext() if self.exported else self.runner.autocast():
             out = self.model(x)
         if isinstance(out, (tuple, list)):
             out = out[0]

@@ -331,13 +331,13 @@ class BlockWorker:
                            RETRY_LOG.take())
 
     def _tiles(self, row: np.ndarray, offsets: list[int], tile: int) -> torch.Tensor:
-        """The row's tiles ``(n, 3, T, T)`` uint8 on the device: the row window copied once, tiles cut there."""
+        """The row's tiles ``(n, C, T, T)`` uint8 on the device: the row window copied once, tiles cut there."""
         dev = self.model.runner.upload(row)
         return torch.stack([dev[:, :, o : o + tile] for o in offsets])
 
     def _read_rows(self, task: BlockTask, order: list[int], rows: dict[int, list[int]], x_lo: int, x_hi: int,
                    shared: dict):
-        """``(iy, row window (3, T, x_hi − x_lo), inputs, CPU-seconds)`` per tile row, read one row ahead in a
+        """``(iy, row window (C, T, x_hi − x_lo), inputs, CPU-seconds)`` per tile row, read one row ahead in a
         thread of its own (a generator; ``close()`` stops it)."""
         stage, grid = task.stage, task.stage.grid
         ref = stage.image
@@ -345,9 +345,18 @@ class BlockWorker:
         stop = threading.Event()
         done = object()
 
+        def hand_over(item) -> None:
+            """``item`` into the queue, unless the consumer stopped (it raised: the queue may stay full)."""
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
+
         def produce() -> None:
             try:
-                reader = image_rows(self.open(ref), ref.axes, ref.shape_yx, x_lo, x_hi, ref.value_range)
+                reader = image_rows(self.open(ref), ref.axes, ref.shape_yx, x_lo, x_hi, ref.value_range, ref.bands)
                 sources = [source.open_rows(self.open, ref, grid.tile, x_lo, x_hi, shared) for source in stage.inputs]
                 for iy in order:
                     if stop.is_set():
@@ -363,20 +372,10 @@ class BlockWorker:
                         ) from err
                     windows = [grid.window(iy, ix) for ix in rows[iy]]
                     inputs = [(source, source.read(windows)) for source in sources]
-                    hand((iy, row, inputs, time.thread_time() - c0))
-                hand(done)
+                    hand_over((iy, row, inputs, time.thread_time() - c0))
+                hand_over(done)
             except BaseException as err:  # noqa: BLE001 - handed to the consumer, which raises it
-                hand(err)
-
-        def hand(item) -> None:
-            """Into the queue, unless the consumer has stopped taking (it left on an error of its own): never
-            block on a full queue nobody reads."""
-            while not stop.is_set():
-                try:
-                    out.put(item, timeout=0.1)
-                    return
-                except queue.Full:
-                    continue
+                hand_over(err)
 
         thread = threading.Thread(target=produce, name="gigaseg-read", daemon=True)
         thread.start()

@@ -29,3 +29,25 @@ def test_spatial_html_names_the_crs():
                                 32633), 4, 512)
     assert "CRS: WGS 84 / UTM zone 33N (EPSG:32633)" in page and "width:100px" in page and "200 m" in page
     assert "no physical pixel size" in spatial_html(Spatial(), 1, 300)
+
+
+def test_the_preview_shows_three_of_the_selected_bands(tmp_path):
+    """An image of 6 samples, 4 of them selected: the preview is the 3 of those ``preview_bands`` names, each as
+    the model saw it (uint16 → v/257), every ``step``-th pixel."""
+    import numpy as np
+    import tifffile
+
+    from jobs.preview import image_preview, preview_rgb
+    from pipeline.sources.discover import ImageRef
+    from pipeline.sources.formats import open_source
+
+    data = np.random.default_rng(1).integers(0, 65535, (90, 70, 6), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "six.tif", data, photometric="minisblack", planarconfig="contig")
+    source = open_source(ImageRef(str(tmp_path / "six.tif"), "six", "tiff"), bands=(5, 3, 1, 0))
+    shown = image_preview(source, 4, (3, 0, 2))  # source channels 0, 5, 1
+    want = ((data[::4, ::4][..., [0, 5, 1]].astype(np.uint32) + 128) // 257).astype(np.uint8)
+    assert shown.shape == (23, 18, 3) and (shown == want).all()
+    gray = preview_rgb(np.full((1, 2, 2), 7, np.uint8))
+    assert gray.shape == (2, 2, 3) and (gray == 7).all()
+    with pytest.raises(ValueError, match="three positions"):
+        preview_rgb(np.zeros((2, 2, 2), np.uint8), (0, 1, 2))

@@ -39,6 +39,12 @@ def test_unknown_key_is_rejected_with_its_full_path():
         (dict(resources__workers=0), "resources.workers"),
         (dict(output__if_exists="append"), "output.if_exists"),
         (dict(inputs__value_range=[5, 1]), "inputs.value_range"),
+        (dict(inputs__bands=[2, -1]), "inputs.bands.1"),
+        (dict(inputs__bands=[2, 1], inputs__value_range=[[0, 9], [5, 1]]), "inputs.value_range"),
+        (dict(inputs__value_range=[[0, 9], [0, 5]]), "inputs: value_range gives 2 [low, high] pairs, one per band"),
+        (dict(inputs__bands=[4], inputs__value_range=[[0, 9], [0, 5]]), "inputs: value_range gives 2 [low, high] "
+                                                                         "pairs for 1 bands"),
+        (dict(inputs__bands=[4, 5], inputs__preview_bands=[0, 1, 2]), "inputs: preview_bands [0, 1, 2] must be"),
         (dict(model__classes=None), "model"),
     ],
 )
@@ -143,3 +149,12 @@ def test_the_framework_section_is_a_tagged_union():
         parse_spec(model(fctl={"contexts": [2]}))
     again = parse_spec(yaml.safe_load(magnet.echo()))
     assert again == magnet
+
+
+def test_bands_and_a_range_per_band():
+    spec = parse_spec(_with(inputs__bands=[3, 2, 1, 7], inputs__value_range=[[0, 4095]] * 3 + [[100, 200]],
+                            inputs__preview_bands=[0, 1, 2]))
+    assert spec.inputs.bands == [3, 2, 1, 7] and spec.inputs.channels == 4
+    assert spec.inputs.value_range[3] == (100.0, 200.0)
+    assert parse_spec(_with(inputs__value_range=[0, 4095])).inputs.value_range == (0.0, 4095.0)
+    assert parse_spec(BASE).inputs.channels == 3

@@ -218,3 +218,18 @@ def test_inspect_prints_the_card_and_checks_it(tmp_path, capsys):
     bad = onnx_model(tmp_path / "nocard.onnx", card=None)
     assert cli_main(["inspect", str(bad)]) == 2
     assert "names no classes" in capsys.readouterr().err
+
+
+def test_an_exported_program_runs_at_its_own_precision_under_bf16(tmp_path):
+    """``model.precision: bf16`` (or auto on a bf16 device) autocasts a user's module, not an exported program:
+    its graph checks every tensor's dtype and would fail on bf16."""
+    from models.card import merge, parse_card
+    from pipeline.workers.predictor import DeviceConfig
+    from pipeline.workers.runtimes import ModulePredictor, load_exported
+
+    card = merge(parse_card(CARD, "card"), {}, "card", "spec")
+    program = load_exported(exported_model(tmp_path / "m.pt2").read_bytes())
+    tiles = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 3, 64, 64), dtype=np.uint8))
+    got = ModulePredictor(program, card, DeviceConfig("bf16", 1, device="cpu"), exported=True).probabilities(tiles)
+    want = ModulePredictor(pixel_net(), card, DeviceConfig("fp32", 1, device="cpu")).probabilities(tiles)
+    assert torch.allclose(got, want, atol=1e-5)

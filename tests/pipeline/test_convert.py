@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import UnsupportedImageError
-from pipeline.sources.convert import check_convertible, to_rgb8
+from pipeline.sources.convert import check_convertible, to_rgb8, to_uint8
 
 
 def _px(values, dtype):
@@ -81,3 +81,29 @@ def test_bad_value_range_is_rejected(bad):
 def test_check_convertible_names_the_image():
     with pytest.raises(UnsupportedImageError, match=r"^file:///data/a\.zarr: 5 channels"):
         check_convertible("uint8", 5, where="file:///data/a.zarr")
+
+
+def test_the_band_path_selects_orders_and_scales_each_band():
+    block = np.arange(6 * 2 * 3, dtype=np.uint16).reshape(6, 2, 3) * 100
+    out = to_uint8(block, ((0, 1000), (0, 5000), (100, 200)), bands=(5, 0, 2))
+    assert out.shape == (3, 2, 3) and out.dtype == np.uint8 and out.flags.c_contiguous
+    for i, (band, vr) in enumerate(zip((5, 0, 2), ((0, 1000), (0, 5000), (100, 200)))):
+        assert (out[i] == to_rgb8(block[band][None], vr)[0]).all()
+    one = to_uint8(block, (0, 7000), bands=(1, 1))  # one pair for every band
+    assert (one == to_rgb8(block[[1]], (0, 7000))[:1]).all()
+    u8 = np.random.default_rng(0).integers(0, 256, (7, 4, 4), dtype=np.uint8)
+    assert (to_uint8(u8, bands=(6, 3)) == u8[[6, 3]]).all()  # uint8 bands as they are
+    rgb = u8[:3]
+    assert (to_uint8(rgb) == to_rgb8(rgb)).all()  # no bands: the RGB rule, bit for bit
+
+
+def test_the_band_path_names_what_is_wrong():
+    block = np.zeros((4, 2, 2), np.int16)
+    with pytest.raises(UnsupportedImageError, match=r"inputs\.bands \[1, 4\] asks for channel\(s\) \[4\].* 4 channel"):
+        to_uint8(block, (0, 1), bands=(1, 4))
+    with pytest.raises(UnsupportedImageError, match=r"band 2.*dtype int16 has no implied display range"):
+        to_uint8(block, bands=(2,))
+    with pytest.raises(UnsupportedImageError, match=r"3 ranges for 2 bands"):
+        to_uint8(block, ((0, 1),) * 3, bands=(0, 1))
+    with pytest.raises(UnsupportedImageError, match=r"2 ranges, one per band, but inputs\.bands is not set"):
+        check_convertible(np.int16, 4, ((0, 1), (0, 2)))

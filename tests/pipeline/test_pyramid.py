@@ -141,3 +141,24 @@ def test_in_place_ome_zarr_pyramid_is_not_copied(tmp_path):
     flat = open_source(ImageRef(str(write_zarr(tmp_path / "flat.zarr", pixels((8, 8)))), "flat", "zarr"))
     with pytest.raises(UnsupportedImageError, match="ingest it instead"):
         pyramid_in_place(flat)
+
+
+def test_a_pyramid_keeps_the_selected_bands(tmp_path):
+    """A 6-sample TIFF, bands [4, 0, 2, 5] picked: every level is (4, H, W) uint8, level 0 the selected bands as
+    they are (uint8), read back through ``level_ref`` unchanged; ingesting other bands into the group redoes it."""
+    data = pixels((300, 170, 6), seed=5)
+    path = write_tiff(tmp_path / "six.tif", data, photometric="minisblack", planarconfig="contig", tile=(64, 64))
+    source = open_source(ImageRef(str(path), "six", "tiff"), bands=(4, 0, 2, 5))
+    assert (source.channels, source.out_channels) == (6, 4)
+    url = str(tmp_path / "six.zarr")
+    pyr = ingest(source, url, chunk=64, min_size=64, scheduler="sync")
+    want = np.moveaxis(data, -1, 0)[[4, 0, 2, 5]]
+    level0, level1 = (zarr.open_array(f"{url}/{lv}", mode="r") for lv in (0, 1))
+    assert level0.shape == (4, 300, 170) and level0.chunks == (4, 64, 64) and (level0[...] == want).all()
+    assert (level1[...] == mean2_reference(want)).all()
+    ref = pyr.level_ref(1)
+    assert ref.bands == (0, 1, 2, 3) and ref.value_range is None and pyr.channels == 4
+    assert ingest(source, url, chunk=64, min_size=64) == pyr  # reused
+    other = open_source(ImageRef(str(path), "six", "tiff"), bands=(1,))
+    again = ingest(other, url, chunk=64, min_size=64, scheduler="sync")
+    assert again.channels == 1 and zarr.open_array(f"{url}/0", mode="r").shape == (1, 300, 170)

@@ -117,11 +117,32 @@ def test_plain_zarr_axes(tmp_path, shape, axes, channels):
     assert (source_to_dask(src).compute() == to_rgb8(expected)).all()
 
 
-@pytest.mark.parametrize("shape", [(30, 20, 5), (5, 30, 20), (2, 3, 30, 20)])
+@pytest.mark.parametrize("shape", [(2, 3, 30, 20), (30, 30, 30)])
 def test_plain_zarr_bad_layout(tmp_path, shape):
     path = write_zarr(tmp_path / "z.zarr", pixels(shape))
     with pytest.raises(UnsupportedImageError, match=r"z\.zarr: array of shape .* \(y, x\), \(y, x, c\) or \(c, y, x\)"):
         open_source(_ref(path, "zarr"))
+
+
+@pytest.mark.parametrize(("shape", "axes"), [((30, 20, 6), "yxc"), ((6, 30, 20), "cyx")])
+def test_plain_zarr_of_n_bands_needs_and_takes_a_band_selection(tmp_path, shape, axes):
+    data = pixels(shape, "uint16")
+    ref = _ref(write_zarr(tmp_path / "z.zarr", data), "zarr")
+    with pytest.raises(UnsupportedImageError, match=r"z\.zarr: 6 channels cannot be converted to RGB.*inputs\.bands"):
+        open_source(ref)
+    with pytest.raises(UnsupportedImageError, match=r"z\.zarr: inputs\.bands \[5, 6\] asks for channel\(s\) \[6\]"):
+        open_source(ref, bands=(5, 6))
+    with pytest.raises(UnsupportedImageError, match=r"2 ranges for 3 bands"):
+        open_source(ref, value_range=((0, 1), (0, 2)), bands=(5, 2, 0))
+    src = open_source(ref, value_range=((0, 1000), (0, 4095), (100, 200)), bands=(5, 2, 0))
+    assert (src.axes, src.channels, src.out_channels) == (axes, 6, 3)
+    cyx = data if axes == "cyx" else np.moveaxis(data, -1, 0)
+    got = source_to_dask(src, chunk=16).compute()
+    assert got.shape == (3, 30, 20) and got.dtype == np.uint8
+    for i, (band, vr) in enumerate(zip((5, 2, 0), ((0, 1000), (0, 4095), (100, 200)))):
+        assert (got[i] == to_rgb8(cyx[band][None], vr)[0]).all()  # each band by its own range, RGB's value rule
+    plain = open_source(ref, bands=(1, 3))  # no range: uint16 → v / 257, band by band
+    assert (source_to_dask(plain).compute() == to_rgb8(cyx[[1, 3, 3]])[:2]).all()
 
 
 def test_zarr_v2_big_endian_uint16(tmp_path):
