@@ -9,6 +9,9 @@ count, size). On a worker, ``load_segmenter`` builds the same model from the sta
 
 Which kind a file is: ``model.factory`` set → its weights are safetensors for that factory; a zip with
 ``archive_format: pt2`` → torch.export; a name ending in ``.onnx`` → ONNX; anything else a gigaseg checkpoint.
+A TorchScript archive is refused: ``torch.jit.load`` compiles and runs the code the archive carries, and PyTorch
+itself stopped loading TorchScript under ``torch.load(weights_only=True)`` after a crafted archive achieved code
+execution (GHSA-53q9-r3pm-6pq6, CVE-2025-32434; ``torch/serialization.py``, ``_is_torchscript_zip``).
 """
 
 from __future__ import annotations
@@ -135,6 +138,12 @@ def _gigaseg(source: ModelSource, framework: str) -> Resolution:
                                  seed=source.seed, width=source.width, in_channels=source.in_channels)
     else:
         data = source.checkpoint
+        if _is_torchscript(data):
+            raise SpecError("model.checkpoint", [
+                f"model.checkpoint: {source.checkpoint_url} is a TorchScript archive, which gigaseg does not load "
+                "(torch.jit.load runs the code it carries; PyTorch refuses it under weights_only=True too). Fix: "
+                "save the model with torch.export.save (.pt2) or export it to ONNX, or give its weights as "
+                "safetensors with model.factory"])
         if is_fctl_checkpoint(data):
             raise SpecError("model.framework", [
                 f"model.framework: {framework} but {source.checkpoint_url} holds an FCtL model (gigaseg train task "
@@ -146,6 +155,17 @@ def _gigaseg(source: ModelSource, framework: str) -> Resolution:
     check_in_channels(info.config.in_channels, source)
     card = ModelCard.from_info(info)
     return Resolution(info, {"model": data}, {"segmenter": SegmenterRuntime("gigaseg", card)}, card)
+
+
+def _is_torchscript(data: bytes) -> bool:
+    """A TorchScript zip (``torch.jit.save``): its records hold ``constants.pkl`` (how torch tells it apart)."""
+    if data[:4] != b"PK\x03\x04":
+        return False
+    try:
+        names = zipfile.ZipFile(io.BytesIO(data)).namelist()
+    except zipfile.BadZipFile:
+        return False
+    return any(n == "constants.pkl" or n.endswith("/constants.pkl") for n in names)
 
 
 def check_in_channels(in_channels: int, source: ModelSource) -> None:

@@ -210,6 +210,15 @@ def test_an_export_archive_that_would_unpickle_is_refused_before_loading(tmp_pat
     assert "use_pickle" in text and "never loads" in text
 
 
+def test_a_torchscript_archive_is_refused_saying_what_to_bring_instead(tmp_path):
+    (tmp_path / "in").mkdir()
+    write_image(tmp_path / "in")
+    scripted = tmp_path / "net.pt"
+    torch.jit.script(pixel_net()).save(str(scripted))
+    text = _refused(tmp_path, user_spec(tmp_path, scripted))
+    assert "net.pt is a TorchScript archive" in text and "torch.export.save" in text and "ONNX" in text
+
+
 def test_inspect_prints_the_card_and_checks_it(tmp_path, capsys):
     ok = onnx_model(tmp_path / "pixelnet.onnx")
     assert cli_main(["inspect", str(ok)]) == 0
