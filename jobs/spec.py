@@ -349,7 +349,7 @@ class ResourcesSpec(Strict):
     gpus_per_worker: float = Field(default=1.0, ge=0, le=8)
     cpus_per_worker: float = Field(default=1.0, gt=0, le=256)
     torch_threads: int = Field(default=1, ge=1, le=256)
-    in_flight_per_worker: int = Field(default=2, ge=1, le=64)
+    in_flight_per_worker: int = Field(default=1, ge=1, le=64)
 
 
 class ClusterSpec(Strict):

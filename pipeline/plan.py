@@ -161,7 +161,7 @@ class PoolPlan:
     gpus_per_worker: float = 1.0
     cpus_per_worker: float = 1.0
     torch_threads: int = 1
-    in_flight_per_worker: int = 2
+    in_flight_per_worker: int = 1
     precision: Precision = "auto"
     placement: Literal["anywhere", "driver"] = "anywhere"  # "driver": prefer the driver's node (local data)
     audit_dir: str | None = None  # log every chunk key each worker writes (``--audit-writes``)

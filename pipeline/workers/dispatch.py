@@ -168,7 +168,7 @@ class WorkerPool:
                  worker_cls: type[BlockWorker] = BlockWorker):
         self.config = config
         remote = ray.remote(worker_cls).options(
-            max_concurrency=2,  # the reads and writes of one block overlap the model work of the next (BlockWorker)
+            max_concurrency=2,  # with in_flight_per_worker 2, one block's writes overlap the next's model work
             num_gpus=config.gpus_per_worker,
             num_cpus=config.cpus_per_worker,
             max_restarts=-1,  # Ray restarts a dead actor (on another node if its node is gone) ...

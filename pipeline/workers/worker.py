@@ -202,8 +202,9 @@ class BlockWorker:
     def __init__(self, framework: Framework, storage_options: dict[str, Any], device: DeviceConfig = DeviceConfig(),
                  audit_dir: str | None = None):
         self.model = framework.load(lambda url: read_bytes(url, storage_options), device)
-        # The actor runs up to two calls at once (max_concurrency=2): one block's reads and writes overlap the
-        # other's model work. Model calls never overlap, so the device and torch's threads serve one batch at a time.
+        # The actor can run two calls at once (max_concurrency=2, used when in_flight_per_worker is 2): one
+        # block's reads and writes overlap the other's model work. By default it runs one: a block prefetches its
+        # reads and writes behind its own model work, and a second block's buffers cost memory (memory_scaling). Model calls never overlap, so the device and torch's threads serve one batch at a time.
         self._model_lock = threading.Lock()
         self._arrays_lock = threading.Lock()
         self.audit_dir = audit_dir
