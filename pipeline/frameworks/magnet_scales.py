@@ -2,13 +2,14 @@
 ``model.magnet.scales`` as the fractions ``f_s`` of the image's size, coarse to fine, the last 1.
 
 Stage ``s`` is ``round(H₀·f_s) × round(W₀·f_s)`` px (half up). A fraction ``2^-l`` of a pyramid that has level
-``l``, or a size that is a level's, runs on that level as it is (the count form ``scales: n`` is
-``[2^-(n-1), …, ½, 1]``); any other stage's image is the coarsest level at least as fine (``⌊−log₂ f⌋``, or the
-pyramid's last) resized bilinearly (``F.interpolate(mode="bilinear", align_corners=False)`` without antialias,
-``reader.resize_index``; rounded half up to uint8), written as a Zarr array ``image`` in the stage's maps group
-before its tiles run, one task per chunk that reads only its source window (one pixel more), so no process holds
-a whole image. The previous stage's map is resized the same way by the ratio of the two stages' sizes
-(``row_reader.upsample2x_rows``; exactly ×2 between adjacent pyramid levels, as before).
+``l`` (of ``⌊H₀/2^l⌋`` or ``⌈H₀/2^l⌉`` rows, the same for columns), or a size that is a level's, runs on that
+level as it is (the count form ``scales: n`` is ``[2^-(n-1), …, ½, 1]``). Any other stage's image is the coarsest
+level at least as large (``⌊−log₂ f⌋`` in a pyramid of halves, or its last level) resized bilinearly
+(``F.interpolate(mode="bilinear", align_corners=False)`` without antialias, ``reader.resize_index``; rounded half
+up to uint8), written as a Zarr array ``image`` in the stage's maps group before its tiles run, one task per chunk
+that reads only its source window (one pixel more), so no process holds a whole image. The previous stage's map
+is resized the same way by the ratio of the two stages' sizes (``row_reader.upsample2x_rows``; exactly ×2
+between adjacent pyramid levels, as before).
 """
 
 from __future__ import annotations
@@ -54,10 +55,15 @@ def stage_scales(config, pyramid: Pyramid) -> list[StageScale]:
     out = []
     for f, level in zip(config.scales, levels, strict=True):
         size = (math.floor(h0 * f + 0.5), math.floor(w0 * f + 0.5))
-        if level < len(shapes) and (f == 2.0**-level or size == shapes[level]):
+        halved = f == 2.0**-level and all(abs(n - m * f) < 1 for n, m in zip(shapes[min(level, len(shapes) - 1)],
+                                                                           (h0, w0), strict=True))
+        if level < len(shapes) and halved:
             out.append(StageScale(level, shapes[level], True))
         else:
-            out.append(StageScale(min(level, len(shapes) - 1), size, False))
+            finer = [lv for lv in range(min(level, len(shapes) - 1) + 1)
+                     if shapes[lv][0] >= size[0] and shapes[lv][1] >= size[1]]
+            source = max(finer, default=0)
+            out.append(StageScale(source, size, size == shapes[source]))
     return out
 
 

@@ -83,8 +83,28 @@ def test_fractions_read_pyramid_levels_where_they_are_and_resize_the_nearest_fin
     assert got == [ms.StageScale(2, (60, 50), False), ms.StageScale(1, (180, 150), False),
                    ms.StageScale(0, (451, 375), False), ms.StageScale(0, (601, 500), True)]
     assert MagnetConfig(scales=(0.1, 0.3, 0.75, 1.0)).levels() == (3, 1, 0, 0)
+    quarter = Pyramid("mem://q", ("0", "1"), ((600, 500), (150, 125)), "cyx", True)  # an OME-Zarr ×4 pyramid
+    assert ms.stage_scales(MagnetConfig(scales=(0.5, 1.0)), quarter)[0] == ms.StageScale(0, (300, 250), False)
+    assert ms.stage_scales(MagnetConfig(scales=(0.25, 1.0)), quarter)[0] == ms.StageScale(1, (150, 125), True)
     with pytest.raises(ValueError, match="strictly increasing"):
         MagnetConfig(scales=(0.5, 0.5, 1.0))
+
+
+def test_fingerprint_of_the_count_form_is_unchanged_and_levels_built_are_the_ones_read():
+    import json
+
+    from pipeline.frameworks.magnet import Magnet
+    from pipeline.plan import WeightsRef
+
+    def magnet(scales):
+        return Magnet(WeightsRef("m", "a"), WeightsRef("r", "b"), MagnetConfig(scales=scales))
+
+    assert magnet(3).fingerprint() == {"framework": "magnet", "maps": 2, "checkpoint": "a", "refiner": "b",
+                                       "scales": 3, "replace": 0.75, "median": 5, "patches": None}
+    fractions = magnet([0.1, 0.3, 1]).fingerprint()
+    assert json.loads(json.dumps(fractions))["scales"] == [0.1, 0.3, 1.0]
+    assert magnet(3).levels(2) == {0, 1} and magnet([0.1, 0.3, 1]).levels(3) == {2, 1, 0}
+    assert magnet([0.1, 0.3, 1]).levels(1) == {0}
 
 
 def test_spec_scales_as_fractions():
