@@ -7,6 +7,7 @@ config files, so ``storage_options`` refuses credential keys outright.
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -164,7 +165,7 @@ class MagnetSpec(Strict):
                 raise ValueError(f"give 2 to 12 fractions of the image's size (one per stage), got {len(v)}")
             if not all(0 < f <= 1 for f in v) or v[-1] != 1.0:
                 raise ValueError(f"fractions of the image's size must lie in (0, 1], the last 1 (the image), got {v}")
-            if any(a >= b for a, b in zip(v, v[1:])):
+            if any(a >= b for a, b in pairwise(v)):
                 raise ValueError(f"fractions must increase strictly, coarse to fine (e.g. [0.25, 0.6, 1.0]), got {v}")
         else:
             raise ValueError(f"{form}; got {v!r}")

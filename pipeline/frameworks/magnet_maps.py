@@ -27,6 +27,7 @@ matches except within the reach of tile-border effects (see tests/pipeline/test_
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -60,7 +61,7 @@ class MagnetConfig:
         if isinstance(self.scales, (list, tuple)):
             f = tuple(float(v) for v in self.scales)
             object.__setattr__(self, "scales", f)
-            if len(f) < 2 or not all(0 < a < b for a, b in zip(f, f[1:])) or f[-1] != 1.0:
+            if len(f) < 2 or not all(0 < a < b for a, b in pairwise(f)) or f[-1] != 1.0:
                 raise ValueError(f"scales as fractions of the image's size must be ≥ 2 strictly increasing values in "
                                  f"(0, 1], the last 1, e.g. [0.25, 0.6, 1.0]; got {list(f)}")
         elif self.scales < 2:
@@ -202,7 +203,7 @@ def whole_image(
     mean = torch.tensor(normalization.mean).view(1, -1, 1, 1) * 255
     std = torch.tensor(normalization.std).view(1, -1, 1, 1) * 255
     if not isinstance(cfg.scales, int):
-        raise ValueError("whole_image runs MagNet on pyramid levels: give scales as a count")
+        raise TypeError("whole_image runs MagNet on pyramid levels: give scales as a count")
     mult = segmenter.input_multiple
     y = None
     for s, level in enumerate(cfg.levels()):

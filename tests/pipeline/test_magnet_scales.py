@@ -142,7 +142,7 @@ def test_fractions_at_pyramid_levels_equal_the_count_form(tmp_path, ray_cluster)
     from pipeline.synth.land_cover import land_cover
 
     image = land_cover(0, 0, 300, 280, seed=6)
-    tiling = dict(tile=64, overlap=16, chunk=128)
+    tiling = {"tile": 64, "overlap": 16, "chunk": 128}
     count = _run(tmp_path, "count", image, {"scales": 2, "median": 3}, **tiling)
     fractions = _run(tmp_path, "fractions", image, {"scales": [0.5, 1.0], "median": 3}, **tiling)
     for path in ("labels/segmentation/0", "confidence", "probabilities"):
