@@ -7,6 +7,7 @@ config files, so ``storage_options`` refuses credential keys outright.
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -111,7 +112,9 @@ class ClassSpec(Strict):
 
 
 class MagnetSpec(Strict):
-    scales: int = Field(default=3, ge=2, le=12, description="stages; stage s runs at pyramid level scales-1-s")
+    scales: int | list[float] = Field(
+        default=3, description="stages; stage s runs at pyramid level scales-1-s | the fractions of the image's "
+                               "size of each stage, coarse to fine, the last 1 (e.g. [0.25, 0.6, 1.0])")
     replace: float = Field(default=0.75, gt=0, description="≤ 1: fraction of pixels replaced per stage; > 1: a count")
     median: int = Field(default=5, ge=1, le=63, description="median filter side of the error score (odd)")
     patches: float | None = Field(
@@ -149,11 +152,31 @@ class MagnetSpec(Strict):
             raise ValueError(f"must be odd, got {v}")
         return v
 
+    @field_validator("scales", mode="before")
+    @classmethod
+    def _fractions(cls, v):
+        form = "give a count of stages (2 to 12) or the fractions of the image's size, e.g. [0.25, 0.6, 1.0]"
+        if isinstance(v, int) and not isinstance(v, bool):
+            if not 2 <= v <= 12:
+                raise ValueError(f"{form}; got {v} stages")
+        elif isinstance(v, (list, tuple)) and all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in v):
+            v = [float(f) for f in v]
+            if not 2 <= len(v) <= 12:
+                raise ValueError(f"give 2 to 12 fractions of the image's size (one per stage), got {len(v)}")
+            if not all(0 < f <= 1 for f in v) or v[-1] != 1.0:
+                raise ValueError(f"fractions of the image's size must lie in (0, 1], the last 1 (the image), got {v}")
+            if any(a >= b for a, b in pairwise(v)):
+                raise ValueError(f"fractions must increase strictly, coarse to fine (e.g. [0.25, 0.6, 1.0]), got {v}")
+        else:
+            raise ValueError(f"{form}; got {v!r}")
+        return v
+
     @field_validator("refiner")
     @classmethod
     def _refiners(cls, v, info):
         if isinstance(v, list):
             scales = info.data.get("scales", 3)
+            scales = len(scales) if isinstance(scales, list) else scales
             if len(v) not in (1, scales - 1):
                 raise ValueError(f"{len(v)} refiners for {scales - 1} refinement stages (scales: {scales}): give one "
                                  "for all stages or one per stage")

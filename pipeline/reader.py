@@ -178,8 +178,30 @@ def upsample_index(start: int, length: int, src_size: int) -> tuple[np.ndarray, 
     return i0, i1, (u - i0).astype(np.float32)
 
 
+def is_half(src_size: int, dst_size: int) -> bool:
+    """Whether ``src_size`` is half of ``dst_size`` as a pyramid level is (``⌊dst/2⌋`` or ``⌈dst/2⌉``)."""
+    return abs(2 * src_size - dst_size) <= 1
+
+
+def resize_index(start: int, length: int, src_size: int, dst_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source rows and weights of a bilinear resize (``align_corners=False``, no antialias) of ``src_size`` rows to
+    ``dst_size``, output rows ``[start, start + length)``: ``upsample_index`` (exactly ×2) where ``src_size`` is
+    half of ``dst_size`` (``is_half``: adjacent pyramid levels), else ``F.interpolate(size=…, mode="bilinear")``'s
+    rule in float32: ``u = max(0, (i + ½)·src/dst − ½)``, ``i0 = min(⌊u⌋, src − 1)``, ``i1 = min(i0 + 1, src − 1)``,
+    ``λ = u − i0``; value ``(1 − λ)·src[i0] + λ·src[i1]``."""
+    if is_half(src_size, dst_size):
+        return upsample_index(start, length, src_size)
+    scale = np.float32(src_size) / np.float32(dst_size)
+    i = np.arange(start, start + length, dtype=np.float32)
+    u = np.maximum(np.float32(0), scale * (i + np.float32(0.5)) - np.float32(0.5))
+    i0 = np.minimum(np.floor(u).astype(np.int64), src_size - 1)
+    i1 = np.minimum(i0 + 1, src_size - 1)
+    return i0, i1, (u - i0).astype(np.float32)
+
+
 def upsample2x_window(array, src_shape: tuple[int, int], dst_shape: tuple[int, int], window: Window) -> np.ndarray:
-    """Window of the ×2 bilinear upsampling of a ``(C, H, W)`` map, mirrored past ``dst_shape``: float32.
+    """Window of the bilinear upsampling of a ``(C, H, W)`` map to ``dst_shape`` (×2 between pyramid levels, else
+    by the ratio of the sizes: ``resize_index``), mirrored past ``dst_shape``: float32.
 
     Only the source rows and columns under the window are read. Pixels outside the destination image take
     the upsampled value at their mirror position (``reflect_index``), as tiles see images.
@@ -188,8 +210,8 @@ def upsample2x_window(array, src_shape: tuple[int, int], dst_shape: tuple[int, i
     ix = reflect_index(window.x0, window.w, dst_shape[1])
     y0, y1 = int(iy.min()), int(iy.max()) + 1
     x0, x1 = int(ix.min()), int(ix.max()) + 1
-    ry0, ry1, wy = upsample_index(y0, y1 - y0, src_shape[0])
-    rx0, rx1, wx = upsample_index(x0, x1 - x0, src_shape[1])
+    ry0, ry1, wy = resize_index(y0, y1 - y0, src_shape[0], dst_shape[0])
+    rx0, rx1, wx = resize_index(x0, x1 - x0, src_shape[1], dst_shape[1])
     sy0, sy1 = int(ry0.min()), int(ry1.max()) + 1
     sx0, sx1 = int(rx0.min()), int(rx1.max()) + 1
     src = np.asarray(array[:, sy0:sy1, sx0:sx1], dtype=np.float32)

@@ -1,4 +1,5 @@
-"""Windows of rows read down one level, each source chunk row decoded once; the ×2 upsampling of a map on a device.
+"""Windows of rows read down one level, each source chunk row decoded once; the bilinear upsampling of a map on a
+device (×2 between pyramid levels, else by the ratio of the sizes: ``reader.resize_index``).
 
 A block's tile rows move down its level and overlap (a row of ``T``-high tiles every ``step`` rows), and so do
 the windows a tile row reads besides its image (FCtL's contexts on coarser levels, MagNet's previous map at half
@@ -16,7 +17,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from pipeline.reader import PadMode, index_slices, read_region, reflect_index, take_slices, upsample_index
+from pipeline.reader import PadMode, index_slices, read_region, reflect_index, resize_index, take_slices
 from pipeline.sources.convert import ValueRange, out_channels, to_uint8
 from pipeline.tiling import Window
 
@@ -109,17 +110,17 @@ def image_rows(array, axes: str, shape_yx: tuple[int, int], x0: int, x1: int,
 
 
 def upsample_source(window_rows: tuple[int, int], fine_size: int, coarse_size: int) -> tuple[int, int]:
-    """The coarse rows ``[s0, s1)`` the ×2 upsampling (``upsample2x_rows``) of fine rows ``[y0, y1)`` (mirrored
+    """The coarse rows ``[s0, s1)`` the upsampling (``upsample2x_rows``) of fine rows ``[y0, y1)`` (mirrored
     past the fine level, as tiles see it) reads."""
     y0, y1 = window_rows
     r = reflect_index(y0, y1 - y0, fine_size)
-    i0, i1, _ = upsample_index(int(r.min()), int(r.max()) - int(r.min()) + 1, coarse_size)
+    i0, i1, _ = resize_index(int(r.min()), int(r.max()) - int(r.min()) + 1, coarse_size, fine_size)
     return int(i0.min()), int(i1.max()) + 1
 
 
 def _axis_index(start: int, length: int, fine_size: int, coarse_size: int, origin: int, device) -> tuple:
     r = reflect_index(start, length, fine_size)
-    i0, i1, lam = upsample_index(0, int(r.max()) + 1, coarse_size)
+    i0, i1, lam = resize_index(0, int(r.max()) + 1, coarse_size, fine_size)
     i0, i1, lam = i0[r], i1[r], lam[r]
     to = dict(device=device)
     return (torch.from_numpy(i0 - origin).to(**to), torch.from_numpy(i1 - origin).to(**to),
@@ -128,12 +129,13 @@ def _axis_index(start: int, length: int, fine_size: int, coarse_size: int, origi
 
 def upsample2x_rows(src: torch.Tensor, origin: tuple[int, int], coarse_shape: tuple[int, int],
                     fine_shape: tuple[int, int], window: Window) -> torch.Tensor:
-    """``window`` of the ×2 bilinear upsampling of a ``(C, H/2, W/2)`` map, mirrored past ``fine_shape``, computed
+    """``window`` of the bilinear upsampling of a ``coarse_shape`` map ``(C, h, w)`` to ``fine_shape`` (×2 from
+    ``(C, H/2, W/2)``, else by the ratio of the sizes: ``reader.resize_index``), mirrored past ``fine_shape``, computed
     on ``src``'s device from ``src`` = the map's rows and columns from ``origin`` (``upsample_source`` of the
     window's rows and columns): ``(C, window.h, window.w)`` float32.
 
     The same arithmetic as ``pipeline.reader.upsample2x_window`` in the same order (rows, then columns: ``(1 − λ)·a
-    + λ·b`` with ``reader.upsample_index``'s indices and weights), so the two agree bit for bit."""
+    + λ·b`` with ``reader.resize_index``'s indices and weights), so the two agree bit for bit."""
     src = src.float()
     ry0, ry1, wy = _axis_index(window.y0, window.h, fine_shape[0], coarse_shape[0], origin[0], src.device)
     rx0, rx1, wx = _axis_index(window.x0, window.w, fine_shape[1], coarse_shape[1], origin[1], src.device)

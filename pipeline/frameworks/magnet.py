@@ -1,7 +1,8 @@
 """Framework ``magnet``: MagNet's progressive refinement (Huynh et al., CVPR 2021; github VinAIResearch/MagNet),
 one stage per scale, coarse to fine, then a pass that writes the masks.
 
-Stage ``s`` covers pyramid level ``L_s = scales − 1 − s``. Stage 0 is plain tiled segmentation; its blend is the
+Stage ``s`` covers pyramid level ``L_s = scales − 1 − s`` (or, for ``scales`` given as fractions of the image's
+size, that size: ``magnet_scales``). Stage 0 is plain tiled segmentation; its blend is the
 map ``Y₀``. A stage-s tile (s ≥ 1) also reads the stage-(s−1) map over its footprint, upsampled ×2, and its model
 gives ``R = softmax(refiner(softmax(segmenter(x)), Y_up))``; the stage's result merges ``R`` into ``Y_up`` where
 the median-filtered error score ranks among the image's top ``replace``: ``Y_s = where(E_med ≥ t, R, Y_up)``.
@@ -17,7 +18,7 @@ The refiner reads only the segmenter's probabilities, so any segmenter a ``segme
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -30,6 +31,7 @@ from models.magnet import load_refiner, seeded_refiner
 from pipeline.errors import SpecError, UnsupportedImageError
 from pipeline.frameworks import magnet_maps as maps
 from pipeline.frameworks import magnet_reference as reference
+from pipeline.frameworks import magnet_scales as scales
 from pipeline.frameworks.base import Framework, ModelSource, Resolution, StagePlan, output_sink
 from pipeline.frameworks.magnet_blocks import THRESHOLD, MergeSink, PreviousMap, RefineSink, StageMap
 from pipeline.frameworks.magnet_maps import MagnetConfig
@@ -133,33 +135,46 @@ class Magnet(Framework):
         more = {"refiners": [r.sha256 for r in self.more_refiners]} if self.more_refiners else {}
         # maps 2: the median and the merge on the workers, confidence as the maps store it (float16)
         return {"framework": self.name, "maps": 2, "checkpoint": self.model.sha256, "refiner": self.refiner.sha256,
-                "scales": c.scales, "replace": c.replace, "median": c.median, "patches": c.patches,
+                "scales": c.scales if isinstance(c.scales, int) else list(c.scales), "replace": c.replace, "median": c.median, "patches": c.patches,
                 **(self.runtime.fingerprint() if self.runtime else {}), **procedure, **more}
 
     def levels(self, n_levels: int) -> set[int]:
+        if not isinstance(self.config.scales, int):  # fractions: the nearest level at least as fine there is
+            return {min(lv, n_levels - 1) for lv in self.config.levels()}
         return {lv for lv in self.config.levels() if lv < n_levels}  # too few: ``stages`` says so
 
     def stages(self, pyramid: Pyramid, out: ImageOutput, tiling: TilingPlan, num_classes: int) -> list[StagePlan]:
         """One stage per scale (a refinement stage blends over a halo of the median's reach), then the pass that
         writes the masks (level 0, no tiles)."""
         levels = self.config.levels()
-        if max(levels) >= pyramid.n_levels:
+        if isinstance(self.config.scales, int) and max(levels) >= pyramid.n_levels:
             raise UnsupportedImageError(
                 f"{pyramid.url}: MagNet with {len(levels)} scales needs {len(levels)} pyramid levels but the image "
-                f"({pyramid.shapes[0][0]}×{pyramid.shapes[0][1]}) has {pyramid.n_levels}; lower model.magnet.scales")
+                f"({pyramid.shapes[0][0]}×{pyramid.shapes[0][1]}) has {pyramid.n_levels}; lower model.magnet.scales "
+                "or give it as fractions of the image's size (e.g. [0.25, 0.5, 1.0]), read from the levels there are")
         plans: list[StagePlan] = []
         crop = reference.RoiPreviousMap if self.config.crop == "roi_align" else PreviousMap
         fixed = self.runtime is not None and self.runtime.fixed_size is not None  # an ONNX model of one size
-        for s, level in enumerate(levels):
+        for s, scale in enumerate(scales.stage_scales(self.config, pyramid)):
+            if min(scale.shape) < 1:
+                raise UnsupportedImageError(
+                    f"{pyramid.url}: model.magnet.scales[{s}] = {self.config.scales[s]} of the image "
+                    f"({pyramid.shapes[0][0]}×{pyramid.shapes[0][1]}) is {scale.shape[0]}×{scale.shape[1]} px; "
+                    "give fractions of at least 1 px")
             inputs = (crop(stage_map(plans[-1])),) if s else ()
-            stage = image_stage(s, pyramid, level, out, tiling, num_classes, inputs)
+            stage = image_stage(s, pyramid, scale.level, out, tiling, num_classes, inputs)
+            if not scale.exact:
+                stage = scales.ResizedStage(**{f.name: getattr(stage, f.name) for f in fields(stage)},
+                                            source=stage.image, image_chunk=tiling.image_chunk)
+                stage = replace(stage, image=scales.resized_image_ref(pyramid, stage.maps_url, scale.shape,
+                                                                      out.storage_options),
+                                grid=tiling.grid(*scale.shape))
             if s:
                 view = reference.view_of(self.config, tiling.tile)
                 halo = self.config.median // 2 if view is None else \
-                    reference.view_halo(tuple(pyramid.shapes[level]), view, self.config.median)
+                    reference.view_halo(scale.shape, view, self.config.median)
                 stage = replace(stage, halo=halo)
-            elif self.config.stage0 == "whole" and not fixed and reference.fits_one_tile(stage.grid,
-                                                                                        pyramid.shapes[level]):
+            elif self.config.stage0 == "whole" and not fixed and reference.fits_one_tile(stage.grid, scale.shape):
                 stage = replace(stage, inputs=(reference.WholeImage(),))
             plans.append(stage)
         n = len(plans)
@@ -168,15 +183,19 @@ class Magnet(Framework):
 
     def selected_tiles(self, stages: list[StagePlan], s: int, scheduler: Any) -> tuple[tuple[int, int], ...] | None:
         """MagNet-Fast: the tiles stage ``s`` runs, the most uncertain footprints of stage ``s − 1``'s (complete)
-        map; None when every tile runs. The same map always gives the same tiles, so a resumed job agrees."""
+        map; None when every tile runs. The same map always gives the same tiles, so a resumed job agrees.
+        This is the driver's step before a stage's blocks: a stage at a size no pyramid level has gets its
+        resized image here first (``magnet_scales.make_image``)."""
         stage = stages[s]
+        if isinstance(stage, scales.ResizedStage) and stage.tiles:
+            scales.make_image(stage, stage.image_chunk, scheduler)
         if not s or self.config.patches is None:
             return None
         n = self.config.tile_count(len(stage.grid))
         if n >= len(stage.grid):
             return None
-        previous = MapWindows(stage_map(stages[s - 1]))
-        scores = maps.tile_uncertainty(previous, stage.grid, scheduler)
+        previous = stage_map(stages[s - 1])
+        scores = maps.tile_uncertainty(MapWindows(previous), stage.grid, scheduler, previous.shape_yx)
         # the reference's code sorts ascending and takes the first: the least uncertain tiles
         return maps.select_tiles(-scores if self.config.patch_choice == "least_uncertain" else scores, n)
 

@@ -81,7 +81,7 @@ class StageMap:
         return read
 
     def rows(self, open_array: OpenArray, fine_shape: tuple[int, int], x0: int, x1: int, margin: int = 0):
-        """A ``LevelRows`` of ``Y`` over the columns the ×2 upsampling of fine columns ``[x0, x1)`` reads, and
+        """A ``LevelRows`` of ``Y`` over the columns the upsampling of fine columns ``[x0, x1)`` reads, and
         that first column."""
         s0, s1 = upsample_source((x0, x1), fine_shape[1], self.shape_yx[1])
         array = open_array(self.ref("map" if not self.refined else "refined"))
@@ -91,7 +91,8 @@ class StageMap:
 
 @dataclass(frozen=True)
 class PreviousMap:
-    """A tile input: the previous stage's map over the tile's window, upsampled ×2 ``(B, C, T, T)`` float32."""
+    """A tile input: the previous stage's map over the tile's window, upsampled (×2 between pyramid levels, else by
+    the ratio of the stages' sizes) ``(B, C, T, T)`` float32."""
 
     map: StageMap
 
@@ -112,8 +113,10 @@ class PreviousRows:
                  x_lo: int, x_hi: int, shared: dict | None = None) -> None:
         self.map, self.fine, self.x_lo, self.x_hi = stage_map, fine_shape, x_lo, x_hi
         self.shared = shared if shared is not None else {}
-        # near the bottom a tile row mirrors back up by up to a tile: keep that many map rows (half of it, and 2)
-        self.rows, self.s0 = stage_map.rows(open_array, fine_shape, x_lo, x_hi, margin=tile // 2 + 2)
+        # near the bottom a tile row mirrors back up by up to a tile: keep that many map rows (half of it between
+        # pyramid levels, tile · h/H for a map h rows high under a stage of H, and 2)
+        margin = max(tile // 2, -(-tile * stage_map.shape_yx[0] // fine_shape[0])) + 2
+        self.rows, self.s0 = stage_map.rows(open_array, fine_shape, x_lo, x_hi, margin=margin)
 
     def read(self, windows: list[Window]) -> tuple[np.ndarray, int]:
         y0, y1 = windows[0].y0, windows[0].y1

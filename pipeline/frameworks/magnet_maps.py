@@ -27,13 +27,14 @@ matches except within the reach of tile-border effects (see tests/pipeline/test_
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
 import torch
 
 from models import magnet as mg
-from pipeline.reader import read_window, upsample2x_window
+from pipeline.reader import is_half, read_window, upsample2x_window
 from pipeline.tiling import Window
 
 F16_BINS = 1 << 16
@@ -41,7 +42,9 @@ F16_BINS = 1 << 16
 
 @dataclass(frozen=True)
 class MagnetConfig:
-    scales: int = 3
+    # n: n stages at pyramid levels n − 1 … 0; or the fractions of the image's size of each stage, coarse to fine,
+    # strictly increasing, the last 1 (``pipeline.frameworks.magnet_scales``)
+    scales: int | tuple[float, ...] = 3
     replace: float = 0.75  # ≤ 1: fraction of each stage's pixels; > 1: a pixel count per stage
     median: int = 5  # median filter side, in pixels of the stage's level
     patches: float | None = None  # MagNet-Fast: ≤ 1 a fraction, > 1 a count of tiles refined per stage
@@ -55,7 +58,13 @@ class MagnetConfig:
     patch_choice: str = "most_uncertain"  # or "least_uncertain"
 
     def __post_init__(self) -> None:
-        if self.scales < 2:
+        if isinstance(self.scales, (list, tuple)):
+            f = tuple(float(v) for v in self.scales)
+            object.__setattr__(self, "scales", f)
+            if len(f) < 2 or not all(0 < a < b for a, b in pairwise(f)) or f[-1] != 1.0:
+                raise ValueError(f"scales as fractions of the image's size must be ≥ 2 strictly increasing values in "
+                                 f"(0, 1], the last 1, e.g. [0.25, 0.6, 1.0]; got {list(f)}")
+        elif self.scales < 2:
             raise ValueError(f"MagNet needs at least 2 scales, got {self.scales}")
         if self.replace <= 0:
             raise ValueError(f"replace must be a positive fraction or count, got {self.replace}")
@@ -64,8 +73,22 @@ class MagnetConfig:
         if self.patches is not None and self.patches <= 0:
             raise ValueError(f"patches must be a positive fraction or count of tiles, got {self.patches}")
 
+    @property
+    def n_stages(self) -> int:
+        return self.scales if isinstance(self.scales, int) else len(self.scales)
+
     def levels(self) -> tuple[int, ...]:
-        return tuple(range(self.scales - 1, -1, -1))
+        """The pyramid level of each stage: ``n − 1 … 0``, or for fractions the coarsest level at least as fine,
+        ``⌊−log₂ f⌋`` (a pyramid of enough levels; ``magnet_scales.stage_scales`` says what a given one gives)."""
+        if isinstance(self.scales, int):
+            return tuple(range(self.scales - 1, -1, -1))
+        out = []
+        for f in self.scales:
+            level = 0
+            while f * 2.0 ** (level + 1) <= 1.0:
+                level += 1
+            out.append(level)
+        return tuple(out)
 
     def count(self, h: int, w: int, share: float = 1.0) -> int:
         """Pixels replaced in an ``h × w`` stage of which ``share`` of the tiles ran (1 unless MagNet-Fast):
@@ -105,12 +128,21 @@ def threshold_from_histogram(hist: np.ndarray, k: int) -> float:
     return float(np.array([b], np.uint16).view(np.float16)[0])
 
 
-def footprint(window: Window, fine_shape: tuple[int, int]) -> Window:
-    """A level-s tile window's footprint on the level-(s−1) map: the window clipped to the image, then
-    ``[⌊y0/2⌋, ⌈y1/2⌉) × [⌊x0/2⌋, ⌈x1/2⌉)``."""
+def footprint(window: Window, fine_shape: tuple[int, int], coarse_shape: tuple[int, int] | None = None) -> Window:
+    """A stage-s tile window's footprint on the stage-(s−1) map of ``coarse_shape`` (default: half of
+    ``fine_shape``, a pyramid level): the window clipped to the image, then ``[⌊y0/2⌋, ⌈y1/2⌉)`` on an axis where
+    the map is half the stage (``reader.is_half``), else ``[⌊y0·h/H⌋, ⌈y1·h/H⌉)`` (``h``: the map's size, ``H``
+    the stage's); the same for x."""
     c = window.clip(*fine_shape)
-    y0, x0 = c.y0 // 2, c.x0 // 2
-    return Window(y0, x0, -(-c.y1 // 2) - y0, -(-c.x1 // 2) - x0)
+    coarse = coarse_shape or ((fine_shape[0] + 1) // 2, (fine_shape[1] + 1) // 2)
+
+    def axis(a: int, b: int, fine: int, size: int) -> tuple[int, int]:
+        if is_half(size, fine):
+            return a // 2, -(-b // 2)
+        return a * size // fine, min(size, -(-b * size // fine))
+
+    (y0, y1), (x0, x1) = axis(c.y0, c.y1, fine_shape[0], coarse[0]), axis(c.x0, c.x1, fine_shape[1], coarse[1])
+    return Window(y0, x0, y1 - y0, x1 - x0)
 
 
 def mean_uncertainty(block: np.ndarray) -> float:
@@ -118,9 +150,10 @@ def mean_uncertainty(block: np.ndarray) -> float:
     return float((1.0 - _certainty_np(block.astype(np.float32))).mean())
 
 
-def tile_uncertainty(previous, grid, scheduler: Any = "threads") -> np.ndarray:
-    """``(ny, nx)`` mean uncertainty of the previous stage's map ``(C, H/2, W/2)`` over each tile's
-    ``footprint``: one Dask task per row of tiles, each reading only its footprints."""
+def tile_uncertainty(previous, grid, scheduler: Any = "threads",
+                     coarse_shape: tuple[int, int] | None = None) -> np.ndarray:
+    """``(ny, nx)`` mean uncertainty of the previous stage's map ``(C, H/2, W/2)`` (or ``coarse_shape``) over each
+    tile's ``footprint``: one Dask task per row of tiles, each reading only its footprints."""
     import dask
 
     fine = (grid.height, grid.width)
@@ -128,7 +161,7 @@ def tile_uncertainty(previous, grid, scheduler: Any = "threads") -> np.ndarray:
     def row(iy: int) -> np.ndarray:
         out = np.empty(grid.nx, np.float64)
         for ix in range(grid.nx):
-            f = footprint(grid.window(iy, ix), fine)
+            f = footprint(grid.window(iy, ix), fine, coarse_shape)
             out[ix] = mean_uncertainty(np.asarray(previous[:, f.y0 : f.y1, f.x0 : f.x1]))
         return out
 
@@ -169,6 +202,8 @@ def whole_image(
     only inside the chosen tiles' windows (elsewhere ``Y_up`` stays, ``E = 0``)."""
     mean = torch.tensor(normalization.mean).view(1, -1, 1, 1) * 255
     std = torch.tensor(normalization.std).view(1, -1, 1, 1) * 255
+    if not isinstance(cfg.scales, int):
+        raise TypeError("whole_image runs MagNet on pyramid levels: give scales as a count")
     mult = segmenter.input_multiple
     y = None
     for s, level in enumerate(cfg.levels()):
