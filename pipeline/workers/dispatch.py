@@ -155,9 +155,11 @@ class _Health:
 #: rows read, labels, confidence) in several threads; by default glibc raises its mmap threshold to the largest
 #: block freed, after which such buffers come from per-thread arenas that keep what is freed, and a worker's
 #: memory grows with the number of chunk rows it has handled (measured: +700 MiB over two workers from a 16384²
-#: to a 32768² image, with blocks of the same width). A fixed threshold returns every buffer of 1 MiB or more to
-#: the system when freed; fewer arenas keep the small allocations together.
-WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_ARENA_MAX": "4"}
+#: to a 32768² image, with blocks of the same width). A fixed threshold returns every buffer of 8 MiB or more to
+#: the system when freed; fewer arenas keep the small allocations together. A lower threshold (1 MiB) kept memory
+#: a little flatter but cost a third more host CPU per pixel (every chunk-sized buffer page-faulted in anew):
+#: benchmarks/RESULTS.md, feed rate and memory scaling of 2026-12-07.
+WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(8 << 20), "MALLOC_ARENA_MAX": "4"}
 
 
 class WorkerPool:
