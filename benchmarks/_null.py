@@ -67,6 +67,9 @@ class NullFramework(Framework):
     def stages(self, *args, **kwargs):
         return self.inner.stages(*args, **kwargs)
 
+    def prepare_stage(self, *args, **kwargs):
+        return self.inner.prepare_stage(*args, **kwargs)
+
     def selected_tiles(self, *args, **kwargs):
         return self.inner.selected_tiles(*args, **kwargs)
 

@@ -452,6 +452,7 @@ class JobSteps:
         if not stage.tiles:  # a pass over stored arrays: blocks, no tiles
             selected = work.selected[s] = ()
         else:
+            fw.prepare_stage(work.stages, s, self.scheduler)
             selected = work.selected[s] = fw.selected_tiles(work.stages, s, self.scheduler)
             if selected is not None:  # planned with every tile: count the ones that run
                 work.result.tiles -= len(stage.grid) - len(selected)

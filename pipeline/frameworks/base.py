@@ -181,6 +181,11 @@ class Framework(ABC):
     def stages(self, pyramid: Pyramid, out: ImageOutput, tiling: TilingPlan, num_classes: int) -> list[StagePlan]:
         """The image's stages, in the order they run."""
 
+    def prepare_stage(self, stages: list[StagePlan], s: int, scheduler: Any) -> None:
+        """The driver's work before stage ``s``'s blocks run (after stage ``s − 1``'s result exists; again when a
+        job resumes, so it must be idempotent): nothing by default (MagNet resizes the image of a stage at a size
+        no pyramid level has)."""
+
     def selected_tiles(self, stages: list[StagePlan], s: int, scheduler: Any) -> tuple[tuple[int, int], ...] | None:
         """The tiles stage ``s`` runs (after stage ``s − 1``'s result exists); None: all of them."""
         return None

@@ -181,14 +181,17 @@ class Magnet(Framework):
         plans.append(replace(plans[-1], index=n, maps_url=out.maps_url(n), inputs=(), halo=0, tiles=False))
         return plans
 
-    def selected_tiles(self, stages: list[StagePlan], s: int, scheduler: Any) -> tuple[tuple[int, int], ...] | None:
-        """MagNet-Fast: the tiles stage ``s`` runs, the most uncertain footprints of stage ``s − 1``'s (complete)
-        map; None when every tile runs. The same map always gives the same tiles, so a resumed job agrees.
-        This is the driver's step before a stage's blocks: a stage at a size no pyramid level has gets its
-        resized image here first (``magnet_scales.make_image``)."""
+    def prepare_stage(self, stages: list[StagePlan], s: int, scheduler: Any) -> None:
+        """A stage at a size no pyramid level has: its resized image, written before its tiles run
+        (``magnet_scales.make_image``; kept when a resumed job finds it complete)."""
         stage = stages[s]
         if isinstance(stage, scales.ResizedStage) and stage.tiles:
             scales.make_image(stage, stage.image_chunk, scheduler)
+
+    def selected_tiles(self, stages: list[StagePlan], s: int, scheduler: Any) -> tuple[tuple[int, int], ...] | None:
+        """MagNet-Fast: the tiles stage ``s`` runs, the most uncertain footprints of stage ``s − 1``'s (complete)
+        map; None when every tile runs. The same map always gives the same tiles, so a resumed job agrees."""
+        stage = stages[s]
         if not s or self.config.patches is None:
             return None
         n = self.config.tile_count(len(stage.grid))
