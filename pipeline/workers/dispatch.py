@@ -151,15 +151,13 @@ class _Health:
                 )
 
 
-#: glibc malloc settings of the worker processes. A worker allocates and frees buffers of a chunk row (8–32 MiB:
-#: rows read, labels, confidence) in several threads; by default glibc raises its mmap threshold to the largest
-#: block freed, after which such buffers come from per-thread arenas that keep what is freed, and a worker's
-#: memory grows with the number of chunk rows it has handled (measured: +700 MiB over two workers from a 16384²
-#: to a 32768² image, with blocks of the same width). A fixed threshold returns every buffer of 8 MiB or more to
-#: the system when freed; fewer arenas keep the small allocations together. A lower threshold (1 MiB) kept memory
-#: a little flatter but cost a third more host CPU per pixel (every chunk-sized buffer page-faulted in anew):
-#: benchmarks/RESULTS.md, feed rate and memory scaling of 2026-12-07.
-WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(8 << 20), "MALLOC_ARENA_MAX": "4"}
+#: glibc malloc settings of the worker processes: fewer arenas keep the buffers several threads allocate and free
+#: together (with ``release_memory`` after each block). A fixed ``MALLOC_MMAP_THRESHOLD_`` (1 or 8 MiB, tried)
+#: returned chunk rows to the system and kept memory flatter (memory_scaling 32768² ÷ 8192², 2 workers: 1.15–1.19
+#: against 1.30), but it also mmaps the model's own activations anew for every batch: the model ran 35 % slower
+#: inside the workers (4 × 8192², width-16 model: 144 s against 105 s), so it is left to glibc
+#: (benchmarks/RESULTS.md, 2026-12-07).
+WORKER_MALLOC = {"MALLOC_ARENA_MAX": "4"}
 
 
 class WorkerPool:
