@@ -82,17 +82,25 @@ def cmd_status(args) -> int:
     return EXIT_FAILED if st["counts"]["failed"] else EXIT_OK
 
 
+def _model_bytes(url: str, options: dict) -> bytes | None:
+    """The bytes of the model file ``url`` (``inspect``, ``export``); None, said on stderr, when it is not there."""
+    from pipeline.storage import read_bytes
+
+    try:
+        return read_bytes(url, options)
+    except FileNotFoundError:
+        error(f"{url}: no such file")
+        return None
+
+
 def cmd_inspect(args) -> int:
     """Print a model's card and what gigaseg found when it ran one tile through it."""
     from pipeline.frameworks.base import ModelSource
     from pipeline.frameworks.segmenters import check_segmenter, resolve_segmenter
-    from pipeline.storage import read_bytes
 
     options = json.loads(args.storage_options) if args.storage_options else {}
-    try:
-        data = read_bytes(args.model, options)
-    except FileNotFoundError:
-        error(f"{args.model}: no such file")
+    data = _model_bytes(args.model, options)
+    if data is None:
         return EXIT_USAGE
     source = ModelSource(data, args.model, "fpn_resnet18", (), storage_options=options, factory=args.factory,
                          any_bands=True)
@@ -126,13 +134,11 @@ def cmd_export(args) -> int:
     """A gigaseg segmenter checkpoint as ONNX, its card in the metadata; checked against torch on one batch."""
     from models.errors import CheckpointError
     from models.onnx_export import compare_outputs, export_onnx
-    from pipeline.storage import read_bytes, write_bytes
+    from pipeline.storage import write_bytes
 
     options = json.loads(args.storage_options) if args.storage_options else {}
-    try:
-        data = read_bytes(args.model, options)
-    except FileNotFoundError:
-        error(f"{args.model}: no such file")
+    data = _model_bytes(args.model, options)
+    if data is None:
         return EXIT_USAGE
     try:
         onnx_bytes, card = export_onnx(data, opset=args.opset)

@@ -70,19 +70,23 @@ def kind_of(source: ModelSource) -> str:
     data = source.checkpoint
     if data is None:
         return "gigaseg"
-    if data[:4] == b"PK\x03\x04" and _is_pt2(data):
+    if _zip_holds(data, "archive_format"):
         return "export"
     if (source.checkpoint_url or "").lower().endswith(".onnx"):
         return "onnx"
     return "gigaseg"
 
 
-def _is_pt2(data: bytes) -> bool:
+def _zip_holds(data: bytes, record: str) -> bool:
+    """Whether ``data`` is a zip with a record named ``record`` (at its top or in its one top folder): what tells a
+    torch.export archive (``archive_format``) and a TorchScript one (``constants.pkl``, as torch tells it) apart."""
+    if data[:4] != b"PK\x03\x04":
+        return False
     try:
         names = zipfile.ZipFile(io.BytesIO(data)).namelist()
     except zipfile.BadZipFile:
         return False
-    return any(n == "archive_format" or n.endswith("/archive_format") for n in names)
+    return any(n == record or n.endswith(f"/{record}") for n in names)
 
 
 def resolve_segmenter(source: ModelSource, framework: str) -> Resolution:
@@ -138,7 +142,7 @@ def _gigaseg(source: ModelSource, framework: str) -> Resolution:
                                  seed=source.seed, width=source.width, in_channels=source.in_channels)
     else:
         data = source.checkpoint
-        if _is_torchscript(data):
+        if _zip_holds(data, "constants.pkl"):  # TorchScript
             raise SpecError("model.checkpoint", [
                 f"model.checkpoint: {source.checkpoint_url} is a TorchScript archive, which gigaseg does not load "
                 "(torch.jit.load runs the code it carries; PyTorch refuses it under weights_only=True too). Fix: "
@@ -155,17 +159,6 @@ def _gigaseg(source: ModelSource, framework: str) -> Resolution:
     check_in_channels(info.config.in_channels, source)
     card = ModelCard.from_info(info)
     return Resolution(info, {"model": data}, {"segmenter": SegmenterRuntime("gigaseg", card)}, card)
-
-
-def _is_torchscript(data: bytes) -> bool:
-    """A TorchScript zip (``torch.jit.save``): its records hold ``constants.pkl`` (how torch tells it apart)."""
-    if data[:4] != b"PK\x03\x04":
-        return False
-    try:
-        names = zipfile.ZipFile(io.BytesIO(data)).namelist()
-    except zipfile.BadZipFile:
-        return False
-    return any(n == "constants.pkl" or n.endswith("/constants.pkl") for n in names)
 
 
 def check_in_channels(in_channels: int, source: ModelSource) -> None:
